@@ -1,0 +1,39 @@
+"Evaluation sanity: FID calibration, SSIM of a model with itself, bad input."
+import json
+import pytest, torch
+from diffprune.evaluate import fid_score, consistency, evaluate
+from diffprune.data import get_dataset
+from diffprune.models import load_model, ddim_sample, tiny_unet
+
+def test_fid_of_digits_against_a_disjoint_part_is_small_and_against_noise_large():
+    held = (get_dataset('digits:heldout').x + 1) / 2
+    near, far = fid_score(held, 'digits:train'), fid_score(torch.rand(360, 1, 16, 16), 'digits:train')
+    assert near < 0.05 * far
+
+def test_ssim_of_a_model_with_itself_is_one_and_less_for_another_seed():
+    u, s = load_model('digits')
+    a = ddim_sample(u, s, 8, steps=10, seed=0, progress=False)
+    assert consistency(a, ddim_sample(u, s, 8, steps=10, seed=0, progress=False))['ssim'] == pytest.approx(1.0)
+    assert consistency(a, ddim_sample(u, s, 8, steps=10, seed=1, progress=False))['ssim'] < 0.9
+
+def test_evaluate_with_teacher_reports_every_field(tmp_path, cli):
+    r = cli('evaluate', '--model', 'digits', '--teacher', 'digits', '--num-samples', '32', '--steps', '5', '--out', tmp_path/'e')
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path/'e'/'result.json').read_text())
+    for k in ('fid', 'params', 'macs', 'latency_ms', 'ssim', 'mse', 'speedup', 'macs_ratio'): assert k in d
+    for k in ('fid', 'params', 'macs', 'latency_ms'): assert k in d['teacher']
+    assert d['ssim'] == pytest.approx(1.0) and d['macs_ratio'] == 1.0
+
+@pytest.mark.parametrize('args, needle', [
+    (['--num-samples', '1'], 'at least 2'),
+    (['--teacher', 'TINY3'], 'differ'),
+    (['--feature', 'inception'], 'torch-fidelity'),
+])
+def test_bad_evaluate_input_is_one_line_exit_2(cli, tmp_path, args, needle):
+    from diffprune.models import save_model
+    from diffusers import DDPMScheduler
+    save_model(tiny_unet(channels=3), DDPMScheduler(num_train_timesteps=1000), tmp_path/'tiny3')
+    args = [str(tmp_path/'tiny3') if a == 'TINY3' else a for a in args]
+    r = cli('evaluate', '--model', 'digits', '--num-samples', '8', '--steps', '2', '--out', tmp_path/'o', *args)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path/'o').exists()
