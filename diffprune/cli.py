@@ -6,8 +6,8 @@
 __all__ = ['SUBCOMMANDS', 'UsageError', 'check_out', 'cmd_sample', 'cmd_analyze', 'cmd_prune', 'cmd_finetune', 'cmd_evaluate',
            'cmd_run', 'subcommand', 'parser', 'main', 'cli']
 
-# %% ../nbs/08_cli.ipynb #903a2aa3
-import argparse, sys, json, time, os, shutil, errno
+# %% ../nbs/08_cli.ipynb #578a85a7
+import argparse, sys, json, time, os, shutil, tempfile, warnings
 from pathlib import Path
 import torch
 import matplotlib
@@ -20,7 +20,7 @@ from .finetune import finetune, latest_checkpoint, plot_losses
 from .evaluate import evaluate
 from .report import PipelineSettings, run_pipeline, write_report, summary_text
 
-# %% ../nbs/08_cli.ipynb #69f89ffe
+# %% ../nbs/08_cli.ipynb #15bb56dc
 class UsageError(ValueError):
     "A command-line argument that cannot be used; the message says what to change."
 
@@ -30,13 +30,13 @@ def check_out(out, overwrite:bool=False) -> Path:
     if out.exists() and not out.is_dir(): raise UsageError(f"--out {str(out)!r} is a file: pass a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {str(out)!r} already holds files: pass --overwrite or another folder")
-    parent = out.parent if out.parent != Path('') else Path('.')
-    probe = parent
-    while not probe.exists(): probe = probe.parent
-    if not os.access(probe, os.W_OK): raise UsageError(f"--out {str(out)!r} is not writable: pass a folder you can write to")
+    try:  # a real probe: permission bits say nothing to root, and read-only file systems say it only here
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f'.{out.name}.probe', dir=out.parent))
+    except OSError as e: raise UsageError(f"--out {str(out)!r} is not writable ({e.strerror}): pass a folder you can write to") from None
     return out
 
-# %% ../nbs/08_cli.ipynb #6726a61f
+# %% ../nbs/08_cli.ipynb #9e20d39a
 def cmd_sample(a):
     "Sample a grid of images from a model."
     if a.num < 1: raise UsageError(f"--num must be at least 1, not {a.num}")
@@ -56,7 +56,7 @@ def cmd_sample(a):
     print(f"wrote {a.num} samples to {out/'samples.png'} ({secs:.1f} s)")
     return out
 
-# %% ../nbs/08_cli.ipynb #49d3d082
+# %% ../nbs/08_cli.ipynb #5f719f1b
 def _check_threshold(t):
     if not 0 <= t <= 1: raise UsageError(f"--threshold must be in [0, 1], not {t}")
 
@@ -76,7 +76,7 @@ def cmd_analyze(a):
     _write_run(out, {'losses.png': ana.plot()}, dict(model=str(a.model), data=str(a.data), seed=a.seed, **ana.to_dict()))
     print(f"T' = {ana.t_prime}: {len(ana.kept_timesteps)} of {len(ana.timesteps)} analysed timesteps kept (threshold {a.threshold}); wrote {out}")
 
-# %% ../nbs/08_cli.ipynb #95c639cb
+# %% ../nbs/08_cli.ipynb #f2fb16cb
 def cmd_prune(a):
     "Prune a model with a method to a ratio or a MACs target."
     _check_threshold(a.threshold)
@@ -100,7 +100,7 @@ def cmd_prune(a):
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
     print(res.table().to_string()); print(f"wrote the pruned model to {out}")
 
-# %% ../nbs/08_cli.ipynb #e666bc85
+# %% ../nbs/08_cli.ipynb #ba894e16
 def _teacher_of(model):
     "The model a pruned folder was pruned from (recorded at prune time), or None."
     from diffprune.models import _read_json
@@ -139,7 +139,7 @@ def cmd_finetune(a):
     finally: shutil.rmtree(tmp, ignore_errors=True)
     print(f"finetuned {a.steps} steps, final loss {r.summary()['final_loss']:.4f}; wrote {out}")
 
-# %% ../nbs/08_cli.ipynb #2ac78375
+# %% ../nbs/08_cli.ipynb #f529c191
 def cmd_evaluate(a):
     "Evaluate a model, optionally against its teacher."
     if a.num_samples < 2: raise UsageError(f"--num-samples must be at least 2 for FID, not {a.num_samples}")
@@ -149,7 +149,7 @@ def cmd_evaluate(a):
     _write_run(out, {'samples.png': ev.grid()}, dict(model=str(a.model), **ev.to_dict()))
     print(ev.table().to_string()); print(f"wrote {out}")
 
-# %% ../nbs/08_cli.ipynb #92065002
+# %% ../nbs/08_cli.ipynb #bbff25bf
 def _settings(a) -> PipelineSettings:
     if a.target_macs is not None and not 0 < a.target_macs < 1: raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
     _check_threshold(a.threshold)
@@ -164,7 +164,7 @@ def cmd_run(a):
     r = run_pipeline(s); write_report(r, out)
     print(); print(summary_text(r.to_dict())); print(f"\nreport: {out/'report.md'}; pruned model: {out/'model'}")
 
-# %% ../nbs/08_cli.ipynb #c4200e99
+# %% ../nbs/08_cli.ipynb #86b457cc
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message}\n"); sys.exit(2)
@@ -266,7 +266,10 @@ def main(argv=None) -> int:
     p = parser(); a = p.parse_args(argv)
     if a.command is None: p.print_help(); return 2
     try:
-        a.cmd(a); return 0
+        with warnings.catch_warnings():  # library warnings (torch, diffusers, torch-pruning) would bury the one-line errors
+            if not os.environ.get('DIFFPRUNE_WARNINGS'): warnings.simplefilter('ignore')
+            a.cmd(a)
+        return 0
     except ValueError as e:  # ModelError, DataError, UsageError, and bad values from the library
         print(f"diffprune {a.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr); return 2
     except OSError as e:

@@ -6,17 +6,17 @@
 __all__ = ['DIGITS_SPLITS', 'IMAGE_EXTS', 'DataError', 'digits_images', 'digits_split', 'ImageFolder', 'save_images', 'HubImages',
            'ImagesDataset', 'get_dataset', 'get_loader', 'take', 'image_grid', 'show_images', 'save_fig']
 
-# %% ../nbs/00_data.ipynb #9d7555f0
+# %% ../nbs/00_data.ipynb #6b389bf0
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 import matplotlib.pyplot as plt
 from torch.utils.data import Dataset, DataLoader, TensorDataset
 
-# %% ../nbs/00_data.ipynb #41218000
+# %% ../nbs/00_data.ipynb #7eeb767d
 class DataError(ValueError):
     "A data argument that cannot be used; the message says what to change."
 
-# %% ../nbs/00_data.ipynb #d39b2815
+# %% ../nbs/00_data.ipynb #48ee6df7
 def digits_images(size:int=16, # side of the square output images
                  ) -> tuple: # (images `(1797, 1, size, size)` in [-1, 1], labels `(1797,)`)
     "All scikit-learn digits as a float tensor in [-1, 1], upsampled to `size`, with their labels."
@@ -26,7 +26,7 @@ def digits_images(size:int=16, # side of the square output images
     if size != 8: x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
     return (x.clamp(0, 1) * 2 - 1), torch.tensor(d.target)
 
-# %% ../nbs/00_data.ipynb #ffd29b8a
+# %% ../nbs/00_data.ipynb #afac96d0
 DIGITS_SPLITS = ('train', 'heldout', 'all')
 
 def digits_split(split:str='train', # 'train', 'heldout' or 'all'
@@ -43,7 +43,7 @@ def digits_split(split:str='train', # 'train', 'heldout' or 'all'
     idx = perm[n_held:] if split == 'train' else perm[:n_held]
     return x[idx], y[idx]
 
-# %% ../nbs/00_data.ipynb #faf9ed7e
+# %% ../nbs/00_data.ipynb #170d7f20
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 class ImageFolder(Dataset):
@@ -70,7 +70,7 @@ class ImageFolder(Dataset):
         t = t[None] if self.channels == 1 else t.permute(2, 0, 1)
         return t * 2 - 1
 
-# %% ../nbs/00_data.ipynb #e90c76c0
+# %% ../nbs/00_data.ipynb #c454fce6
 def save_images(x:torch.Tensor, # `(N, C, H, W)` images in [-1, 1]
                 path, # folder to write `00000.png`, ... into
                ):
@@ -81,7 +81,7 @@ def save_images(x:torch.Tensor, # `(N, C, H, W)` images in [-1, 1]
     for i, im in enumerate(a):
         Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(path / f'{i:05d}.png')
 
-# %% ../nbs/00_data.ipynb #3a64044b
+# %% ../nbs/00_data.ipynb #8c8819fe
 class HubImages(Dataset):
     "Images of a HF `datasets` split as `(channels, size, size)` tensors in [-1, 1]."
     def __init__(self, name:str, size:int, channels:int=3, split:str='train'):
@@ -101,7 +101,7 @@ class HubImages(Dataset):
         t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.)
         return (t[None] if self.channels == 1 else t.permute(2, 0, 1)) * 2 - 1
 
-# %% ../nbs/00_data.ipynb #e19a519b
+# %% ../nbs/00_data.ipynb #b40ed067
 class ImagesDataset(Dataset):
     "A dataset over an in-memory `(N, C, H, W)` image tensor."
     def __init__(self, x:torch.Tensor): self.x = x
@@ -125,7 +125,7 @@ def get_dataset(data:str, # 'digits', 'digits:heldout', 'cifar10', a hub dataset
         raise DataError(f"data folder {data!r} does not exist: pass a folder of PNG/JPEG images")
     return HubImages(data, size=size, channels=channels, split=split)
 
-# %% ../nbs/00_data.ipynb #1e34fc8d
+# %% ../nbs/00_data.ipynb #3f2259e1
 def get_loader(ds:Dataset, batch_size:int=64, shuffle:bool=True, seed:int=0, drop_last:bool=True) -> DataLoader:
     "A DataLoader over `ds` whose shuffling is fixed by `seed`."
     if len(ds) < batch_size and drop_last: raise DataError(f"batch size {batch_size} is larger than the dataset ({len(ds)} images): lower --batch-size")
@@ -137,7 +137,7 @@ def take(ds:Dataset, n:int, seed:int=0) -> torch.Tensor:
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     return torch.stack([ds[int(i)] for i in idx])
 
-# %% ../nbs/00_data.ipynb #ff4d8f55
+# %% ../nbs/00_data.ipynb #d1afa104
 def image_grid(x:torch.Tensor, # `(N, C, H, W)` images in [0, 1]
                nrow:int=8, pad:int=1) -> torch.Tensor:
     "Tile images into one `(C, H', W')` grid."

@@ -1,0 +1,28 @@
+"Shared helpers of the benchmark scripts: argument parsing, JSON output, plain tables."
+import argparse, json, platform, time, os
+from pathlib import Path
+import torch
+
+def parser(desc):
+    p = argparse.ArgumentParser(description=desc)
+    p.add_argument('--out', default=str(Path(__file__).parent/'results'), help="folder for the JSON results")
+    p.add_argument('--seed', type=int, default=0)
+    return p
+
+def machine() -> dict:
+    return dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
+                cpu=platform.processor() or platform.machine(), cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+def write(out, name, result:dict):
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    p = out/f'{name}.json'; tmp = p.with_suffix('.tmp')
+    tmp.write_text(json.dumps(dict(result, machine=machine(), date=time.strftime('%Y-%m-%d')), indent=2)); os.replace(tmp, p)
+    print(f'wrote {p}')
+
+def table(rows:list, cols:list) -> str:
+    "A plain-text table of dict rows."
+    fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
+    w = {c: max(len(c), *(len(fmt(r.get(c, ''))) for r in rows)) for c in cols}
+    lines = ['  '.join(c.rjust(w[c]) for c in cols)]
+    lines += ['  '.join(fmt(r.get(c, '')).rjust(w[c]) for c in cols) for r in rows]
+    return '\n'.join(lines)

@@ -1,0 +1,86 @@
+"""The paper's comparison on digits: every method pruned to the same MACs, finetuned with the same budget, several seeds.
+
+Rows: Pretrained (the teacher), Scratch (random pruning, weights re-initialised), Random, Magnitude, Taylor (all
+timesteps), Diff-Pruning with thr 0 / 0.02 / 0.05, and Diff-Pruning (thr 0.05) + distillation. Each row is run for
+every seed (the seed sets the calibration batch and noise, random scores, finetune batches and the sample noise);
+FID (digits features, 512 DDIM-50 samples against all digits) is reported as mean, std and a 95% t-interval, and each
+method is compared with Diff-Pruning (thr 0.05) by the paired difference over seeds. Results are appended to the JSON
+as runs finish, so an interrupted run continues where it stopped.
+
+    python bench/paper_table.py                      # 5 seeds, 200 finetune steps, ratio ~0.5 MACs: about 30-40 min on 2 cores
+    python bench/paper_table.py --seeds 10 --steps 1000   # larger settings
+"""
+import json, math, time, statistics, copy
+from pathlib import Path
+import torch
+from common import parser, write, table
+from diffprune.models import load_model, ddim_sample
+from diffprune.importance import score_model
+from diffprune.prune import prune_model
+from diffprune.finetune import finetune
+from diffprune.evaluate import fid_score, consistency
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086}
+
+def ci95(xs):
+    "Mean, std and half-width of the 95% t-interval."
+    n = len(xs); m = statistics.mean(xs)
+    if n < 2: return m, 0., float('nan')
+    sd = statistics.stdev(xs); return m, sd, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+ROWS = {  # name: (method, threshold, alpha, reinit, stride)
+    'Scratch': ('random', 0., 0., True, 1), 'Random': ('random', 0., 0., False, 1), 'Magnitude': ('magnitude', 0., 0., False, 1),
+    'Taylor (all t)': ('taylor', 0., 0., False, 10), 'Diff-Pruning thr=0': ('diff-pruning', 0., 0., False, 10),
+    'Diff-Pruning thr=0.02': ('diff-pruning', 0.02, 0., False, 2), 'Diff-Pruning thr=0.05': ('diff-pruning', 0.05, 0., False, 2),
+    'Diff-Pruning thr=0.05 + distill': ('diff-pruning', 0.05, 0.5, False, 2),
+}
+
+def run(name, seed, a, teacher, real_samples):
+    method, thr, alpha, reinit, stride = ROWS[name]
+    t0 = time.time()
+    imp = score_model(teacher, 'digits', method, thr, num_images=a.calib, stride=stride, seed=seed, progress=False)
+    pr = prune_model(imp, target_macs=a.target)
+    teacher[0].zero_grad(set_to_none=True)
+    if reinit:
+        torch.manual_seed(seed)
+        for m in pr.unet.modules():
+            if hasattr(m, 'reset_parameters') and m is not pr.unet: m.reset_parameters()
+    ft = finetune((pr.unet, pr.scheduler), 'digits', a.steps, 64, a.lr, teacher=teacher if alpha else None, alpha=alpha, seed=seed, progress=False)
+    x = ddim_sample(ft.unet, ft.scheduler, a.samples, 50, seed, progress=False)
+    return dict(row=name, seed=seed, fid=fid_score(x, 'digits:all'), ssim=consistency(real_samples, x)['ssim'],
+                params=pr.params_after, macs=pr.macs_after, macs_fraction=pr.macs_after / pr.macs_before,
+                t_prime=imp.analysis.t_prime if imp.analysis else None, kept=len(imp.analysis.kept_timesteps) if imp.analysis else None,
+                steps=a.steps, seconds=time.time() - t0)
+
+if __name__ == '__main__':
+    p = parser(__doc__.split('\n')[0])
+    p.add_argument('--seeds', type=int, default=5); p.add_argument('--steps', type=int, default=200)
+    p.add_argument('--target', type=float, default=0.5); p.add_argument('--lr', type=float, default=2e-4)
+    p.add_argument('--calib', type=int, default=64); p.add_argument('--samples', type=int, default=512)
+    p.add_argument('--rows', nargs='+', default=list(ROWS))
+    a = p.parse_args()
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True); partial = out/'paper_table.partial.json'
+    runs = json.loads(partial.read_text()) if partial.exists() else []
+    done = {(r['row'], r['seed']) for r in runs}
+    teacher = load_model('digits')
+    for seed in range(a.seed, a.seed + a.seeds):
+        tx = ddim_sample(*teacher, a.samples, 50, seed, progress=False)
+        if ('Pretrained', seed) not in done:
+            runs.append(dict(row='Pretrained', seed=seed, fid=fid_score(tx, 'digits:all'), ssim=1.0, params=sum(p.numel() for p in teacher[0].parameters()),
+                             macs=None, macs_fraction=1.0, steps=0))
+        for name in a.rows:
+            if (name, seed) in done: continue
+            runs.append(run(name, seed, a, teacher, tx)); print(runs[-1], flush=True)
+            partial.write_text(json.dumps(runs))
+    summary, ref = [], {r['seed']: r['fid'] for r in runs if r['row'] == 'Diff-Pruning thr=0.05'}
+    for name in ['Pretrained', *a.rows]:
+        rs = [r for r in runs if r['row'] == name]
+        m, sd, hw = ci95([r['fid'] for r in rs])
+        diffs = [r['fid'] - ref[r['seed']] for r in rs if r['seed'] in ref]
+        dm, _, dhw = ci95(diffs) if diffs else (float('nan'), 0, float('nan'))
+        summary.append(dict(row=name, n=len(rs), fid_mean=m, fid_std=sd, fid_ci95=hw, vs_dp05_mean=dm, vs_dp05_ci95=dhw,
+                            ssim=statistics.mean(r['ssim'] for r in rs), params=rs[0]['params'], macs_fraction=statistics.mean(r['macs_fraction'] for r in rs),
+                            t_prime=rs[0].get('t_prime'), kept=rs[0].get('kept'), steps=rs[0]['steps']))
+    print(table(summary, ['row', 'n', 'fid_mean', 'fid_std', 'fid_ci95', 'vs_dp05_mean', 'vs_dp05_ci95', 'ssim', 'params', 'macs_fraction', 't_prime', 'kept']))
+    write(a.out, 'paper_table', dict(summary=summary, runs=runs, args=vars(a)))
+    partial.unlink(missing_ok=True)

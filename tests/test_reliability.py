@@ -1,0 +1,120 @@
+"""Bad input, untrusted files and interruptions: one line, exit code 2 (130 for Ctrl-C), nothing half-written.
+
+The table of bad inputs (also in the README's troubleshooting section). Rows covered in other files are named there:
+
+| bad input | where tested |
+|---|---|
+| ratio or MACs target outside its range | test_cli_method.py |
+| threshold outside [0, 1] | test_cli_method.py |
+| unknown model id offline | test_cli_sample.py |
+| a folder that is not a diffusion model | test_cli_method.py |
+| a pruned-model folder with a missing or truncated safetensors file | here |
+| a JSON whose shapes do not match the weights | here |
+| a pickle file offered as weights, checkpoint or cache | here |
+| images the model cannot take (1-channel digits for a 3-channel model) | here |
+| an empty data folder | test_cli_method.py |
+| zero steps, learning rate <= 0, --resume with no checkpoint | test_finetune.py |
+| an unwritable output folder | here |
+| an output folder that holds another run (refused unless --overwrite) | test_cli_sample.py, here |
+| Ctrl-C | here |
+"""
+import json, os, pickle, shutil, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, torch
+from conftest import DIFFPRUNE
+
+@pytest.fixture(scope='module')
+def pruned(tmp_path_factory):
+    from diffprune.importance import score_model
+    from diffprune.prune import prune_model
+    d = tmp_path_factory.mktemp('pruned')/'m'
+    prune_model(score_model('digits', method='magnitude', progress=False), ratio=0.3).save(d)
+    return d
+
+def copy_of(src, dst): shutil.copytree(src, dst); return dst
+
+def one_line_exit_2(r, needle):
+    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
+    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+class Touch:
+    "Unpickling this creates a file: the proof that something was unpickled."
+    def __init__(self, path): self.path = str(path)
+    def __reduce__(self): return (Path.touch, (Path(self.path),))
+
+def evil(path, marker):
+    path.write_bytes(pickle.dumps({'weight': Touch(marker)}))
+
+def test_truncated_weights(cli, pruned, tmp_path):
+    m = copy_of(pruned, tmp_path/'m'); w = m/'unet'/'diffusion_pytorch_model.safetensors'
+    w.write_bytes(w.read_bytes()[:w.stat().st_size // 2])
+    one_line_exit_2(cli('sample', '--model', m, '--out', tmp_path/'o'), 'truncated')
+    assert not (tmp_path/'o').exists()
+
+def test_missing_weights(cli, pruned, tmp_path):
+    m = copy_of(pruned, tmp_path/'m'); (m/'unet'/'diffusion_pytorch_model.safetensors').unlink()
+    one_line_exit_2(cli('sample', '--model', m, '--out', tmp_path/'o'), 'no weights')
+
+def test_structure_json_that_does_not_match_the_weights(cli, pruned, tmp_path):
+    m = copy_of(pruned, tmp_path/'m'); j = m/'unet'/'diffprune.json'; d = json.loads(j.read_text())
+    d['structure']['conv_in']['out_channels'] += 4
+    j.write_text(json.dumps(d))
+    one_line_exit_2(cli('sample', '--model', m, '--out', tmp_path/'o'), 'do not fit')
+
+def test_pickle_as_model_weights_is_refused_and_never_unpickled(cli, pruned, tmp_path):
+    marker = tmp_path/'UNPICKLED'
+    for name in ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin'):
+        m = copy_of(pruned, tmp_path/name); (m/'unet'/'diffusion_pytorch_model.safetensors').unlink()
+        evil(m/'unet'/name, marker)
+        r = cli('sample', '--model', m, '--out', tmp_path/f'o{name}')
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not marker.exists()
+
+def test_pickle_as_checkpoint_is_refused_and_never_unpickled(pruned, tmp_path):
+    from diffprune.finetune import finetune
+    marker = tmp_path/'UNPICKLED'; ck = tmp_path/'ck'
+    finetune(pruned, steps=2, batch_size=8, checkpoint_dir=ck, checkpoint_every=2, progress=False)
+    for f in ('optimizer.safetensors', 'ema.safetensors'):
+        evil(next(ck.glob('step_*'))/f, marker)
+        with pytest.raises(Exception): finetune(pruned, steps=4, batch_size=8, checkpoint_dir=ck, checkpoint_every=2, resume=True, progress=False)
+        assert not marker.exists()
+
+def test_pickle_in_the_fid_cache_is_never_unpickled(tmp_path, monkeypatch):
+    import diffprune.evaluate as ev
+    monkeypatch.setattr(ev, 'CACHE', tmp_path/'cache')
+    x = (torch.rand(16, 1, 16, 16))
+    f1 = ev.fid_score(x, 'digits:heldout')
+    marker = tmp_path/'UNPICKLED'
+    for p in (tmp_path/'cache'/'fid').glob('*.safetensors'): evil(p, marker)
+    assert ev.fid_score(x, 'digits:heldout') == pytest.approx(f1)  # recomputed, not read
+    assert not marker.exists()
+
+def test_no_pickle_loading_in_the_library():
+    src = ''.join(p.read_text() for p in (Path(__file__).parent.parent/'diffprune').glob('*.py'))
+    assert 'import pickle' not in src and 'torch.load(' not in src
+
+def test_data_the_model_cannot_take(cli, tmp_path):
+    from diffprune.models import save_model, tiny_unet
+    from diffusers import DDPMScheduler
+    save_model(tiny_unet(channels=3), DDPMScheduler(num_train_timesteps=1000), tmp_path/'rgb')
+    one_line_exit_2(cli('prune', '--model', tmp_path/'rgb', '--data', 'digits', '--ratio', '0.3', '--out', tmp_path/'o'), '1-channel')
+
+def test_unwritable_output_folder(cli, tmp_path):
+    (tmp_path/'afile').write_text('x')
+    one_line_exit_2(cli('analyze', '--stride', '100', '--out', tmp_path/'afile'/'out'), 'not writable')
+
+def test_output_folder_of_another_run_is_kept_without_overwrite(cli, tmp_path):
+    assert cli('analyze', '--stride', '200', '--batch-size', '4', '--out', tmp_path/'a').returncode == 0
+    before = (tmp_path/'a'/'result.json').read_text()
+    one_line_exit_2(cli('analyze', '--stride', '100', '--batch-size', '4', '--out', tmp_path/'a'), '--overwrite')
+    assert (tmp_path/'a'/'result.json').read_text() == before
+
+@pytest.mark.parametrize('cmd', [['demo'], ['prune', '--ratio', '0.3']])
+def test_ctrl_c_stops_with_one_line_exit_130_and_no_partial_output(tmp_path, cmd):
+    p = subprocess.Popen([DIFFPRUNE, *cmd, '--out', str(tmp_path/'o')], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(12)  # past start-up, into the work
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130, err[-1500:]
+    assert len(err.strip().splitlines()[-1:]) == 1 and 'interrupted' in err and 'Traceback' not in err
+    assert not (tmp_path/'o').exists() and not [q for q in tmp_path.iterdir() if q.name.startswith('.o')]
