@@ -6,7 +6,7 @@
 __all__ = ['SUBCOMMANDS', 'UsageError', 'check_out', 'cmd_sample', 'cmd_analyze', 'cmd_prune', 'cmd_finetune', 'cmd_evaluate',
            'cmd_run', 'subcommand', 'parser', 'main', 'cli']
 
-# %% ../nbs/08_cli.ipynb #578a85a7
+# %% ../nbs/08_cli.ipynb #a6c1468e
 import argparse, sys, json, time, os, shutil, tempfile, warnings
 from pathlib import Path
 import torch
@@ -20,7 +20,7 @@ from .finetune import finetune, latest_checkpoint, plot_losses
 from .evaluate import evaluate
 from .report import PipelineSettings, run_pipeline, write_report, summary_text
 
-# %% ../nbs/08_cli.ipynb #15bb56dc
+# %% ../nbs/08_cli.ipynb #4aa7a44a
 class UsageError(ValueError):
     "A command-line argument that cannot be used; the message says what to change."
 
@@ -36,30 +36,7 @@ def check_out(out, overwrite:bool=False) -> Path:
     except OSError as e: raise UsageError(f"--out {str(out)!r} is not writable ({e.strerror}): pass a folder you can write to") from None
     return out
 
-# %% ../nbs/08_cli.ipynb #9e20d39a
-def cmd_sample(a):
-    "Sample a grid of images from a model."
-    if a.num < 1: raise UsageError(f"--num must be at least 1, not {a.num}")
-    if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
-    out = check_out(a.out, a.overwrite)
-    unet, sched = load_model(a.model, a.device)
-    t0 = time.time()
-    x = ddpm_sample(unet, sched, a.num, a.seed) if a.sampler == 'ddpm' else ddim_sample(unet, sched, a.num, a.steps, a.seed)
-    secs = time.time() - t0
-    tmp = atomic_dir(out)
-    try:
-        save_fig(show_images(x, nrow=min(16, a.num), title=f'{a.model}: {a.sampler.upper()}-{a.steps}, seed {a.seed}'), tmp/'samples.png')
-        _json_dump(dict(model=str(a.model), num=a.num, steps=a.steps, sampler=a.sampler, seed=a.seed, seconds=secs,
-                        shape=list(x.shape[1:])), tmp/'result.json')
-        commit_dir(tmp, out)
-    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
-    print(f"wrote {a.num} samples to {out/'samples.png'} ({secs:.1f} s)")
-    return out
-
-# %% ../nbs/08_cli.ipynb #5f719f1b
-def _check_threshold(t):
-    if not 0 <= t <= 1: raise UsageError(f"--threshold must be in [0, 1], not {t}")
-
+# %% ../nbs/08_cli.ipynb #e199f3ce
 def _write_run(out, files:dict, result:dict):
     "Write figures (`{name: fig}`) and `result.json` into `out` atomically."
     tmp = atomic_dir(out)
@@ -69,6 +46,24 @@ def _write_run(out, files:dict, result:dict):
         commit_dir(tmp, out)
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
 
+def cmd_sample(a):
+    "Sample a grid of images from a model."
+    if a.num < 1: raise UsageError(f"--num must be at least 1, not {a.num}")
+    if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
+    out = check_out(a.out, a.overwrite)
+    unet, sched = load_model(a.model, a.device)
+    t0 = time.time()
+    x = ddpm_sample(unet, sched, a.num, a.seed) if a.sampler == 'ddpm' else ddim_sample(unet, sched, a.num, a.steps, a.seed)
+    secs = time.time() - t0
+    _write_run(out, {'samples.png': show_images(x, nrow=min(16, a.num), title=f'{a.model}: {a.sampler.upper()}-{a.steps}, seed {a.seed}')},
+               dict(model=str(a.model), num=a.num, steps=a.steps, sampler=a.sampler, seed=a.seed, seconds=secs, shape=list(x.shape[1:])))
+    print(f"wrote {a.num} samples to {out/'samples.png'} ({secs:.1f} s)")
+    return out
+
+# %% ../nbs/08_cli.ipynb #71a977e8
+def _check_threshold(t):
+    if not 0 <= t <= 1: raise UsageError(f"--threshold must be in [0, 1], not {t}")
+
 def cmd_analyze(a):
     "Per-timestep loss of a model and the kept timesteps."
     _check_threshold(a.threshold); out = check_out(a.out, a.overwrite)
@@ -76,7 +71,7 @@ def cmd_analyze(a):
     _write_run(out, {'losses.png': ana.plot()}, dict(model=str(a.model), data=str(a.data), seed=a.seed, **ana.to_dict()))
     print(f"T' = {ana.t_prime}: {len(ana.kept_timesteps)} of {len(ana.timesteps)} analysed timesteps kept (threshold {a.threshold}); wrote {out}")
 
-# %% ../nbs/08_cli.ipynb #f2fb16cb
+# %% ../nbs/08_cli.ipynb #7aa737ac
 def cmd_prune(a):
     "Prune a model with a method to a ratio or a MACs target."
     _check_threshold(a.threshold)
@@ -100,7 +95,7 @@ def cmd_prune(a):
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
     print(res.table().to_string()); print(f"wrote the pruned model to {out}")
 
-# %% ../nbs/08_cli.ipynb #ba894e16
+# %% ../nbs/08_cli.ipynb #e7553594
 def _teacher_of(model):
     "The model a pruned folder was pruned from (recorded at prune time), or None."
     from diffprune.models import _read_json
@@ -139,7 +134,7 @@ def cmd_finetune(a):
     finally: shutil.rmtree(tmp, ignore_errors=True)
     print(f"finetuned {a.steps} steps, final loss {r.summary()['final_loss']:.4f}; wrote {out}")
 
-# %% ../nbs/08_cli.ipynb #f529c191
+# %% ../nbs/08_cli.ipynb #5cf721ce
 def cmd_evaluate(a):
     "Evaluate a model, optionally against its teacher."
     if a.num_samples < 2: raise UsageError(f"--num-samples must be at least 2 for FID, not {a.num_samples}")
@@ -149,7 +144,7 @@ def cmd_evaluate(a):
     _write_run(out, {'samples.png': ev.grid()}, dict(model=str(a.model), **ev.to_dict()))
     print(ev.table().to_string()); print(f"wrote {out}")
 
-# %% ../nbs/08_cli.ipynb #bbff25bf
+# %% ../nbs/08_cli.ipynb #c8feef32
 def _settings(a) -> PipelineSettings:
     if a.target_macs is not None and not 0 < a.target_macs < 1: raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
     _check_threshold(a.threshold)
@@ -164,7 +159,7 @@ def cmd_run(a):
     r = run_pipeline(s); write_report(r, out)
     print(); print(summary_text(r.to_dict())); print(f"\nreport: {out/'report.md'}; pruned model: {out/'model'}")
 
-# %% ../nbs/08_cli.ipynb #86b457cc
+# %% ../nbs/08_cli.ipynb #b39cb332
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message}\n"); sys.exit(2)
@@ -247,7 +242,7 @@ def _pipeline_args(p, model='digits', data='digits'):
 
 @subcommand('demo', 'the whole pipeline on the shipped digits teacher, offline, in minutes')
 def _demo_args(p):
-    _pipeline_args(p); p.set_defaults(out='diffprune-demo')
+    _pipeline_args(p); p.set_defaults(out='diffprune-demo', batch_size=32)  # 32 calibration images keep it under 5 minutes on 2 cores
     for act in p._actions:
         if act.dest == 'out': act.required = False
 

@@ -1,0 +1,40 @@
+"""Quality per sampling compute: is a pruned model better than simply sampling the teacher with fewer steps?
+
+FID (digits features, 512 samples against all digits) and measured seconds per image for the teacher at 10/20/50/100
+DDIM steps and for the Diff-Pruning model (half the MACs, finetuned) at the same steps, one plot.
+
+    python bench/quality_vs_compute.py [--finetune-steps 500]
+"""
+import time, torch
+import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+from pathlib import Path
+from common import parser, write, table
+from diffprune.models import load_model, ddim_sample
+from diffprune.importance import score_model
+from diffprune.prune import prune_model
+from diffprune.finetune import finetune
+from diffprune.evaluate import fid_score
+
+if __name__ == '__main__':
+    p = parser(__doc__.split('\n')[0])
+    p.add_argument('--finetune-steps', type=int, default=500); p.add_argument('--samples', type=int, default=512)
+    p.add_argument('--steps', type=int, nargs='+', default=[10, 20, 50, 100])
+    a = p.parse_args(); torch.manual_seed(a.seed)
+    teacher = load_model('digits')
+    pr = prune_model(score_model(teacher, 'digits', stride=2, seed=a.seed, progress=False), target_macs=0.5); teacher[0].zero_grad(set_to_none=True)
+    ft = finetune((pr.unet, pr.scheduler), 'digits', a.finetune_steps, seed=a.seed, progress=False)
+    models = {'teacher': teacher, 'pruned (0.5 MACs)': (ft.unet, ft.scheduler)}
+    rows = []
+    for steps in a.steps:
+        for name, m in models.items():
+            t0 = time.perf_counter(); x = ddim_sample(*m, a.samples, steps, a.seed, progress=False); secs = time.perf_counter() - t0
+            rows.append(dict(model=name, steps=steps, fid=fid_score(x, 'digits:all'), ms_per_image=1000 * secs / a.samples))
+    print(table(rows, ['model', 'steps', 'fid', 'ms_per_image']))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name in models:
+        rs = [r for r in rows if r['model'] == name]
+        ax.plot([r['ms_per_image'] for r in rs], [r['fid'] for r in rs], 'o-', label=name)
+        for r in rs: ax.annotate(str(r['steps']), (r['ms_per_image'], r['fid']), fontsize=7)
+    ax.set_xlabel('ms per image (CPU)'); ax.set_ylabel('FID (digits features)'); ax.set_xscale('log'); ax.legend()
+    Path(a.out).mkdir(parents=True, exist_ok=True); fig.savefig(Path(a.out)/'quality_vs_compute.png', dpi=120, bbox_inches='tight')
+    write(a.out, 'quality_vs_compute', dict(rows=rows, args=vars(a)))
