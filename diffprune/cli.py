@@ -6,7 +6,7 @@
 __all__ = ['SUBCOMMANDS', 'UsageError', 'check_out', 'cmd_sample', 'cmd_analyze', 'cmd_prune', 'cmd_finetune', 'cmd_evaluate',
            'cmd_run', 'subcommand', 'parser', 'main', 'cli']
 
-# %% ../nbs/08_cli.ipynb #a6c1468e
+# %% ../nbs/08_cli.ipynb #1a995a5b
 import argparse, sys, json, time, os, shutil, tempfile, warnings
 from pathlib import Path
 import torch
@@ -20,7 +20,7 @@ from .finetune import finetune, latest_checkpoint, plot_losses
 from .evaluate import evaluate
 from .report import PipelineSettings, run_pipeline, write_report, summary_text
 
-# %% ../nbs/08_cli.ipynb #4aa7a44a
+# %% ../nbs/08_cli.ipynb #5c3501e9
 class UsageError(ValueError):
     "A command-line argument that cannot be used; the message says what to change."
 
@@ -36,7 +36,7 @@ def check_out(out, overwrite:bool=False) -> Path:
     except OSError as e: raise UsageError(f"--out {str(out)!r} is not writable ({e.strerror}): pass a folder you can write to") from None
     return out
 
-# %% ../nbs/08_cli.ipynb #e199f3ce
+# %% ../nbs/08_cli.ipynb #5205fea8
 def _write_run(out, files:dict, result:dict):
     "Write figures (`{name: fig}`) and `result.json` into `out` atomically."
     tmp = atomic_dir(out)
@@ -60,7 +60,7 @@ def cmd_sample(a):
     print(f"wrote {a.num} samples to {out/'samples.png'} ({secs:.1f} s)")
     return out
 
-# %% ../nbs/08_cli.ipynb #71a977e8
+# %% ../nbs/08_cli.ipynb #e7fecf70
 def _check_threshold(t):
     if not 0 <= t <= 1: raise UsageError(f"--threshold must be in [0, 1], not {t}")
 
@@ -71,7 +71,7 @@ def cmd_analyze(a):
     _write_run(out, {'losses.png': ana.plot()}, dict(model=str(a.model), data=str(a.data), seed=a.seed, **ana.to_dict()))
     print(f"T' = {ana.t_prime}: {len(ana.kept_timesteps)} of {len(ana.timesteps)} analysed timesteps kept (threshold {a.threshold}); wrote {out}")
 
-# %% ../nbs/08_cli.ipynb #7aa737ac
+# %% ../nbs/08_cli.ipynb #21546a16
 def cmd_prune(a):
     "Prune a model with a method to a ratio or a MACs target."
     _check_threshold(a.threshold)
@@ -95,7 +95,7 @@ def cmd_prune(a):
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
     print(res.table().to_string()); print(f"wrote the pruned model to {out}")
 
-# %% ../nbs/08_cli.ipynb #e7553594
+# %% ../nbs/08_cli.ipynb #7dd8c769
 def _teacher_of(model):
     "The model a pruned folder was pruned from (recorded at prune time), or None."
     from diffprune.models import _read_json
@@ -134,7 +134,7 @@ def cmd_finetune(a):
     finally: shutil.rmtree(tmp, ignore_errors=True)
     print(f"finetuned {a.steps} steps, final loss {r.summary()['final_loss']:.4f}; wrote {out}")
 
-# %% ../nbs/08_cli.ipynb #5cf721ce
+# %% ../nbs/08_cli.ipynb #78deabde
 def cmd_evaluate(a):
     "Evaluate a model, optionally against its teacher."
     if a.num_samples < 2: raise UsageError(f"--num-samples must be at least 2 for FID, not {a.num_samples}")
@@ -144,7 +144,7 @@ def cmd_evaluate(a):
     _write_run(out, {'samples.png': ev.grid()}, dict(model=str(a.model), **ev.to_dict()))
     print(ev.table().to_string()); print(f"wrote {out}")
 
-# %% ../nbs/08_cli.ipynb #c8feef32
+# %% ../nbs/08_cli.ipynb #b6ec3079
 def _settings(a) -> PipelineSettings:
     if a.target_macs is not None and not 0 < a.target_macs < 1: raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
     _check_threshold(a.threshold)
@@ -159,7 +159,7 @@ def cmd_run(a):
     r = run_pipeline(s); write_report(r, out)
     print(); print(summary_text(r.to_dict())); print(f"\nreport: {out/'report.md'}; pruned model: {out/'model'}")
 
-# %% ../nbs/08_cli.ipynb #b39cb332
+# %% ../nbs/08_cli.ipynb #d80a1459
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message}\n"); sys.exit(2)

@@ -7,17 +7,17 @@ __all__ = ['DIGITS_SPLITS', 'IMAGE_EXTS', 'DataError', 'digits_images', 'digits_
            'save_images', 'HubImages', 'ImagesDataset', 'get_dataset', 'get_loader', 'take', 'image_grid',
            'show_images', 'save_fig']
 
-# %% ../nbs/00_data.ipynb #49e95082
+# %% ../nbs/00_data.ipynb #cd87029b
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 import matplotlib.pyplot as plt
 from torch.utils.data import Dataset, DataLoader, TensorDataset
 
-# %% ../nbs/00_data.ipynb #2be7ed71
+# %% ../nbs/00_data.ipynb #56fe5004
 class DataError(ValueError):
     "A data argument that cannot be used; the message says what to change."
 
-# %% ../nbs/00_data.ipynb #7aff276a
+# %% ../nbs/00_data.ipynb #a84e911d
 def digits_images(size:int=16, # side of the square output images
                  ) -> tuple: # (images `(1797, 1, size, size)` in [-1, 1], labels `(1797,)`)
     "All scikit-learn digits as a float tensor in [-1, 1], upsampled to `size`, with their labels."
@@ -27,7 +27,7 @@ def digits_images(size:int=16, # side of the square output images
     if size != 8: x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
     return (x.clamp(0, 1) * 2 - 1), torch.tensor(d.target)
 
-# %% ../nbs/00_data.ipynb #a827d72f
+# %% ../nbs/00_data.ipynb #579ef801
 DIGITS_SPLITS = ('train', 'heldout', 'all')
 
 def digits_split(split:str='train', # 'train', 'heldout' or 'all'
@@ -44,7 +44,7 @@ def digits_split(split:str='train', # 'train', 'heldout' or 'all'
     idx = perm[n_held:] if split == 'train' else perm[:n_held]
     return x[idx], y[idx]
 
-# %% ../nbs/00_data.ipynb #21990860
+# %% ../nbs/00_data.ipynb #05b571d6
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 def pil_to_tensor(im, size:int, channels:int) -> torch.Tensor:
@@ -73,7 +73,7 @@ class ImageFolder(Dataset):
         from PIL import Image
         with Image.open(self.files[i]) as im: return pil_to_tensor(im, self.size, self.channels)
 
-# %% ../nbs/00_data.ipynb #5d57b5a1
+# %% ../nbs/00_data.ipynb #2a42dd85
 def save_images(x:torch.Tensor, # `(N, C, H, W)` images in [-1, 1]
                 path, # folder to write `00000.png`, ... into
                ):
@@ -84,7 +84,7 @@ def save_images(x:torch.Tensor, # `(N, C, H, W)` images in [-1, 1]
     for i, im in enumerate(a):
         Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(path / f'{i:05d}.png')
 
-# %% ../nbs/00_data.ipynb #cf67aeb8
+# %% ../nbs/00_data.ipynb #fbee1611
 class HubImages(Dataset):
     "Images of a HF `datasets` split as `(channels, size, size)` tensors in [-1, 1]."
     def __init__(self, name:str, size:int, channels:int=3, split:str='train'):
@@ -100,7 +100,7 @@ class HubImages(Dataset):
 
     def __getitem__(self, i): return pil_to_tensor(self.ds[i][self.col], self.size, self.channels)
 
-# %% ../nbs/00_data.ipynb #5de4558a
+# %% ../nbs/00_data.ipynb #c5d7b6c4
 class ImagesDataset(Dataset):
     "A dataset over an in-memory `(N, C, H, W)` image tensor."
     def __init__(self, x:torch.Tensor): self.x = x
@@ -124,7 +124,7 @@ def get_dataset(data:str, # 'digits', 'digits:heldout', 'cifar10', a hub dataset
         raise DataError(f"data folder {data!r} does not exist: pass a folder of PNG/JPEG images")
     return HubImages(data, size=size, channels=channels, split=split)
 
-# %% ../nbs/00_data.ipynb #1e1055c1
+# %% ../nbs/00_data.ipynb #35f6291c
 def get_loader(ds:Dataset, batch_size:int=64, shuffle:bool=True, seed:int=0, drop_last:bool=True) -> DataLoader:
     "A DataLoader over `ds` whose shuffling is fixed by `seed`."
     if len(ds) < batch_size and drop_last: raise DataError(f"batch size {batch_size} is larger than the dataset ({len(ds)} images): lower --batch-size")
@@ -136,7 +136,7 @@ def take(ds:Dataset, n:int, seed:int=0) -> torch.Tensor:
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     return torch.stack([ds[int(i)] for i in idx])
 
-# %% ../nbs/00_data.ipynb #a72d3d78
+# %% ../nbs/00_data.ipynb #627310de
 def image_grid(x:torch.Tensor, # `(N, C, H, W)` images in [0, 1]
                nrow:int=8, pad:int=1) -> torch.Tensor:
     "Tile images into one `(C, H', W')` grid."

@@ -6,7 +6,7 @@
 __all__ = ['CACHE', 'fid_metric', 'real_statistics', 'fid_score', 'consistency', 'latency', 'Evaluation', 'evaluate',
            'SampleExplorer']
 
-# %% ../nbs/06_evaluate.ipynb #c615b11e
+# %% ../nbs/06_evaluate.ipynb #09cbe3ca
 import hashlib, json, os, time, statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from .data import get_dataset, show_images, ImageFolder
 from .models import load_model, ddim_sample, digits_feature_net, fid_calibration, _json_dump, tiny_unet
 from .prune import count_macs, count_params, example_inputs
 
-# %% ../nbs/06_evaluate.ipynb #1f9d7ecb
+# %% ../nbs/06_evaluate.ipynb #4bf7e017
 CACHE = Path(os.environ.get('DIFFPRUNE_CACHE', Path.home()/'.cache'/'diffprune'))
 
 def fid_metric(feature:str='digits', channels:int=1, size:int=16):
@@ -72,7 +72,7 @@ def fid_score(samples:torch.Tensor, # generated images in [0, 1]
     for i in range(0, len(samples), 256): m.update(_to_metric(samples[i:i + 256], feature), real=False)
     return m.compute().item()
 
-# %% ../nbs/06_evaluate.ipynb #12e04b8a
+# %% ../nbs/06_evaluate.ipynb #c0f20589
 @torch.no_grad()
 def consistency(a:torch.Tensor, b:torch.Tensor) -> dict:
     "Mean SSIM and MSE between paired image sets in [0, 1]."
@@ -80,7 +80,7 @@ def consistency(a:torch.Tensor, b:torch.Tensor) -> dict:
     if a.shape != b.shape: raise ValueError(f"teacher and student images differ in shape: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
     return dict(ssim=ssim(b.float(), a.float(), data_range=1.0).item(), mse=(a - b).pow(2).mean().item())
 
-# %% ../nbs/06_evaluate.ipynb #c708459d
+# %% ../nbs/06_evaluate.ipynb #ba9556fc
 @torch.no_grad()
 def latency(models:dict, batch:int=64, repeats:int=7, warmup:int=2, sampling_steps:int=0, seed:int=0) -> dict:
     "Median ms of a UNet forward (or of DDIM sampling with `sampling_steps`) per model, runs interleaved."
@@ -97,7 +97,7 @@ def latency(models:dict, batch:int=64, repeats:int=7, warmup:int=2, sampling_ste
             if r >= warmup: times[k].append((time.perf_counter() - t0) * 1000)
     return {k: statistics.median(v) for k, v in times.items()}
 
-# %% ../nbs/06_evaluate.ipynb #7fd4c2dc
+# %% ../nbs/06_evaluate.ipynb #852eab29
 @dataclass
 class Evaluation:
     "Metrics of a model (and of its teacher) with the samples they were computed from."
@@ -161,7 +161,7 @@ def evaluate(model, teacher=None, data='digits', num_samples:int=512, steps:int=
     if feature == 'digits' and str(data).startswith('digits'): ev.calibration = fid_calibration()
     return ev
 
-# %% ../nbs/06_evaluate.ipynb #ce888518
+# %% ../nbs/06_evaluate.ipynb #2feeff9d
 class SampleExplorer:
     "Teacher vs student samples from the same noise, with seed and steps sliders."
     def __init__(self, teacher, student, n:int=16):

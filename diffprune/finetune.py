@@ -6,7 +6,7 @@
 __all__ = ['step_batch', 'finetune_loss', 'save_checkpoint', 'latest_checkpoint', 'FinetuneError', 'FinetuneResult',
            'plot_losses', 'finetune', 'LossPlot']
 
-# %% ../nbs/05_finetune.ipynb #6294b312
+# %% ../nbs/05_finetune.ipynb #99496fa7
 import copy, json, math, os, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ from .data import get_dataset
 from .models import (load_model, save_model, eps_loss, add_noise, unet_eps, ema_decay, ema_update, atomic_dir,
                               commit_dir, _json_dump, _read_json, ModelError, tiny_unet)
 
-# %% ../nbs/05_finetune.ipynb #13bfd04b
+# %% ../nbs/05_finetune.ipynb #869db4cb
 def step_batch(ds, step:int, micro:int, batch_size:int, num_train_timesteps:int, seed:int=0) -> tuple:
     "The `(x0, noise, t)` of global batch `micro` of `step`, determined by `(seed, step, micro)` alone."
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
@@ -26,7 +26,7 @@ def step_batch(ds, step:int, micro:int, batch_size:int, num_train_timesteps:int,
     x0 = torch.stack([ds[int(i)] for i in idx])
     return x0, torch.randn(x0.shape, generator=g), torch.randint(0, num_train_timesteps, (batch_size,), generator=g)
 
-# %% ../nbs/05_finetune.ipynb #6e1c27ad
+# %% ../nbs/05_finetune.ipynb #120837cf
 def finetune_loss(unet, scheduler, x0, noise, t, teacher=None, alpha:float=0.) -> torch.Tensor:
     "eps-prediction MSE, mixed with distillation from `teacher` by `alpha`."
     if teacher is None or alpha == 0: return eps_loss(unet, scheduler, x0, noise, t)
@@ -35,7 +35,7 @@ def finetune_loss(unet, scheduler, x0, noise, t, teacher=None, alpha:float=0.) -
     pred = unet_eps(unet, xt, t)
     return alpha * (pred - target_t).pow(2).mean() + (1 - alpha) * (pred - noise).pow(2).mean()
 
-# %% ../nbs/05_finetune.ipynb #89ffb204
+# %% ../nbs/05_finetune.ipynb #642db296
 def _opt_tensors(opt) -> tuple:
     "An optimizer's state as `({name: tensor}, json-able param groups)`."
     sd = opt.state_dict(); tensors = {}
@@ -69,7 +69,7 @@ def latest_checkpoint(folder) -> Path:
     cks = sorted(p for p in Path(folder).glob('step_*') if (p/'state.json').exists()) if folder else []
     return cks[-1] if cks else None
 
-# %% ../nbs/05_finetune.ipynb #3f89592f
+# %% ../nbs/05_finetune.ipynb #4f625a63
 class FinetuneError(RuntimeError):
     "Finetuning could not go on (a non-finite loss); the message names the step and the last good checkpoint."
 
@@ -94,7 +94,7 @@ def plot_losses(history:list, ax=None, window:int=25):
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.set_yscale('log'); ax.legend()
     return ax.figure
 
-# %% ../nbs/05_finetune.ipynb #86c376b7
+# %% ../nbs/05_finetune.ipynb #31361731
 def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `(unet, scheduler)` pair (copied)
              data='digits', steps:int=500, batch_size:int=64, # global batch (over all processes) per micro-step
              lr:float=2e-4, weight_decay:float=0., grad_clip:float=1.0, grad_accum:int=1,
@@ -154,7 +154,7 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     raw = acc.unwrap_model(unet).eval()
     return FinetuneResult(ema_net if use_ema else raw, sched, raw, ema_net, history, steps, time.time() - t0)
 
-# %% ../nbs/05_finetune.ipynb #22e4e073
+# %% ../nbs/05_finetune.ipynb #89c92686
 class LossPlot:
     "A notebook widget showing the loss curve, redrawn by `update(step, history)` (pass it as `callback`)."
     def __init__(self):

@@ -6,7 +6,7 @@
 __all__ = ['METHODS', 'accumulate_gradients', 'per_timestep_gradients', 'stratified_timesteps', 'importance_criterion',
            'Importance', 'score_model']
 
-# %% ../nbs/03_importance.ipynb #a8bc45e4
+# %% ../nbs/03_importance.ipynb #5ae26efc
 import math, time
 import torch, torch.nn as nn, numpy as np
 import torch_pruning as tp
@@ -16,7 +16,7 @@ from .models import eps_loss, load_model, tiny_unet
 from .data import get_dataset, take
 from .timesteps import analyze_timesteps, TimestepAnalysis
 
-# %% ../nbs/03_importance.ipynb #41f4de02
+# %% ../nbs/03_importance.ipynb #212e3815
 def accumulate_gradients(unet, scheduler, x0:torch.Tensor, # calibration batch in [-1, 1]
                          noise:torch.Tensor, # one noise tensor like `x0`, reused for every timestep
                          timesteps, # timesteps whose losses are summed
@@ -43,7 +43,7 @@ def per_timestep_gradients(unet, scheduler, x0, noise, timesteps, progress:bool=
         eps_loss(unet, scheduler, x0, noise, torch.full((len(x0),), int(t))).backward()
     return len(timesteps)
 
-# %% ../nbs/03_importance.ipynb #6ea6f067
+# %% ../nbs/03_importance.ipynb #8580e762
 def stratified_timesteps(kept, # the kept timesteps, increasing
                          k:int, seed:int=0) -> tuple:
     "One random timestep from each of `k` equal strata of `kept`, with the stratum sizes as weights."
@@ -54,7 +54,7 @@ def stratified_timesteps(kept, # the kept timesteps, increasing
     ts = [kept[a + int(torch.randint(b - a, (1,), generator=g))] for a, b in zip(bounds[:-1], bounds[1:])]
     return ts, [float(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
 
-# %% ../nbs/03_importance.ipynb #748486ac
+# %% ../nbs/03_importance.ipynb #5963a569
 METHODS = ('diff-pruning', 'taylor', 'magnitude', 'random')
 
 def importance_criterion(method:str) -> tp.importance.Importance:
@@ -65,7 +65,7 @@ def importance_criterion(method:str) -> tp.importance.Importance:
     if method == 'random': return tp.importance.RandomImportance()
     raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
 
-# %% ../nbs/03_importance.ipynb #9befad24
+# %% ../nbs/03_importance.ipynb #31556c03
 class Importance:
     "A model with gradients in place and the criterion to score its channel groups."
     def __init__(self, unet, scheduler, method:str, criterion, analysis:TimestepAnalysis=None,

@@ -9,7 +9,7 @@ __all__ = ['DIGITS_CONFIG', 'CIFAR10_CONFIG', 'UNET_CLASSES', 'ASSETS', 'DIGITS_
            'DigitsFeatures', 'train_digits_features', 'digits_feature_net', 'fid', 'fid_calibration', 'ema_decay',
            'ema_update', 'eval_fid', 'train_teacher', 'teacher_log', 'digit_stats']
 
-# %% ../nbs/01_models.ipynb #8ef88b1a
+# %% ../nbs/01_models.ipynb #1caede0d
 import json, os, shutil, tempfile, math, copy
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -23,7 +23,7 @@ from diffusers.models.downsampling import Downsample2D
 import diffprune
 from .data import digits_split, show_images, DataError
 
-# %% ../nbs/01_models.ipynb #8f6f5a4d
+# %% ../nbs/01_models.ipynb #5a3782c4
 def unet_config(size:int=16, # sample size
                 channels:int=1, # image channels in and out
                 widths=(32, 64, 64), # block_out_channels
@@ -47,7 +47,7 @@ def tiny_unet(channels:int=1, attention:bool=True, head_dim:int=None, seed:int=0
     torch.manual_seed(seed)
     return UNet2DModel(**unet_config(16, channels, (16, 32), (False, attention), norm_groups=4, head_dim=head_dim))
 
-# %% ../nbs/01_models.ipynb #e19f4710
+# %% ../nbs/01_models.ipynb #5e48b1e6
 def add_noise(scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tensor) -> torch.Tensor:
     "Forward diffusion: `sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`, per sample timestep `t`."
     abar = scheduler.alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, *([1] * (x0.ndim - 1)))
@@ -65,7 +65,7 @@ def eps_loss(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tenso
     err = (unet_eps(unet, add_noise(scheduler, x0, noise, t), t, cond) - noise).pow(2)
     return err.mean() if reduction == 'mean' else err.flatten(1).mean(1)
 
-# %% ../nbs/01_models.ipynb #642aaf05
+# %% ../nbs/01_models.ipynb #78ecb4aa
 def ddim_timesteps(num_train:int, steps:int) -> list:
     "Evenly spaced ('leading') DDIM timesteps, from most to least noisy."
     if not 1 <= steps <= num_train: raise ValueError(f"steps must be in [1, {num_train}], not {steps}")
@@ -97,7 +97,7 @@ def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, batch_size:
         out.append(x.float().cpu())
     return (torch.cat(out) + 1) / 2
 
-# %% ../nbs/01_models.ipynb #2be62958
+# %% ../nbs/01_models.ipynb #57bb28f1
 @torch.no_grad()
 def ddpm_sample(unet, scheduler, n:int=16, seed:int=0, batch_size:int=256, device=None, progress:bool=True) -> torch.Tensor:
     "Ancestral DDPM sampling over every training timestep; `(n, C, H, W)` images in [0, 1]."
@@ -119,7 +119,7 @@ def ddpm_sample(unet, scheduler, n:int=16, seed:int=0, batch_size:int=256, devic
         out.append(x.float().cpu())
     return (torch.cat(out) + 1) / 2
 
-# %% ../nbs/01_models.ipynb #14fbe950
+# %% ../nbs/01_models.ipynb #400668f0
 class ModelError(ValueError):
     "A model argument or model folder that cannot be used; the message says what to change."
 
@@ -137,7 +137,7 @@ def unet_structure(unet) -> dict:
     "The shape-bearing attributes of every layer: `{module name: {attr: value}}`."
     return {name: a for name, m in unet.named_modules() if (a := _attrs(m))}
 
-# %% ../nbs/01_models.ipynb #d9b566ac
+# %% ../nbs/01_models.ipynb #0570a48b
 def _rebuilt(m, a:dict):
     "A copy of layer `m` with the recorded attributes `a` (new parameters, to be loaded)."
     if isinstance(m, nn.Conv2d):
@@ -160,7 +160,7 @@ def apply_structure(unet, structure:dict):
             setattr(mods[parent] if parent else unet, child, new)
     return unet
 
-# %% ../nbs/01_models.ipynb #ab496839
+# %% ../nbs/01_models.ipynb #30ff3eba
 UNET_CLASSES = {'UNet2DModel': UNet2DModel, 'UNet2DConditionModel': UNet2DConditionModel}
 
 def _json_dump(obj, path):
@@ -202,7 +202,7 @@ def save_model(unet, scheduler, path, meta:dict=None):
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
     return Path(path)
 
-# %% ../nbs/01_models.ipynb #eb494708
+# %% ../nbs/01_models.ipynb #fd67f57e
 def _read_json(path):
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e: raise ModelError(f"cannot read {str(path)!r}: {type(e).__name__}; the model folder is damaged") from None
@@ -232,7 +232,7 @@ def _load_hub_bin(cls, path):
     try: return cls.from_pretrained(path, use_safetensors=False).eval()
     except Exception as e: raise ModelError(f"cannot load {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
 
-# %% ../nbs/01_models.ipynb #e44eb919
+# %% ../nbs/01_models.ipynb #6555ef28
 ASSETS = Path(diffprune.__file__).parent/'assets'
 DIGITS_TEACHER = ASSETS/'digits_teacher'
 
@@ -262,7 +262,7 @@ def load_model(model, device='cpu') -> tuple:
     if not (upath/'config.json').exists(): raise ModelError(f"{model!r} is not a diffusion model folder: no unet/config.json or config.json in it")
     return load_unet(upath).to(device), _scheduler(path)
 
-# %% ../nbs/01_models.ipynb #4981b88d
+# %% ../nbs/01_models.ipynb #bf93fd79
 class DigitsFeatures(nn.Module):
     "A small CNN digit classifier; `forward` gives its 128-d penultimate features for images in [0, 1]."
     num_features = 128
@@ -291,7 +291,7 @@ def digits_feature_net() -> DigitsFeatures:
     net = DigitsFeatures(); net.load_state_dict(load_file(ASSETS/'digits_features.safetensors'), strict=True)
     return net.eval().requires_grad_(False)
 
-# %% ../nbs/01_models.ipynb #001f92de
+# %% ../nbs/01_models.ipynb #c7274b87
 def fid(real:torch.Tensor, fake:torch.Tensor, # images in [0, 1]
         feature_net:nn.Module=None, batch_size:int=512) -> float:
     "FID between two image sets, computed by torchmetrics on `feature_net`'s features (default: the digits network)."
@@ -309,7 +309,7 @@ def fid_calibration(seed:int=0) -> dict:
     return {'train_vs_heldout': fid((digits_split('train')[0] + 1) / 2, (digits_split('heldout')[0] + 1) / 2),
             'real_vs_noise': fid(real, noise)}
 
-# %% ../nbs/01_models.ipynb #2ed7fc6a
+# %% ../nbs/01_models.ipynb #9181eb34
 def ema_decay(step:int, decay:float=0.999) -> float:
     "EMA decay with warm-up: small while few steps have been averaged, `decay` in the long run."
     return min(decay, (1 + step) / (10 + step))
@@ -345,12 +345,12 @@ def train_teacher(steps:int=8000, batch_size:int=64, lr:float=5e-4, seed:int=0, 
             if out: save_model(ema, sched, Path(out)/f'step_{step}', meta=dict(train_log=log))
     return ema.eval(), sched, log
 
-# %% ../nbs/01_models.ipynb #5b0a6907
+# %% ../nbs/01_models.ipynb #12b85447
 def teacher_log() -> list:
     "The shipped teacher's training log: `[{step, loss, fid}, ...]`."
     return _read_json(DIGITS_TEACHER/'unet'/'diffprune.json').get('train_log', [])
 
-# %% ../nbs/01_models.ipynb #c426d1fa
+# %% ../nbs/01_models.ipynb #ab6b07b1
 @torch.no_grad()
 def digit_stats(samples:torch.Tensor, net=None) -> dict:
     "Share of confidently classified samples (p >= 0.9) and the class shares, by the digits network."

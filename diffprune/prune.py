@@ -7,7 +7,7 @@ __all__ = ['example_inputs', 'attention_heads', 'layer_macs', 'count_macs', 'cou
            'plan_for_macs', 'sync_diffusers_attrs', 'apply', 'widths', 'PruneResult', 'prune_model', 'kept_channels',
            'jaccard', 'PruneExplorer']
 
-# %% ../nbs/04_prune.ipynb #d008249c
+# %% ../nbs/04_prune.ipynb #8eeeb82e
 import copy, math, time
 from dataclasses import dataclass
 import torch, torch.nn as nn, numpy as np, pandas as pd
@@ -20,7 +20,7 @@ from diffusers.models.downsampling import Downsample2D
 from .models import load_model, save_model, tiny_unet, unet_structure, DIGITS_CONFIG, CIFAR10_CONFIG, ddim_sample
 from .importance import Importance, score_model, importance_criterion
 
-# %% ../nbs/04_prune.ipynb #344e80d9
+# %% ../nbs/04_prune.ipynb #9d6baea9
 def example_inputs(unet, batch:int=1) -> dict:
     "Keyword inputs for one forward pass of `unet` (with text-like conditioning for conditional UNets)."
     c = unet.config; dev = next(unet.parameters()).device
@@ -34,7 +34,7 @@ def attention_heads(unet) -> dict:
     "`{q/k/v linear: number of heads}` for every diffusers `Attention` in `unet`."
     return {l: m.heads for m in unet.modules() if isinstance(m, Attention) for l in (m.to_q, m.to_k, m.to_v)}
 
-# %% ../nbs/04_prune.ipynb #cc311466
+# %% ../nbs/04_prune.ipynb #5421aa27
 @torch.no_grad()
 def layer_macs(unet) -> tuple:
     "`({conv/linear module: MACs}, {Attention module: matmul MACs})` for one image."
@@ -63,7 +63,7 @@ def count_macs(unet, attention:bool=False) -> int:
 
 def count_params(m) -> int: return sum(p.numel() for p in m.parameters())
 
-# %% ../nbs/04_prune.ipynb #63395a5c
+# %% ../nbs/04_prune.ipynb #c74bf827
 @dataclass
 class GroupInfo:
     "One prunable dependency group: its root layer, how its channels are grouped, and the scores."
@@ -105,7 +105,7 @@ class UNetPruner:
         g = self.groups[i]; drop = torch.argsort(g.scores)[:n]  # the n lowest-scored positions
         return sorted(int(j) + c * g.size for c in range(g.ch_groups) for j in drop)
 
-# %% ../nbs/04_prune.ipynb #a92e969b
+# %% ../nbs/04_prune.ipynb #b6875604
 def _removed(self, i:int, n:int) -> list:
     "`[(module, 'in'|'out', count)]` that removing `n` per channel group from group `i` touches."
     key = (i, n)
@@ -147,7 +147,7 @@ def plan_for_macs(self, target:float, # fraction of the original MACs to keep, i
 
 UNetPruner._removed, UNetPruner.estimate, UNetPruner.plan_for_macs = _removed, estimate, plan_for_macs
 
-# %% ../nbs/04_prune.ipynb #8f93598d
+# %% ../nbs/04_prune.ipynb #c94df0a1
 def sync_diffusers_attrs(unet):
     "Update the widths diffusers modules record outside their weights after pruning."
     for m in unet.modules():
@@ -169,7 +169,7 @@ def apply(self, plan:dict):
 
 UNetPruner.apply = apply
 
-# %% ../nbs/04_prune.ipynb #baa2dfcf
+# %% ../nbs/04_prune.ipynb #410f437a
 def widths(unet) -> dict:
     "`{layer name: (in, out)}` of every conv and linear layer."
     return {n: (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
@@ -233,7 +233,7 @@ class PruneResult:
         "Save the pruned model (safetensors + JSON) with this summary in its metadata."
         return save_model(self.unet, self.scheduler, path, meta=dict(prune=self.summary(), **(extra or {})))
 
-# %% ../nbs/04_prune.ipynb #9961ac84
+# %% ../nbs/04_prune.ipynb #7b0a243a
 def prune_model(importance:Importance, # from `score_model`: the model with gradients and the criterion
                 ratio:float=None, # channel ratio to remove in [0, 1)
                 target_macs:float=None, # or: fraction of the MACs to keep, in (0, 1)
@@ -252,7 +252,7 @@ def prune_model(importance:Importance, # from `score_model`: the model with grad
     return PruneResult(unet, importance.scheduler, importance.method, ratio, target_macs, before[0], count_params(unet),
                        before[1], macs, before[2], attn, before[3], widths(unet), importance, time.time() - t0 + importance.seconds, scores)
 
-# %% ../nbs/04_prune.ipynb #9efddaf5
+# %% ../nbs/04_prune.ipynb #e628a36d
 def kept_channels(importance:Importance, ratio:float=None, target_macs:float=None) -> set:
     "The `(group root, channel)` pairs a plan keeps (nothing is pruned)."
     pr = UNetPruner(importance.unet, importance.criterion)
@@ -265,7 +265,7 @@ def kept_channels(importance:Importance, ratio:float=None, target_macs:float=Non
 
 def jaccard(a:set, b:set) -> float: return len(a & b) / max(1, len(a | b))
 
-# %% ../nbs/04_prune.ipynb #91c2208c
+# %% ../nbs/04_prune.ipynb #3b199ec1
 class PruneExplorer:
     "A MACs-target slider showing params, MACs and widths of the pruned model (computed on copies)."
     def __init__(self, importance:Importance, target:float=0.5):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PipelineSettings', 'PipelineResult', 'run_pipeline', 'summary_text', 'model_card', 'write_report']
 
-# %% ../nbs/07_report.ipynb #b4735994
+# %% ../nbs/07_report.ipynb #ea901adf
 import json, shutil, time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from .prune import prune_model
 from .finetune import finetune
 from .evaluate import evaluate
 
-# %% ../nbs/07_report.ipynb #724895f2
+# %% ../nbs/07_report.ipynb #03a71f39
 @dataclass
 class PipelineSettings:
     "Every knob of `run_pipeline`, recorded in the report."
@@ -29,7 +29,7 @@ class PipelineSettings:
     steps: int = 500; batch_size: int = 64; lr: float = 2e-4; ema: float = 0.999; alpha: float = 0.
     num_samples: int = 512; sample_steps: int = 50; seed: int = 0; device: str = 'cpu'
 
-# %% ../nbs/07_report.ipynb #353e3793
+# %% ../nbs/07_report.ipynb #fe3c39e5
 @dataclass
 class PipelineResult:
     "Everything one pipeline run produced."
@@ -72,7 +72,7 @@ def run_pipeline(s:PipelineSettings=None, progress:bool=True, **kw) -> PipelineR
     steps.close()
     return PipelineResult(s, ana, pr, ft, ev, times)
 
-# %% ../nbs/07_report.ipynb #d2590fa9
+# %% ../nbs/07_report.ipynb #1cbc4aad
 def summary_text(d:dict) -> str:
     "The pipeline's summary table as plain text."
     rows = [('params', 'params', '{:,.0f}'), ('MACs (conv+linear)', 'macs', '{:,.0f}'), ('FID', 'fid', '{:.2f}'),
@@ -88,7 +88,7 @@ def summary_text(d:dict) -> str:
     lines.append('time per step: ' + ', '.join(f"{k} {v:.0f} s" for k, v in d['step_seconds'].items()) + f"; total {d['seconds']:.0f} s")
     return '\n'.join(lines)
 
-# %% ../nbs/07_report.ipynb #db7dee08
+# %% ../nbs/07_report.ipynb #5dc7edc7
 def model_card(d:dict, s:PipelineSettings) -> str:
     "report.md: what was pruned, how, and what came out."
     fid_cal = d.get('fid_calibration')

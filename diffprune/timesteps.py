@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['timestep_losses', 'threshold_t_prime', 'TimestepAnalysis', 'analyze_timesteps', 'ThresholdExplorer']
 
-# %% ../nbs/02_timesteps.ipynb #25f89786
+# %% ../nbs/02_timesteps.ipynb #b01df221
 from dataclasses import dataclass, field
 import json
 import torch, numpy as np
@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .models import eps_loss, load_model, tiny_unet
 from .data import get_dataset, take
 
-# %% ../nbs/02_timesteps.ipynb #c7ec6774
+# %% ../nbs/02_timesteps.ipynb #01dc2d62
 @torch.no_grad()
 def timestep_losses(unet, scheduler, x0:torch.Tensor, # calibration batch `(B, C, H, W)` in [-1, 1]
                     noise:torch.Tensor=None, # one noise tensor like `x0`, reused for every t (default: seeded)
@@ -34,7 +34,7 @@ def timestep_losses(unet, scheduler, x0:torch.Tensor, # calibration batch `(B, C
         out.append(l.view(len(tb), len(x0)).mean(1).cpu())
     return torch.cat(out)
 
-# %% ../nbs/02_timesteps.ipynb #0de21a0e
+# %% ../nbs/02_timesteps.ipynb #8533d1b7
 def threshold_t_prime(losses, # L_t at each analysed timestep, in increasing t
                       timesteps, # the analysed timesteps, increasing
                       threshold:float, # thr in [0, 1]
@@ -49,7 +49,7 @@ def threshold_t_prime(losses, # L_t at each analysed timestep, in increasing t
         if l < threshold * run_max: return timesteps[max(i - 1, 0)]
     return timesteps[-1]
 
-# %% ../nbs/02_timesteps.ipynb #c00c3ee7
+# %% ../nbs/02_timesteps.ipynb #e121752e
 @dataclass
 class TimestepAnalysis:
     "L_t per analysed timestep and the timesteps the threshold rule keeps."
@@ -105,7 +105,7 @@ def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, 
     losses = timestep_losses(unet, sched, x0, timesteps=ts, batch_size=batch_size, seed=seed, progress=progress)
     return TimestepAnalysis(ts, losses.tolist(), threshold)
 
-# %% ../nbs/02_timesteps.ipynb #04a0d401
+# %% ../nbs/02_timesteps.ipynb #0bc569cf
 class ThresholdExplorer:
     "A threshold slider over a `TimestepAnalysis`: shows T', the kept count and the plot."
     def __init__(self, analysis:TimestepAnalysis):
