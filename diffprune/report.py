@@ -51,7 +51,7 @@ class PipelineResult:
         return t.assign(ratio=t.pruned / t.teacher)
 
     def _repr_html_(self): return self.table()._repr_html_() + f"<p>SSIM {self.to_dict()['ssim']:.3f}, speedup {self.to_dict()['speedup']:.2f}x</p>"
-    def __repr__(self): return summary_text(self.to_dict())
+    def __repr__(self): return repr(self.table())
 
 def run_pipeline(s:PipelineSettings=None, progress:bool=True, **kw) -> PipelineResult:
     "Diff-Pruning end to end: analyse, score, prune, finetune, evaluate against the teacher."
