@@ -16,7 +16,7 @@ from .models import ModelError, load_model, ddim_sample, ddpm_sample, atomic_dir
 from .timesteps import analyze_timesteps
 from .importance import score_model, METHODS
 from .prune import prune_model
-from .finetune import finetune, latest_checkpoint, plot_losses
+from .finetune import finetune, latest_checkpoint
 from .evaluate import evaluate
 from .report import PipelineSettings, run_pipeline, write_report, summary_text
 

@@ -11,7 +11,7 @@ __all__ = ['DIGITS_SPLITS', 'IMAGE_EXTS', 'DataError', 'digits_images', 'digits_
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 import matplotlib.pyplot as plt
-from torch.utils.data import Dataset, DataLoader, TensorDataset
+from torch.utils.data import Dataset, DataLoader
 
 # %% ../nbs/00_data.ipynb #56fe5004
 class DataError(ValueError):

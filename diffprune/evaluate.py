@@ -7,14 +7,14 @@ __all__ = ['CACHE', 'fid_metric', 'real_statistics', 'fid_score', 'consistency',
            'SampleExplorer']
 
 # %% ../nbs/06_evaluate.ipynb #09cbe3ca
-import hashlib, json, os, time, statistics
+import hashlib, os, time, statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch, torch.nn as nn, pandas as pd
 import matplotlib.pyplot as plt
 from safetensors.torch import save_file, load_file
 from .data import get_dataset, show_images, ImageFolder
-from .models import load_model, ddim_sample, digits_feature_net, fid_calibration, _json_dump, tiny_unet
+from .models import load_model, ddim_sample, digits_feature_net, fid_calibration, tiny_unet
 from .prune import count_macs, count_params, example_inputs
 
 # %% ../nbs/06_evaluate.ipynb #4bf7e017

@@ -7,8 +7,8 @@ __all__ = ['step_batch', 'finetune_loss', 'save_checkpoint', 'latest_checkpoint'
            'plot_losses', 'finetune', 'LossPlot']
 
 # %% ../nbs/05_finetune.ipynb #99496fa7
-import copy, json, math, os, shutil, time
-from dataclasses import dataclass, field
+import copy, json, math, shutil, time
+from dataclasses import dataclass
 from pathlib import Path
 import torch, torch.nn as nn
 import matplotlib.pyplot as plt
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from safetensors.torch import save_file, load_file
 from .data import get_dataset
 from .models import (load_model, save_model, eps_loss, add_noise, unet_eps, ema_decay, ema_update, atomic_dir,
-                              commit_dir, _json_dump, _read_json, ModelError, tiny_unet)
+                              commit_dir, _json_dump, _read_json, tiny_unet)
 
 # %% ../nbs/05_finetune.ipynb #869db4cb
 def step_batch(ds, step:int, micro:int, batch_size:int, num_train_timesteps:int, seed:int=0) -> tuple:

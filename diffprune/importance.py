@@ -7,7 +7,7 @@ __all__ = ['METHODS', 'accumulate_gradients', 'per_timestep_gradients', 'stratif
            'Importance', 'score_model']
 
 # %% ../nbs/03_importance.ipynb #5ae26efc
-import math, time
+import time
 import torch, torch.nn as nn, numpy as np
 import torch_pruning as tp
 import matplotlib.pyplot as plt

@@ -10,7 +10,7 @@ __all__ = ['DIGITS_CONFIG', 'CIFAR10_CONFIG', 'UNET_CLASSES', 'ASSETS', 'DIGITS_
            'ema_update', 'eval_fid', 'train_teacher', 'teacher_log', 'digit_stats']
 
 # %% ../nbs/01_models.ipynb #1caede0d
-import json, os, shutil, tempfile, math, copy
+import json, os, shutil, tempfile, copy
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -21,7 +21,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.downsampling import Downsample2D
 import diffprune
-from .data import digits_split, show_images, DataError
+from .data import digits_split, show_images
 
 # %% ../nbs/01_models.ipynb #5a3782c4
 def unet_config(size:int=16, # sample size

@@ -17,7 +17,7 @@ from diffusers import UNet2DModel, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.downsampling import Downsample2D
-from .models import load_model, save_model, tiny_unet, unet_structure, DIGITS_CONFIG, CIFAR10_CONFIG, ddim_sample
+from .models import load_model, save_model, tiny_unet, CIFAR10_CONFIG, ddim_sample
 from .importance import Importance, score_model, importance_criterion
 
 # %% ../nbs/04_prune.ipynb #9d6baea9

@@ -6,7 +6,7 @@
 __all__ = ['timestep_losses', 'threshold_t_prime', 'TimestepAnalysis', 'analyze_timesteps', 'ThresholdExplorer']
 
 # %% ../nbs/02_timesteps.ipynb #b01df221
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import json
 import torch, numpy as np
 import matplotlib.pyplot as plt
