@@ -25,7 +25,8 @@ lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 extras = {'dev': dev_requirements,
           'fid': shlex.split(cfg.get('fid_requirements', '')),
-          'datasets': shlex.split(cfg.get('datasets_requirements', ''))}
+          'datasets': shlex.split(cfg.get('datasets_requirements', '')),
+          'latent': shlex.split(cfg.get('latent_requirements', ''))}
 
 setuptools.setup(
     name=cfg['lib_name'],
