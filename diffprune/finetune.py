@@ -15,24 +15,28 @@ import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from safetensors.torch import save_file, load_file
 from .data import get_dataset
-from .models import (load_model, save_model, eps_loss, add_noise, unet_eps, ema_decay, ema_update, atomic_dir,
+from .models import (load_model, save_model, eps_loss, add_noise, unet_eps, index_cond, cond_to, ema_decay, ema_update, atomic_dir,
                               commit_dir, _json_dump, _read_json, tiny_unet)
 
 # %% ../nbs/05_finetune.ipynb #869db4cb
 def step_batch(ds, step:int, micro:int, batch_size:int, num_train_timesteps:int, seed:int=0) -> tuple:
-    "The `(x0, noise, t)` of global batch `micro` of `step`, determined by `(seed, step, micro)` alone."
+    "The `(x0, noise, t, cond)` of global batch `micro` of `step`, determined by `(seed, step, micro)` alone."
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
     idx = torch.randint(len(ds), (batch_size,), generator=g)
-    x0 = torch.stack([ds[int(i)] for i in idx])
-    return x0, torch.randn(x0.shape, generator=g), torch.randint(0, num_train_timesteps, (batch_size,), generator=g)
+    items = [ds[int(i)] for i in idx]
+    cond = None
+    if isinstance(items[0], tuple):  # conditional data: (image or latent, {UNet keyword: tensor})
+        items, conds = zip(*items); cond = {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
+    x0 = torch.stack(items)
+    return x0, torch.randn(x0.shape, generator=g), torch.randint(0, num_train_timesteps, (batch_size,), generator=g), cond
 
 # %% ../nbs/05_finetune.ipynb #120837cf
-def finetune_loss(unet, scheduler, x0, noise, t, teacher=None, alpha:float=0.) -> torch.Tensor:
+def finetune_loss(unet, scheduler, x0, noise, t, teacher=None, alpha:float=0., cond=None) -> torch.Tensor:
     "eps-prediction MSE, mixed with distillation from `teacher` by `alpha`."
-    if teacher is None or alpha == 0: return eps_loss(unet, scheduler, x0, noise, t)
+    if teacher is None or alpha == 0: return eps_loss(unet, scheduler, x0, noise, t, cond=cond)
     xt = add_noise(scheduler, x0, noise, t)
-    with torch.no_grad(): target_t = unet_eps(teacher, xt, t)
-    pred = unet_eps(unet, xt, t)
+    with torch.no_grad(): target_t = unet_eps(teacher, xt, t, cond)
+    pred = unet_eps(unet, xt, t, cond)
     return alpha * (pred - target_t).pow(2).mean() + (1 - alpha) * (pred - noise).pow(2).mean()
 
 # %% ../nbs/05_finetune.ipynb #642db296
@@ -132,9 +136,11 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     for step in pbar:
         total = 0.
         for micro in range(grad_accum):
-            x0, noise, t = (v[rank * per:(rank + 1) * per].to(acc.device) for v in step_batch(ds, step, micro, batch_size, T, seed))
+            x0, noise, t, cond = step_batch(ds, step, micro, batch_size, T, seed)
+            part = slice(rank * per, (rank + 1) * per)  # this process's share of the global batch
+            x0, noise, t, cond = x0[part].to(acc.device), noise[part].to(acc.device), t[part].to(acc.device), cond_to(index_cond(cond, part), acc.device)
             with acc.autocast():
-                loss = finetune_loss(unet, sched, x0, noise, t, tnet, alpha) / grad_accum
+                loss = finetune_loss(unet, sched, x0, noise, t, tnet, alpha, cond) / grad_accum
             acc.backward(loss); total += loss.detach()
         if grad_clip: acc.clip_grad_norm_(unet.parameters(), grad_clip)
         opt.step(); opt.zero_grad(set_to_none=True)

@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['DIGITS_CONFIG', 'CIFAR10_CONFIG', 'UNET_CLASSES', 'ASSETS', 'DIGITS_TEACHER', 'unet_config', 'tiny_unet', 'add_noise',
-           'unet_eps', 'eps_loss', 'ddim_timesteps', 'initial_noise', 'ddim_sample', 'ddpm_sample', 'ModelError',
-           'unet_structure', 'apply_structure', 'atomic_dir', 'commit_dir', 'save_model', 'load_unet', 'load_model',
-           'DigitsFeatures', 'train_digits_features', 'digits_feature_net', 'fid', 'fid_calibration', 'ema_decay',
-           'ema_update', 'eval_fid', 'train_teacher', 'teacher_log', 'digit_stats']
+           'unet_eps', 'repeat_cond', 'index_cond', 'cond_to', 'eps_loss', 'ddim_timesteps', 'initial_noise',
+           'ddim_sample', 'ddpm_sample', 'ModelError', 'unet_structure', 'apply_structure', 'atomic_dir', 'commit_dir',
+           'save_model', 'load_unet', 'load_model', 'DigitsFeatures', 'train_digits_features', 'digits_feature_net',
+           'fid', 'fid_calibration', 'ema_decay', 'ema_update', 'eval_fid', 'train_teacher', 'teacher_log',
+           'digit_stats']
 
 # %% ../nbs/01_models.ipynb #1caede0d
 import json, os, shutil, tempfile, copy
@@ -53,10 +54,26 @@ def add_noise(scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tensor) ->
     abar = scheduler.alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, *([1] * (x0.ndim - 1)))
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-def unet_eps(unet, x:torch.Tensor, t:torch.Tensor, cond=None) -> torch.Tensor:
-    "The UNet's noise prediction (passing `cond` as `encoder_hidden_states` to conditional UNets)."
-    out = unet(x, t, encoder_hidden_states=cond) if cond is not None else unet(x, t)
+def unet_eps(unet, x:torch.Tensor, t:torch.Tensor,
+             cond=None, # conditioning: a dict of UNet keyword tensors (`encoder_hidden_states`, `class_labels`), one row per sample, or a text-embedding tensor
+            ) -> torch.Tensor:
+    "The UNet's noise prediction, with conditioning passed on to conditional UNets."
+    if cond is None: out = unet(x, t)
+    elif isinstance(cond, dict): out = unet(x, t, **cond)
+    else: out = unet(x, t, encoder_hidden_states=cond)
     return out.sample if hasattr(out, 'sample') else out
+
+def repeat_cond(cond, k:int):
+    "The conditioning of `x.repeat(k, 1, 1, 1)`: every row tensor repeated `k` times along the batch."
+    rep = lambda v: v.repeat(k, *([1] * (v.ndim - 1)))
+    return None if cond is None else {n: rep(v) for n, v in cond.items()} if isinstance(cond, dict) else rep(cond)
+
+def index_cond(cond, idx):
+    "The conditioning of the samples `idx` (an index tensor or a slice)."
+    return None if cond is None else {n: v[idx] for n, v in cond.items()} if isinstance(cond, dict) else cond[idx]
+
+def cond_to(cond, device):
+    return None if cond is None else {n: v.to(device) for n, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
 
 def eps_loss(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tensor,
              reduction:str='mean', # 'mean', or 'none' for one loss per sample
@@ -125,6 +142,7 @@ class ModelError(ValueError):
 
 _STRUCT_ATTRS = {nn.Conv2d: ('in_channels', 'out_channels'), nn.Linear: ('in_features', 'out_features'),
                  nn.GroupNorm: ('num_groups', 'num_channels'), nn.LayerNorm: ('normalized_shape',),
+                 nn.Embedding: ('num_embeddings', 'embedding_dim'),  # class embeddings
                  Attention: ('heads', 'inner_dim', 'inner_kv_dim', 'scale', 'query_dim', 'out_dim'),
                  Upsample2D: ('channels', 'out_channels'), Downsample2D: ('channels', 'out_channels')}
 
@@ -145,6 +163,7 @@ def _rebuilt(m, a:dict):
     if isinstance(m, nn.Linear): return nn.Linear(a['in_features'], a['out_features'], m.bias is not None)
     if isinstance(m, nn.GroupNorm): return nn.GroupNorm(a['num_groups'], a['num_channels'], m.eps, m.affine)
     if isinstance(m, nn.LayerNorm): return nn.LayerNorm(a['normalized_shape'], m.eps, m.elementwise_affine)
+    if isinstance(m, nn.Embedding): return nn.Embedding(a['num_embeddings'], a['embedding_dim'], m.padding_idx)
     for k, v in a.items(): setattr(m, k, v)  # attention heads, Upsample2D/Downsample2D widths
     return m
 

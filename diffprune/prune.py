@@ -28,6 +28,8 @@ def example_inputs(unet, batch:int=1) -> dict:
              timestep=torch.full((batch,), 10, dtype=torch.long, device=dev))
     if isinstance(unet, UNet2DConditionModel):
         d['encoder_hidden_states'] = torch.randn(batch, 4, c.cross_attention_dim, device=dev)
+    if c.get('num_class_embeds'):  # class-conditional UNets (UNet2DModel or UNet2DConditionModel)
+        d['class_labels'] = torch.zeros(batch, dtype=torch.long, device=dev)
     return d
 
 def attention_heads(unet) -> dict:
