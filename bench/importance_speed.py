@@ -2,8 +2,9 @@
 
 The baseline is the reference procedure written plainly: one calibration batch and one noise tensor; for t = 0, 1, ...
 one forward and backward pass at t (gradients accumulate), stopping once L_t < thr * max_{s<=t} L_s. diffprune's exact
-mode analyses L_t without gradients (timesteps mixed in big batches), then accumulates the gradients of every kept
-timestep, several per backward pass; fast mode accumulates k stratified timesteps. Reported: wall time ratios against
+mode (`taylor_gradients`) makes the same sweep with ~128 images per pass (several timesteps stacked) and gets L_t from
+the same forward passes; fast mode analyses every 20th timestep without gradients, only up to T', then accumulates the
+gradients of k stratified timesteps from [0, T']. Reported: wall time ratios against
 the baseline, run side by side in this process, and the Jaccard agreement of the channels each keeps at half the MACs.
 
     python bench/importance_speed.py            # digits teacher (batch 64) and the CIFAR-10 UNet (random weights, batch 4)
@@ -14,7 +15,7 @@ from common import parser, write, table
 from diffprune.models import load_model, eps_loss, CIFAR10_CONFIG
 from diffprune.data import get_dataset, take
 from diffprune.timesteps import analyze_timesteps
-from diffprune.importance import accumulate_gradients, stratified_timesteps, Importance, importance_criterion
+from diffprune.importance import accumulate_gradients, taylor_gradients, stratified_timesteps, Importance, importance_criterion
 from diffprune.prune import kept_channels, jaccard
 
 def paper_loop(unet, sched, x0, noise, thr, max_t=None):
@@ -30,23 +31,23 @@ def paper_loop(unet, sched, x0, noise, thr, max_t=None):
 def kept(unet, sched):
     return kept_channels(Importance(unet, sched, 'diff-pruning', importance_criterion('diff-pruning')), target_macs=0.5)
 
-def bench(name, unet, sched, x0, thr, ks, max_t=None):
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)); rows = []
+def bench(name, unet, sched, x0, thr, ks, max_t=None, seed=0):
+    "Baseline, exact and fast modes on one model, side by side; rows of seconds, speedups and kept-channel agreement."
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)); rows = []
     t0 = time.perf_counter(); t_prime = paper_loop(unet, sched, x0, noise, thr, max_t); t_base = time.perf_counter() - t0
     base = kept(unet, sched)
-    rows.append(dict(model=name, mode='paper loop', seconds=t_base, speedup=1.0, jaccard=1.0, backward_passes=t_prime + 1))
-    t0 = time.perf_counter()
-    ts = list(range(max_t)) if max_t else None
-    ana = analyze_timesteps((unet, sched), x0, thr, progress=False) if not max_t else None
-    kept_ts = ana.kept_timesteps if ana else list(range(t_prime + 1))
-    t_ana = time.perf_counter() - t0
-    t0 = time.perf_counter(); passes = accumulate_gradients(unet, sched, x0, noise, kept_ts, progress=False); t_ex = time.perf_counter() - t0 + t_ana
-    rows.append(dict(model=name, mode='exact', seconds=t_ex, speedup=t_base / t_ex, jaccard=jaccard(base, kept(unet, sched)), backward_passes=passes))
-    for k in ks:
-        t0 = time.perf_counter(); p = accumulate_gradients(unet, sched, x0, noise, *stratified_timesteps(kept_ts, k), progress=False)
-        t_f = time.perf_counter() - t0 + t_ana
-        rows.append(dict(model=name, mode=f'fast k={k}', seconds=t_f, speedup=t_base / t_f, jaccard=jaccard(base, kept(unet, sched)), backward_passes=p))
-    for r in rows: r['t_prime'] = kept_ts[-1]
+    rows.append(dict(model=name, mode='paper loop', seconds=t_base, speedup=1.0, jaccard=1.0, backward_passes=t_prime + 1, t_prime=t_prime))
+    # exact: analysis and gradients in one sweep (what score_model does by default)
+    t0 = time.perf_counter(); ana, passes = taylor_gradients(unet, sched, x0, noise, thr, range(max_t or sched.config.num_train_timesteps), progress=False)
+    t_ex = time.perf_counter() - t0
+    rows.append(dict(model=name, mode='exact', seconds=t_ex, speedup=t_base / t_ex, jaccard=jaccard(base, kept(unet, sched)), backward_passes=passes, t_prime=ana.t_prime))
+    for k in ks:  # fast: a strided analysis up to T' (score_model's default stride T/50), then k stratified timesteps
+        t0 = time.perf_counter()
+        if max_t: tp_fast = max_t - 1
+        else: tp_fast = analyze_timesteps((unet, sched), x0, thr, stride=sched.config.num_train_timesteps // 50, until_threshold=True, seed=seed, progress=False).t_prime
+        p = accumulate_gradients(unet, sched, x0, noise, *stratified_timesteps(range(tp_fast + 1), k, seed), progress=False)
+        t_f = time.perf_counter() - t0
+        rows.append(dict(model=name, mode=f'fast k={k}', seconds=t_f, speedup=t_base / t_f, jaccard=jaccard(base, kept(unet, sched)), backward_passes=p, t_prime=tp_fast))
     return rows
 
 if __name__ == '__main__':
@@ -56,10 +57,10 @@ if __name__ == '__main__':
     p.add_argument('--ks', type=int, nargs='+', default=[8, 16, 32]); p.add_argument('--skip-cifar', action='store_true')
     a = p.parse_args(); torch.manual_seed(a.seed)
     u, s = load_model('digits')
-    rows = bench('digits teacher', u, s, take(get_dataset('digits'), a.digits_batch, seed=a.seed), 0.05, a.ks)
+    rows = bench('digits teacher', u, s, take(get_dataset('digits'), a.digits_batch, seed=a.seed), 0.05, a.ks, seed=a.seed)
     if not a.skip_cifar:
         cu = UNet2DModel(**CIFAR10_CONFIG); cs = DDPMScheduler(num_train_timesteps=1000)
         x = torch.rand(a.cifar_batch, 3, 32, 32, generator=torch.Generator().manual_seed(a.seed)) * 2 - 1
-        rows += bench('cifar10 config (random)', cu, cs, x, 0.05, a.ks, max_t=a.cifar_timesteps)
+        rows += bench('cifar10 config (random)', cu, cs, x, 0.05, a.ks, max_t=a.cifar_timesteps, seed=a.seed)
     print(table(rows, ['model', 'mode', 't_prime', 'backward_passes', 'seconds', 'speedup', 'jaccard']))
     write(a.out, 'importance_speed', dict(rows=rows, args=vars(a)))

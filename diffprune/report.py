@@ -62,7 +62,8 @@ def run_pipeline(s:PipelineSettings=None, progress:bool=True, **kw) -> PipelineR
     teacher = load_model(s.model, s.device)
     ana = step('analyse', lambda: analyze_timesteps(teacher, s.data, s.threshold, s.calib_images, s.stride, seed=s.seed, progress=progress)
                if s.method == 'diff-pruning' else None)
-    imp = step('score', lambda: score_model(teacher, s.data, s.method, s.threshold, s.calib_images, s.fast, s.stride, ana, s.seed, s.device, progress))
+    imp = step('score', lambda: score_model(teacher, s.data, s.method, s.threshold, s.calib_images, fast=s.fast, stride=s.stride, analysis=ana,
+                                                  seed=s.seed, device=s.device, progress=progress))
     pr = step('prune', lambda: prune_model(imp, ratio=s.ratio, target_macs=None if s.ratio is not None else s.target_macs))
     teacher[0].zero_grad(set_to_none=True)
     ft = step('finetune', lambda: finetune((pr.unet, pr.scheduler), s.data, s.steps, s.batch_size, s.lr, ema=s.ema,

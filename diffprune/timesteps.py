@@ -11,7 +11,7 @@ import json
 import torch, numpy as np
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .models import eps_loss, load_model, tiny_unet
+from .models import eps_loss, load_model, tiny_unet, repeat_cond, cond_to
 from .data import get_dataset, take
 
 # %% ../nbs/02_timesteps.ipynb #01dc2d62
@@ -20,18 +20,24 @@ def timestep_losses(unet, scheduler, x0:torch.Tensor, # calibration batch `(B, C
                     noise:torch.Tensor=None, # one noise tensor like `x0`, reused for every t (default: seeded)
                     timesteps=None, # timesteps to analyse (default: all)
                     batch_size:int=512, # images per forward pass (timesteps are mixed in one pass)
+                    stop_threshold:float=None, # stop after the pass where L_t < stop_threshold x running max first holds
+                    cond=None, # conditioning of `x0` for conditional UNets (see `unet_eps`)
                     seed:int=0, progress:bool=True) -> torch.Tensor:
     "Mean eps-prediction loss of `unet` at each of `timesteps`, on `x0` with the same `noise` at every t."
     T = scheduler.config.num_train_timesteps
     ts = torch.arange(T) if timesteps is None else torch.as_tensor(timesteps)
     if noise is None: noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    dev = next(unet.parameters()).device; x0, noise = x0.to(dev), noise.to(dev)
+    dev = next(unet.parameters()).device; x0, noise, cond = x0.to(dev), noise.to(dev), cond_to(cond, dev)
     per = max(1, batch_size // len(x0)); out = []
     for i in tqdm(range(0, len(ts), per), desc='L_t', disable=not progress, leave=False):
         tb = ts[i:i + per]
         t = tb.repeat_interleave(len(x0)).to(dev)
-        l = eps_loss(unet, scheduler, x0.repeat(len(tb), 1, 1, 1), noise.repeat(len(tb), 1, 1, 1), t, reduction='none')
+        l = eps_loss(unet, scheduler, x0.repeat(len(tb), 1, 1, 1), noise.repeat(len(tb), 1, 1, 1), t, reduction='none',
+                     cond=repeat_cond(cond, len(tb)))
         out.append(l.view(len(tb), len(x0)).mean(1).cpu())
+        if stop_threshold is not None:
+            l = torch.cat(out)
+            if (l < stop_threshold * l.cummax(0).values).any(): break
     return torch.cat(out)
 
 # %% ../nbs/02_timesteps.ipynb #8533d1b7
@@ -95,6 +101,8 @@ def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, 
                       data='digits', # dataset name or folder (see `get_dataset`), or an image tensor in [-1, 1]
                       threshold:float=0.05, num_images:int=64, # calibration batch size
                       stride:int=1, # analyse every `stride`-th timestep
+                      until_threshold:bool=False, # stop once the rule has found T' (the curve beyond it is not computed)
+                      cond=None, # conditioning of the calibration batch (conditional UNets; `data` must then be a tensor)
                       batch_size:int=512, seed:int=0, device='cpu', progress:bool=True) -> TimestepAnalysis:
     "Diff-Pruning's timestep analysis: L_t on one calibration batch and noise, and the threshold rule."
     if not 0 <= threshold <= 1: raise ValueError(f"threshold must be in [0, 1], not {threshold}")
@@ -102,10 +110,11 @@ def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, 
     unet, sched = load_model(model, device)
     x0 = data if torch.is_tensor(data) else take(get_dataset(data, unet.config.sample_size, unet.config.in_channels), num_images, seed)
     ts = list(range(0, sched.config.num_train_timesteps, stride))
-    losses = timestep_losses(unet, sched, x0, timesteps=ts, batch_size=batch_size, seed=seed, progress=progress)
-    return TimestepAnalysis(ts, losses.tolist(), threshold)
+    losses = timestep_losses(unet, sched, x0, timesteps=ts, batch_size=batch_size, stop_threshold=threshold if until_threshold else None,
+                             cond=cond, seed=seed, progress=progress)
+    return TimestepAnalysis(ts[:len(losses)], losses.tolist(), threshold)
 
-# %% ../nbs/02_timesteps.ipynb #0bc569cf
+# %% ../nbs/02_timesteps.ipynb #398e3327
 class ThresholdExplorer:
     "A threshold slider over a `TimestepAnalysis`: shows T', the kept count and the plot."
     def __init__(self, analysis:TimestepAnalysis):
