@@ -19,6 +19,7 @@ from .prune import prune_model
 from .finetune import finetune, latest_checkpoint
 from .evaluate import evaluate
 from .report import PipelineSettings, run_pipeline, write_report, summary_text
+from .latent import latent_folder, load_pipeline, write_pipeline, prune_pipeline, pipeline_images, pipeline_macs
 
 # %% ../nbs/08_cli.ipynb #5c3501e9
 class UsageError(ValueError):
@@ -51,6 +52,8 @@ def cmd_sample(a):
     if a.num < 1: raise UsageError(f"--num must be at least 1, not {a.num}")
     if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
     out = check_out(a.out, a.overwrite)
+    if (lat := latent_folder(a.model)) is not None: return _sample_latent(a, out, lat)
+    _no_conditioning(a)
     unet, sched = load_model(a.model, a.device)
     t0 = time.time()
     x = ddpm_sample(unet, sched, a.num, a.seed) if a.sampler == 'ddpm' else ddim_sample(unet, sched, a.num, a.steps, a.seed)
@@ -60,6 +63,20 @@ def cmd_sample(a):
     print(f"wrote {a.num} samples to {out/'samples.png'} ({secs:.1f} s)")
     return out
 
+def _no_conditioning(a):
+    if getattr(a, 'prompt', None) or getattr(a, 'class_labels', None) is not None:
+        raise UsageError(f"--prompt and --class-labels are for latent pipelines; {a.model!r} is a pixel-space UNet")
+
+def _sample_latent(a, out, folder):
+    "`diffprune sample` for a latent pipeline: its own sampler, with the pruned UNet inside where it was pruned."
+    pipe = load_pipeline(folder, a.device)
+    t0 = time.time(); x = pipeline_images(pipe, a.num, a.steps, a.seed, a.prompt, a.class_labels); secs = time.time() - t0
+    _write_run(out, {'samples.png': show_images(x, nrow=min(16, a.num), title=f'{a.model}: {a.steps} steps, seed {a.seed}')},
+               dict(model=str(a.model), pipeline=type(pipe).__name__, num=a.num, steps=a.steps, seed=a.seed, prompt=a.prompt,
+                    class_labels=a.class_labels, seconds=secs, shape=list(x.shape[1:])))
+    print(f"wrote {a.num} samples of the {type(pipe).__name__} to {out/'samples.png'} ({secs:.1f} s)")
+    return out
+
 # %% ../nbs/08_cli.ipynb #e7fecf70
 def _check_threshold(t):
     if not 0 <= t <= 1: raise UsageError(f"--threshold must be in [0, 1], not {t}")
@@ -67,7 +84,8 @@ def _check_threshold(t):
 def cmd_analyze(a):
     "Per-timestep loss of a model and the kept timesteps."
     _check_threshold(a.threshold); out = check_out(a.out, a.overwrite)
-    ana = analyze_timesteps(a.model, a.data, a.threshold, num_images=a.batch_size, stride=a.stride, seed=a.seed, device=a.device)
+    a.data = a.data or 'digits'
+    ana = analyze_timesteps(a.model, a.data, a.threshold, num_images=a.batch_size, stride=1 if a.stride is None else a.stride, seed=a.seed, device=a.device)
     _write_run(out, {'losses.png': ana.plot()}, dict(model=str(a.model), data=str(a.data), seed=a.seed, **ana.to_dict()))
     print(f"T' = {ana.t_prime}: {len(ana.kept_timesteps)} of {len(ana.timesteps)} analysed timesteps kept (threshold {a.threshold}); wrote {out}")
 
@@ -81,6 +99,8 @@ def cmd_prune(a):
     if a.fast is not None and a.fast < 1: raise UsageError(f"--fast must be at least 1 timestep, not {a.fast}")
     out = check_out(a.out, a.overwrite)
     torch.manual_seed(a.seed)
+    if (lat := latent_folder(a.model)) is not None: return _prune_latent(a, out, lat)
+    _no_conditioning(a); a.data = a.data or 'digits'
     imp = score_model(a.model, a.data, a.method, a.threshold, num_images=a.batch_size, fast=a.fast, stride=a.stride, seed=a.seed, device=a.device)
     res = prune_model(imp, ratio=a.ratio, target_macs=a.target_macs)
     tmp = atomic_dir(out)
@@ -94,6 +114,33 @@ def cmd_prune(a):
         commit_dir(tmp, out)
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
     print(res.table().to_string()); print(f"wrote the pruned model to {out}")
+
+def _prune_latent(a, out, folder):
+    "`diffprune prune` for a latent pipeline: calibrate on encoded images (--data) or the teacher's latents, prune the UNet."
+    from diffprune.data import get_dataset, take
+    from diffprune.latent import autoencoder
+    if a.calib_steps < 1: raise UsageError(f"--calib-steps must be at least 1, not {a.calib_steps}")
+    pipe = load_pipeline(folder, a.device)
+    images = None
+    if a.data is not None:
+        ae = autoencoder(pipe); size = pipe.unet.config.sample_size * 2 ** (len(ae.config.block_out_channels) - 1)
+        images = take(get_dataset(a.data, size, ae.config.in_channels), a.batch_size, a.seed)
+    pruned, res, _ = prune_pipeline(pipe, images, a.batch_size, a.prompt, a.class_labels, a.method, a.threshold, a.fast, a.stride,
+                                    a.target_macs, a.ratio, a.calib_steps, a.seed)
+    macs = {'teacher': pipeline_macs(pipe), 'pruned': pipeline_macs(pruned)}
+    tmp = atomic_dir(out)
+    try:
+        write_pipeline(pruned, tmp, dict(source=str(a.model), seed=a.seed))
+        figs = {'widths.png': res.plot_widths()}
+        if res.importance is not None and res.importance.analysis is not None: figs['losses.png'] = res.importance.analysis.plot()
+        for name, fig in figs.items(): save_fig(fig, tmp/name)
+        _json_dump(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, prompt=a.prompt, class_labels=a.class_labels,
+                        seed=a.seed, pipeline_macs=macs, **res.summary()), tmp/'result.json')
+        commit_dir(tmp, out)
+    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+    print(res.table().to_string())
+    print('MACs per image: ' + ', '.join(f"{k} {v / 1e6:.1f}M -> {macs['pruned'][k] / 1e6:.1f}M" for k, v in macs['teacher'].items()))
+    print(f"wrote the pruned {type(pipe).__name__} to {out}")
 
 # %% ../nbs/08_cli.ipynb #7dd8c769
 def _teacher_of(model):
@@ -114,8 +161,12 @@ def cmd_finetune(a):
     teacher = (a.teacher or _teacher_of(a.model)) if a.distill else None
     if a.distill and teacher is None: raise UsageError("--distill needs --teacher (the model folder records none)")
     ckpt_every = a.checkpoint_every if a.checkpoint_every is not None else max(1, a.steps // 10)
+    lat = latent_folder(a.model)
+    if lat is None: _no_conditioning(a); a.data = a.data or 'digits'
+    elif a.num_latents < 1: raise UsageError(f"--num-latents must be at least 1, not {a.num_latents}")
     if a.overwrite and out.exists() and not a.resume: shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    if lat is not None: return _finetune_latent(a, out, ck, lat, teacher, ckpt_every)
     r = finetune(a.model, a.data, a.steps, a.batch_size, a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                  teacher=teacher, alpha=a.alpha if a.distill else 0., checkpoint_dir=ck, checkpoint_every=ckpt_every,
                  resume=a.resume, seed=a.seed, mixed_precision=a.mixed_precision, device=a.device)
@@ -133,6 +184,33 @@ def cmd_finetune(a):
                         teacher=teacher, alpha=a.alpha if a.distill else 0., history=r.history, **r.summary()), out/'result.json')
     finally: shutil.rmtree(tmp, ignore_errors=True)
     print(f"finetuned {a.steps} steps, final loss {r.summary()['final_loss']:.4f}; wrote {out}")
+
+def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
+    "`diffprune finetune` for a pruned latent pipeline, on encoded images (--data) or the teacher pipeline's latents."
+    from diffprune.data import get_dataset, take
+    from diffprune.latent import LatentData, calibration, with_unet, autoencoder
+    pipe = load_pipeline(folder, a.device)
+    src = latent_folder(teacher or _teacher_of(a.model) or '')  # the pipeline it was pruned from makes latents and teaches
+    maker = load_pipeline(src, a.device) if src is not None else pipe
+    images = None
+    if a.data is not None:
+        ae = autoencoder(pipe); size = pipe.unet.config.sample_size * 2 ** (len(ae.config.block_out_channels) - 1)
+        ds = get_dataset(a.data, size, ae.config.in_channels); images = take(ds, min(a.num_latents, len(ds)), a.seed)
+    z, cond = calibration(maker, images, a.num_latents, a.prompt, a.class_labels, a.calib_steps, a.seed)
+    r = finetune((pipe.unet, pipe.scheduler), LatentData(z, cond), a.steps, a.batch_size, a.lr, grad_accum=a.grad_accum, ema=a.ema,
+                 use_ema=not a.raw, teacher=(maker.unet, maker.scheduler) if a.distill else None, alpha=a.alpha if a.distill else 0.,
+                 checkpoint_dir=ck, checkpoint_every=ckpt_every, resume=a.resume, seed=a.seed, mixed_precision=a.mixed_precision, device=a.device)
+    tmp = atomic_dir(out/'.final')
+    try:
+        write_pipeline(with_unet(pipe, r.unet), tmp/'model', dict(finetune=r.summary(), source=_teacher_of(a.model) or str(a.model)))
+        for p in (tmp/'model').iterdir():
+            if (out/p.name).exists(): shutil.rmtree(out/p.name) if (out/p.name).is_dir() else (out/p.name).unlink()
+            os.replace(p, out/p.name)
+        save_fig(r.plot(), out/'loss.png')
+        _json_dump(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, latents='encoded images' if images is not None else 'teacher samples',
+                        num_latents=len(z), weights='raw' if a.raw else 'ema', distill=bool(a.distill), history=r.history, **r.summary()), out/'result.json')
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    print(f"finetuned the {type(pipe).__name__}'s UNet {a.steps} steps on {len(z)} latents, final loss {r.summary()['final_loss']:.4f}; wrote {out}")
 
 # %% ../nbs/08_cli.ipynb #78deabde
 def cmd_evaluate(a):
@@ -184,14 +262,19 @@ def _sample_args(p):
     p.add_argument('--num', type=int, default=64, help="number of images")
     p.add_argument('--steps', type=int, default=50, help="DDIM steps")
     p.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim')
-    _common(p); p.set_defaults(cmd=cmd_sample)
+    _conditioning(p); _common(p); p.set_defaults(cmd=cmd_sample)
+
+def _conditioning(p):
+    p.add_argument('--prompt', help="text prompt (text-conditioned latent pipelines; default: the empty prompt)")
+    p.add_argument('--class-labels', type=int, nargs='+', metavar='LABEL', help="class labels (class-conditional latent pipelines)")
 
 def _model_data(p, batch=64):
     p.add_argument('--model', default='digits', help="'digits', a model folder or a hub id")
-    p.add_argument('--data', default='digits', help="'digits', a hub dataset or a folder of images")
+    p.add_argument('--data', help="'digits' (the default for pixel models), a hub dataset or a folder of images; "
+                                  "latent pipelines calibrate on the teacher's own latents without it")
     p.add_argument('--threshold', type=float, default=0.05, help="Diff-Pruning's thr in [0, 1] (0 keeps all timesteps)")
     p.add_argument('--batch-size', type=int, default=batch, help="calibration images")
-    p.add_argument('--stride', type=int, default=1, help="analyse every stride-th timestep")
+    p.add_argument('--stride', type=int, help="analyse every stride-th timestep (default: 1; T/50 with --fast)")
 
 @subcommand('analyze', 'per-timestep loss and the timesteps Diff-Pruning keeps')
 def _analyze_args(p):
@@ -205,12 +288,14 @@ def _prune_args(p):
     p.add_argument('--target-macs', type=float, help="fraction of the MACs to keep, in (0, 1)")
     p.add_argument('--fast', type=int, nargs='?', const=16, default=None, metavar='K',
                    help="fast mode: K stratified timesteps instead of all kept ones (default K: 16)")
+    _conditioning(p)
+    p.add_argument('--calib-steps', type=int, default=20, help="DDIM steps of the teacher's calibration latents (latent pipelines without --data)")
     _common(p); p.set_defaults(cmd=cmd_prune)
 
 @subcommand('finetune', 'finetune a pruned model (EMA, checkpoints, optional distillation)')
 def _finetune_args(p):
     p.add_argument('--model', required=True, help="a pruned model folder (or any model)")
-    p.add_argument('--data', default='digits')
+    p.add_argument('--data', help="training images: 'digits' (the default for pixel models), a folder or a hub dataset")
     p.add_argument('--steps', type=int, default=500); p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--lr', type=float, default=2e-4); p.add_argument('--ema', type=float, default=0.999, help="long-run EMA decay (warmed up)")
     p.add_argument('--grad-accum', type=int, default=1); p.add_argument('--mixed-precision', choices=['no', 'fp16', 'bf16'], default='no')
@@ -219,6 +304,9 @@ def _finetune_args(p):
     p.add_argument('--checkpoint-every', type=int, help="steps between checkpoints (default: steps / 10)")
     p.add_argument('--resume', action='store_true', help="continue from the latest checkpoint in --out")
     p.add_argument('--raw', action='store_true', help="write the raw weights instead of the EMA")
+    _conditioning(p)
+    p.add_argument('--num-latents', type=int, default=256, help="latent pipelines: images to encode, or teacher latents to sample")
+    p.add_argument('--calib-steps', type=int, default=20, help="latent pipelines without --data: DDIM steps of the teacher's latents")
     _common(p); p.set_defaults(cmd=cmd_finetune)
 
 @subcommand('evaluate', 'FID, SSIM consistency with a teacher, params, MACs and latency')
@@ -256,13 +344,20 @@ def parser() -> argparse.ArgumentParser:
     for name, (help, add) in SUBCOMMANDS.items(): add(sub.add_parser(name, help=help, description=help))
     return p
 
+def _quiet_libraries():
+    "diffusers' and transformers' own loggers and loading bars, which are not Python warnings."
+    import diffusers; diffusers.utils.logging.set_verbosity_error(); diffusers.utils.logging.disable_progress_bar()
+    try:
+        import transformers; transformers.logging.set_verbosity_error(); transformers.logging.disable_progress_bar()
+    except ImportError: pass
+
 def main(argv=None) -> int:
     "Run `diffprune` with `argv`; returns the exit code (0, 2 for bad input, 130 for Ctrl-C)."
     p = parser(); a = p.parse_args(argv)
     if a.command is None: p.print_help(); return 2
     try:
         with warnings.catch_warnings():  # library warnings (torch, diffusers, torch-pruning) would bury the one-line errors
-            if not os.environ.get('DIFFPRUNE_WARNINGS'): warnings.simplefilter('ignore')
+            if not os.environ.get('DIFFPRUNE_WARNINGS'): warnings.simplefilter('ignore'); _quiet_libraries()
             a.cmd(a)
         return 0
     except ValueError as e:  # ModelError, DataError, UsageError, and bad values from the library
