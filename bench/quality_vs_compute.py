@@ -1,6 +1,6 @@
 """Quality per sampling compute: is a pruned model better than simply sampling the teacher with fewer steps?
 
-FID (digits features, 512 samples against all digits) and measured seconds per image for the teacher at 10/20/50/100
+FID (digits features, 256 samples against all digits) and measured seconds per image for the teacher at 10/20/50/100
 DDIM steps and for the Diff-Pruning model (half the MACs, finetuned) at the same steps, one plot.
 
     python bench/quality_vs_compute.py [--finetune-steps 500]
@@ -17,7 +17,7 @@ from diffprune.evaluate import fid_score
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
-    p.add_argument('--finetune-steps', type=int, default=500); p.add_argument('--samples', type=int, default=512)
+    p.add_argument('--finetune-steps', type=int, default=500); p.add_argument('--samples', type=int, default=256)
     p.add_argument('--steps', type=int, nargs='+', default=[10, 20, 50, 100])
     a = p.parse_args(); torch.manual_seed(a.seed)
     teacher = load_model('digits')
