@@ -121,7 +121,8 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     if batch_size % world: raise ValueError(f"batch size {batch_size} is not divisible by the {world} processes")
     unet, sched = load_model(model); unet = copy.deepcopy(unet).to(acc.device).train()
     ds = data if isinstance(data, torch.utils.data.Dataset) else get_dataset(data, unet.config.sample_size, unet.config.in_channels)
-    tnet = load_model(teacher)[0].to(acc.device).eval().requires_grad_(False) if alpha > 0 else None
+    # a copy: the caller's teacher keeps its requires_grad and mode (a shared teacher is scored again after this)
+    tnet = copy.deepcopy(load_model(teacher)[0]).to(acc.device).eval().requires_grad_(False) if alpha > 0 else None
     ema_net = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=weight_decay)
     start, history = 0, []

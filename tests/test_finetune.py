@@ -72,3 +72,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(pruned,
     with pytest.raises(FinetuneError, match=r'at step \d+.*last good checkpoint'):
         finetune(pruned, steps=50, batch_size=8, lr=1e8, grad_clip=0, checkpoint_dir=ck, checkpoint_every=1000, progress=False)
     assert latest_checkpoint(ck) == good
+
+def test_distillation_leaves_the_callers_teacher_trainable():
+    "A teacher passed as a (unet, scheduler) pair is used through a copy: it can still be scored and pruned afterwards."
+    from diffusers import DDPMScheduler
+    from diffprune.models import tiny_unet
+    from diffprune.finetune import finetune
+    teacher = (tiny_unet(), DDPMScheduler(num_train_timesteps=1000))
+    student = (tiny_unet(seed=1), teacher[1])
+    finetune(student, 'digits', steps=2, batch_size=4, teacher=teacher, alpha=0.5, progress=False)
+    assert all(p.requires_grad for p in teacher[0].parameters())
