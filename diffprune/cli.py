@@ -115,16 +115,19 @@ def cmd_prune(a):
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
     print(res.table().to_string()); print(f"wrote the pruned model to {out}")
 
+def _latent_images(a, pipe, n:int):
+    "Up to `n` images of `--data` at the pipeline's size and channels, or None (the teacher makes latents)."
+    if a.data is None: return None
+    from diffprune.data import get_dataset, take
+    from diffprune.latent import autoencoder, image_size
+    ds = get_dataset(a.data, image_size(pipe), autoencoder(pipe).config.in_channels)
+    return take(ds, min(n, len(ds)), a.seed)
+
 def _prune_latent(a, out, folder):
     "`diffprune prune` for a latent pipeline: calibrate on encoded images (--data) or the teacher's latents, prune the UNet."
-    from diffprune.data import get_dataset, take
-    from diffprune.latent import autoencoder
     if a.calib_steps < 1: raise UsageError(f"--calib-steps must be at least 1, not {a.calib_steps}")
     pipe = load_pipeline(folder, a.device)
-    images = None
-    if a.data is not None:
-        ae = autoencoder(pipe); size = pipe.unet.config.sample_size * 2 ** (len(ae.config.block_out_channels) - 1)
-        images = take(get_dataset(a.data, size, ae.config.in_channels), a.batch_size, a.seed)
+    images = _latent_images(a, pipe, a.batch_size)
     pruned, res, _ = prune_pipeline(pipe, images, a.batch_size, a.prompt, a.class_labels, a.method, a.threshold, a.fast, a.stride,
                                     a.target_macs, a.ratio, a.calib_steps, a.seed)
     macs = {'teacher': pipeline_macs(pipe), 'pruned': pipeline_macs(pruned)}
@@ -187,15 +190,11 @@ def cmd_finetune(a):
 
 def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
     "`diffprune finetune` for a pruned latent pipeline, on encoded images (--data) or the teacher pipeline's latents."
-    from diffprune.data import get_dataset, take
-    from diffprune.latent import LatentData, calibration, with_unet, autoencoder
+    from diffprune.latent import LatentData, calibration, with_unet
     pipe = load_pipeline(folder, a.device)
     src = latent_folder(teacher or _teacher_of(a.model) or '')  # the pipeline it was pruned from makes latents and teaches
     maker = load_pipeline(src, a.device) if src is not None else pipe
-    images = None
-    if a.data is not None:
-        ae = autoencoder(pipe); size = pipe.unet.config.sample_size * 2 ** (len(ae.config.block_out_channels) - 1)
-        ds = get_dataset(a.data, size, ae.config.in_channels); images = take(ds, min(a.num_latents, len(ds)), a.seed)
+    images = _latent_images(a, pipe, a.num_latents)
     z, cond = calibration(maker, images, a.num_latents, a.prompt, a.class_labels, a.calib_steps, a.seed)
     r = finetune((pipe.unet, pipe.scheduler), LatentData(z, cond), a.steps, a.batch_size, a.lr, grad_accum=a.grad_accum, ema=a.ema,
                  use_ema=not a.raw, teacher=(maker.unet, maker.scheduler) if a.distill else None, alpha=a.alpha if a.distill else 0.,

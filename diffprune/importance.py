@@ -12,9 +12,9 @@ import torch, torch.nn as nn, numpy as np
 import torch_pruning as tp
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .models import eps_loss, load_model, tiny_unet, repeat_cond, cond_to
+from .models import eps_loss, load_model, tiny_unet, cond_to
 from .data import get_dataset, take
-from .timesteps import analyze_timesteps, TimestepAnalysis
+from .timesteps import analyze_timesteps, TimestepAnalysis, stacked_losses, first_rejected
 
 # %% ../nbs/03_importance.ipynb #212e3815
 def accumulate_gradients(unet, scheduler, x0:torch.Tensor, # calibration batch in [-1, 1]
@@ -31,10 +31,7 @@ def accumulate_gradients(unet, scheduler, x0:torch.Tensor, # calibration batch i
     dev = next(unet.parameters()).device; x0, noise, cond = x0.to(dev), noise.to(dev), cond_to(cond, dev)
     unet.zero_grad(set_to_none=True); passes = 0
     for i in tqdm(range(0, len(ts), per), desc='gradients', disable=not progress, leave=False):
-        tb, wb = torch.tensor(ts[i:i + per]), w[i:i + per].to(dev)
-        l = eps_loss(unet, scheduler, x0.repeat(len(tb), 1, 1, 1), noise.repeat(len(tb), 1, 1, 1),
-                     tb.repeat_interleave(len(x0)).to(dev), reduction='none', cond=repeat_cond(cond, len(tb)))
-        (l.view(len(tb), len(x0)).mean(1) * wb).sum().backward(); passes += 1
+        (stacked_losses(unet, scheduler, x0, noise, ts[i:i + per], cond) * w[i:i + per].to(dev)).sum().backward(); passes += 1
     return passes
 
 def per_timestep_gradients(unet, scheduler, x0, noise, timesteps, progress:bool=True) -> int:
@@ -62,16 +59,14 @@ def taylor_gradients(unet, scheduler, x0:torch.Tensor, # calibration batch in [-
     bar = tqdm(total=len(ts), desc="L_t and gradients up to T'", disable=not progress, leave=False)
     for i in range(0, len(ts), per):
         tb = ts[i:i + per]
-        l = eps_loss(unet, scheduler, x0.repeat(len(tb), 1, 1, 1), noise.repeat(len(tb), 1, 1, 1),
-                     torch.tensor(tb).repeat_interleave(len(x0)).to(dev), reduction='none',
-                     cond=repeat_cond(cond, len(tb))).view(len(tb), len(x0)).mean(1)
-        stop = len(tb)  # index in this pass of the first rejected timestep
-        for j, v in enumerate(l.detach().cpu().tolist()):
-            run_max = max(run_max, v); seen_t.append(tb[j]); seen_l.append(v)
-            if v < threshold * run_max: stop = j; break
-        if stop: l[:stop].sum().backward(); passes += 1
+        l = stacked_losses(unet, scheduler, x0, noise, tb, cond)
+        vals = l.detach().cpu().tolist()
+        stop, run_max = first_rejected(vals, threshold, run_max)  # index in this pass, or None
+        kept = len(tb) if stop is None else stop
+        seen_t += tb[:kept + 1]; seen_l += vals[:kept + 1]  # the rejected timestep too: it fixes T'
+        if kept: l[:kept].sum().backward(); passes += 1
         bar.update(len(tb))
-        if stop < len(tb): break
+        if stop is not None: break
     bar.close()
     return TimestepAnalysis(seen_t, seen_l, threshold), passes
 

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['PIPELINES', 'tiny_clip_tokenizer', 'ClassLatentPipeline', 'tiny_latent_pipeline', 'autoencoder', 'encode_images',
-           'text_conditioning', 'class_conditioning', 'pipeline_kind', 'sample_latents', 'calibration', 'with_unet',
-           'module_macs', 'pipeline_macs', 'prune_pipeline', 'LatentData', 'write_pipeline', 'save_pipeline',
-           'latent_folder', 'load_pipeline', 'pipeline_images']
+           'text_conditioning', 'class_conditioning', 'pipeline_kind', 'check_conditioning', 'cycled_labels',
+           'image_size', 'sample_latents', 'calibration', 'with_unet', 'module_macs', 'pipeline_macs', 'prune_pipeline',
+           'LatentData', 'write_pipeline', 'save_pipeline', 'latent_folder', 'load_pipeline', 'pipeline_images']
 
 # %% ../nbs/09_latent.ipynb #94533a85
 import json, math, shutil
@@ -18,7 +18,7 @@ from diffusers import (AutoencoderKL, VQModel, UNet2DModel, UNet2DConditionModel
 from .models import (load_unet, unet_eps, index_cond, cond_to, initial_noise, ddim_timesteps, atomic_dir,
                               commit_dir, unet_structure, ModelError)
 from .importance import score_model
-from .prune import prune_model, count_macs, count_params
+from .prune import prune_model, count_macs, count_params, layer_macs
 
 # %% ../nbs/09_latent.ipynb #b60b38d8
 def tiny_clip_tokenizer(folder):
@@ -45,8 +45,7 @@ class ClassLatentPipeline(DiffusionPipeline):
         z = z * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
-            eps = self.unet(self.scheduler.scale_model_input(z, t), t, encoder_hidden_states=None, class_labels=labels).sample \
-                if isinstance(self.unet, UNet2DConditionModel) else self.unet(z, t, class_labels=labels).sample
+            eps = unet_eps(self.unet, self.scheduler.scale_model_input(z, t), t, {'class_labels': labels})
             z = self.scheduler.step(eps, t, z).prev_sample
         image = (self.vae.decode(z / self.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
         image = image.cpu().permute(0, 2, 3, 1).numpy() if output_type == 'np' else image
@@ -113,6 +112,24 @@ def pipeline_kind(pipe) -> str:
     if getattr(pipe, 'text_encoder', None) is not None: return 'text'
     return 'class' if pipe.unet.config.get('num_class_embeds') else 'unconditional'
 
+def check_conditioning(pipe, prompts=None, class_labels=None) -> str:
+    "The pipeline's kind, once the prompts / class labels given are checked to be what its UNet takes."
+    kind = pipeline_kind(pipe)
+    if kind != 'text' and prompts is not None: raise ValueError(f"this pipeline is {kind}, not text-conditioned: drop the prompt")
+    if kind != 'class' and class_labels is not None: raise ValueError(f"this pipeline is {kind}, not class-conditional: drop the class labels")
+    return kind
+
+def cycled_labels(pipe, n:int, class_labels=None) -> torch.Tensor:
+    "`n` labels: `class_labels` (checked against the class embedding) or every class, cycled over the samples."
+    k = pipe.unet.config.num_class_embeds
+    labels = torch.arange(k) if class_labels is None else torch.as_tensor(class_labels).view(-1)
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= k: raise ValueError(f"class labels must be in [0, {k}), not {labels.tolist()[:8]}")
+    return labels.repeat(math.ceil(n / len(labels)))[:n]
+
+def image_size(pipe) -> int:
+    "The side of the pipeline's images: the UNet's latent size times the autoencoder's downsampling."
+    return pipe.unet.config.sample_size * 2 ** (len(autoencoder(pipe).config.block_out_channels) - 1)
+
 # %% ../nbs/09_latent.ipynb #b871e71f
 @torch.no_grad()
 def sample_latents(unet, scheduler, n:int, steps:int=20, seed:int=0, cond=None, progress:bool=True) -> torch.Tensor:
@@ -133,22 +150,14 @@ def calibration(pipe, images:torch.Tensor=None, # images in [-1, 1]; None: the t
                 steps:int=20, # DDIM steps for teacher-generated latents
                 seed:int=0, progress:bool=True) -> tuple:
     "`(latents, cond)` to calibrate Diff-Pruning on a latent pipeline."
-    kind = pipeline_kind(pipe)
+    kind = check_conditioning(pipe, prompts, class_labels)
     if images is not None: n = len(images)
-    if kind != 'text' and prompts is not None: raise ValueError(f"this pipeline is {kind}, not text-conditioned: drop the prompt")
-    if kind != 'class' and class_labels is not None: raise ValueError(f"this pipeline is {kind}, not class-conditional: drop the class labels")
     cond = None
     if kind == 'text':
         ps = [prompts] * n if prompts is None or isinstance(prompts, str) else list(prompts)
         if len(ps) != n: raise ValueError(f"{len(ps)} prompts for {n} samples: give one prompt or one per sample")
         cond = text_conditioning(pipe, ps)
-    elif kind == 'class':
-        k = pipe.unet.config.num_class_embeds
-        labels = torch.arange(n) % k if class_labels is None else torch.as_tensor(class_labels).view(-1)
-        if len(labels) == 0 or labels.min() < 0 or labels.max() >= k:
-            raise ValueError(f"class labels must be in [0, {k}), not {labels.tolist()[:8]}")
-        labels = labels.repeat(math.ceil(n / len(labels)))[:n]  # cycled over the samples
-        cond = class_conditioning(labels)
+    elif kind == 'class': cond = class_conditioning(cycled_labels(pipe, n, class_labels))
     z = encode_images(pipe, images) if images is not None else sample_latents(pipe.unet, pipe.scheduler, n, steps, seed, cond, progress)
     return z, cond
 
@@ -163,27 +172,18 @@ def _init_names(pipe):
     return set(inspect.signature(type(pipe).__init__).parameters) - {'self'}
 
 @torch.no_grad()
-def module_macs(module:nn.Module, *args, call=None, **kwargs) -> int:
-    "Multiply-accumulates of the convolutions and linear layers of `module` in one `call(*args)` (default: its forward)."
-    total, hooks = [0], []
-    def conv(m, i, o): total[0] += o.numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
-    def lin(m, i, o): total[0] += o.numel() * m.in_features
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d): hooks.append(m.register_forward_hook(conv))
-        elif isinstance(m, nn.Linear): hooks.append(m.register_forward_hook(lin))
-    try: (call or module)(*args, **kwargs)
-    finally:
-        for h in hooks: h.remove()
-    return total[0]
+def module_macs(module:nn.Module, call) -> int:
+    "Conv and linear MACs of `module` (04's `layer_macs` hooks) during `call()`, run on one image."
+    return sum(layer_macs(module, call)[0].values())
 
 def pipeline_macs(pipe) -> dict:
     "MACs per image: the UNet (one denoising step), the autoencoder's decoder and the text encoder (once per image)."
     ae = autoencoder(pipe); c = pipe.unet.config
     z = torch.randn(1, ae.config.latent_channels, c.sample_size, c.sample_size)
-    d = {'unet (per step)': count_macs(pipe.unet), 'decoder (once)': module_macs(ae, z, call=ae.decode)}
+    d = {'unet (per step)': count_macs(pipe.unet), 'decoder (once)': module_macs(ae, lambda: ae.decode(z))}
     if pipeline_kind(pipe) == 'text':
         ids = torch.zeros(1, pipe.tokenizer.model_max_length, dtype=torch.long)
-        d['text encoder (once)'] = module_macs(pipe.text_encoder, ids)
+        d['text encoder (once)'] = module_macs(pipe.text_encoder, lambda: pipe.text_encoder(ids))
     return d
 
 def prune_pipeline(pipe, images:torch.Tensor=None, n:int=32, prompts=None, class_labels=None,
@@ -247,18 +247,10 @@ def load_pipeline(path, device='cpu'):
 # %% ../nbs/09_latent.ipynb #0b6a9aca
 def pipeline_images(pipe, n:int=4, steps:int=10, seed:int=0, prompt=None, class_labels=None) -> torch.Tensor:
     "`(n, 3, H, W)` images in [0, 1] from the pipeline's own sampler, seeded."
-    g = torch.Generator().manual_seed(seed); kind = pipeline_kind(pipe)
-    if kind != 'text' and prompt: raise ValueError(f"this pipeline is {kind}, not text-conditioned: drop the prompt")
-    if kind != 'class' and class_labels is not None: raise ValueError(f"this pipeline is {kind}, not class-conditional: drop the class labels")
-    if kind == 'class' and class_labels is not None:
-        k = pipe.unet.config.num_class_embeds; labels = torch.as_tensor(class_labels).view(-1)
-        if labels.min() < 0 or labels.max() >= k: raise ValueError(f"class labels must be in [0, {k}), not {labels.tolist()[:8]}")
-        class_labels = labels.repeat(math.ceil(n / len(labels)))[:n]
+    g = torch.Generator().manual_seed(seed); kind = check_conditioning(pipe, prompt, class_labels)
     if kind == 'text':
-        c = pipe.unet.config; size = c.sample_size * 2 ** (len(autoencoder(pipe).config.block_out_channels) - 1)
+        size = image_size(pipe)
         out = pipe([prompt or ''] * n, num_inference_steps=steps, height=size, width=size, generator=g, output_type='np')
-    elif kind == 'class':
-        labels = torch.arange(n) % pipe.unet.config.num_class_embeds if class_labels is None else torch.as_tensor(class_labels)
-        out = pipe(labels, num_inference_steps=steps, generator=g, output_type='np')
+    elif kind == 'class': out = pipe(cycled_labels(pipe, n, class_labels), num_inference_steps=steps, generator=g, output_type='np')
     else: out = pipe(batch_size=n, num_inference_steps=steps, generator=g, output_type='np')
     return torch.as_tensor(out.images).permute(0, 3, 1, 2).float()

@@ -38,8 +38,8 @@ def attention_heads(unet) -> dict:
 
 # %% ../nbs/04_prune.ipynb #5421aa27
 @torch.no_grad()
-def layer_macs(unet) -> tuple:
-    "`({conv/linear module: MACs}, {Attention module: matmul MACs})` for one image."
+def layer_macs(unet, call=None) -> tuple:
+    "`({conv/linear module: MACs}, {Attention module: matmul MACs})` for one image (`call()` runs it; default: the UNet's forward)."
     convs, attns, hooks = {}, {}, []
     def conv_hook(m, i, o): convs[m] = o[0].numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
     def lin_hook(m, i, o): convs[m] = o[0].numel() * m.in_features
@@ -53,7 +53,7 @@ def layer_macs(unet) -> tuple:
         if isinstance(m, nn.Conv2d): hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear): hooks.append(m.register_forward_hook(lin_hook))
         elif isinstance(m, Attention): hooks.append(m.register_forward_hook(attn_hook, with_kwargs=True))
-    try: unet(**example_inputs(unet))
+    try: call() if call else unet(**example_inputs(unet))
     finally:
         for h in hooks: h.remove()
     return convs, attns
