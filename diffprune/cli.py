@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import matplotlib
 from .data import DataError, show_images, save_fig
-from .models import ModelError, load_model, ddim_sample, ddpm_sample, atomic_dir, commit_dir, _json_dump
+from .models import ModelError, load_model, ddim_sample, ddpm_sample, atomic_dir, commit_dir, write_json, read_json
 from .timesteps import analyze_timesteps
 from .importance import score_model, METHODS
 from .prune import prune_model
@@ -43,7 +43,7 @@ def _write_run(out, files:dict, result:dict):
     tmp = atomic_dir(out)
     try:
         for name, fig in files.items(): save_fig(fig, tmp/name)
-        _json_dump(result, tmp/'result.json')
+        write_json(result, tmp/'result.json')
         commit_dir(tmp, out)
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
 
@@ -109,7 +109,7 @@ def cmd_prune(a):
         figs = {'widths.png': res.plot_widths()}
         if imp.analysis is not None: figs['losses.png'] = imp.analysis.plot()
         for name, fig in figs.items(): save_fig(fig, tmp/name)
-        _json_dump(dict(model=str(a.model), data=str(a.data), seed=a.seed, **res.summary()), tmp/'result.json')
+        write_json(dict(model=str(a.model), data=str(a.data), seed=a.seed, **res.summary()), tmp/'result.json')
         res.width_table().to_csv(tmp/'widths.csv')
         commit_dir(tmp, out)
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
@@ -137,7 +137,7 @@ def _prune_latent(a, out, folder):
         figs = {'widths.png': res.plot_widths()}
         if res.importance is not None and res.importance.analysis is not None: figs['losses.png'] = res.importance.analysis.plot()
         for name, fig in figs.items(): save_fig(fig, tmp/name)
-        _json_dump(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, prompt=a.prompt, class_labels=a.class_labels,
+        write_json(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, prompt=a.prompt, class_labels=a.class_labels,
                         seed=a.seed, pipeline_macs=macs, **res.summary()), tmp/'result.json')
         commit_dir(tmp, out)
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
@@ -148,9 +148,8 @@ def _prune_latent(a, out, folder):
 # %% ../nbs/08_cli.ipynb #7dd8c769
 def _teacher_of(model):
     "The model a pruned folder was pruned from (recorded at prune time), or None."
-    from diffprune.models import _read_json
     p = Path(str(model))/'unet'/'diffprune.json'
-    return _read_json(p).get('source') if p.exists() else None
+    return read_json(p).get('source') if p.exists() else None
 
 def cmd_finetune(a):
     "Finetune a (pruned) model."
@@ -183,7 +182,7 @@ def cmd_finetune(a):
             if (out/name).exists(): shutil.rmtree(out/name) if (out/name).is_dir() else (out/name).unlink()
             os.replace(tmp/'model'/name, out/name)
         save_fig(r.plot(), out/'loss.png')
-        _json_dump(dict(model=str(a.model), data=str(a.data), weights='raw' if a.raw else 'ema', distill=bool(a.distill),
+        write_json(dict(model=str(a.model), data=str(a.data), weights='raw' if a.raw else 'ema', distill=bool(a.distill),
                         teacher=teacher, alpha=a.alpha if a.distill else 0., history=r.history, **r.summary()), out/'result.json')
     finally: shutil.rmtree(tmp, ignore_errors=True)
     print(f"finetuned {a.steps} steps, final loss {r.summary()['final_loss']:.4f}; wrote {out}")
@@ -206,7 +205,7 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
             if (out/p.name).exists(): shutil.rmtree(out/p.name) if (out/p.name).is_dir() else (out/p.name).unlink()
             os.replace(p, out/p.name)
         save_fig(r.plot(), out/'loss.png')
-        _json_dump(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, latents='encoded images' if images is not None else 'teacher samples',
+        write_json(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, latents='encoded images' if images is not None else 'teacher samples',
                         num_latents=len(z), weights='raw' if a.raw else 'ema', distill=bool(a.distill), history=r.history, **r.summary()), out/'result.json')
     finally: shutil.rmtree(tmp, ignore_errors=True)
     print(f"finetuned the {type(pipe).__name__}'s UNet {a.steps} steps on {len(z)} latents, final loss {r.summary()['final_loss']:.4f}; wrote {out}")

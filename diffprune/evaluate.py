@@ -14,7 +14,7 @@ import torch, torch.nn as nn, pandas as pd
 import matplotlib.pyplot as plt
 from safetensors.torch import save_file, load_file
 from .data import get_dataset, show_images, ImageFolder
-from .models import load_model, ddim_sample, digits_feature_net, fid_calibration, tiny_unet
+from .models import load_model, ddim_sample, digits_fid_metric, fid_calibration, tiny_unet
 from .prune import count_macs, count_params, example_inputs
 
 # %% ../nbs/06_evaluate.ipynb #4bf7e017
@@ -25,7 +25,7 @@ def fid_metric(feature:str='digits', channels:int=1, size:int=16):
     from torchmetrics.image.fid import FrechetInceptionDistance
     if feature == 'digits':
         if (channels, size) != (1, 16): raise ValueError(f"the digits feature network takes 1x16x16 images, not {channels}x{size}x{size}: use --feature inception")
-        return FrechetInceptionDistance(feature=digits_feature_net(), normalize=True, input_img_size=(1, 16, 16))
+        return digits_fid_metric()
     if feature == 'inception':
         try: import torch_fidelity  # noqa: F401
         except ImportError: raise ValueError("Inception FID needs torch-fidelity: pip install 'diffprune[fid]' (where torchvision works)") from None

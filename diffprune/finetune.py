@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from safetensors.torch import save_file, load_file
 from .data import get_dataset
 from .models import (load_model, save_model, eps_loss, add_noise, unet_eps, index_cond, cond_to, ema_decay, ema_update, atomic_dir,
-                              commit_dir, _json_dump, _read_json, tiny_unet)
+                              commit_dir, write_json, read_json, tiny_unet)
 
 # %% ../nbs/05_finetune.ipynb #869db4cb
 def step_batch(ds, step:int, micro:int, batch_size:int, num_train_timesteps:int, seed:int=0) -> tuple:
@@ -62,7 +62,7 @@ def save_checkpoint(folder, step:int, unet, ema, scheduler, opt, state:dict, kee
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, tmp/'ema.safetensors')
         tensors, groups = _opt_tensors(opt)
         save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp/'optimizer.safetensors')
-        _json_dump(dict(step=step, param_groups=groups, **state), tmp/'state.json')
+        write_json(dict(step=step, param_groups=groups, **state), tmp/'state.json')
         commit_dir(tmp, path)
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
     for old in sorted(folder.glob('step_*'))[:-keep]: shutil.rmtree(old, ignore_errors=True)
@@ -127,7 +127,7 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=weight_decay)
     start, history = 0, []
     if resume:
-        ck = latest_checkpoint(checkpoint_dir); st = _read_json(ck/'state.json')
+        ck = latest_checkpoint(checkpoint_dir); st = read_json(ck/'state.json')
         unet.load_state_dict(load_model(ck/'model')[0].state_dict()); ema_net.load_state_dict(load_file(ck/'ema.safetensors'))
         _load_opt(opt, load_file(ck/'optimizer.safetensors'), st['param_groups'])
         start, history = st['step'], st['history']

@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['DIGITS_CONFIG', 'CIFAR10_CONFIG', 'UNET_CLASSES', 'ASSETS', 'DIGITS_TEACHER', 'unet_config', 'tiny_unet', 'add_noise',
            'unet_eps', 'repeat_cond', 'index_cond', 'cond_to', 'eps_loss', 'ddim_timesteps', 'initial_noise',
-           'ddim_sample', 'ddpm_sample', 'ModelError', 'unet_structure', 'apply_structure', 'atomic_dir', 'commit_dir',
-           'save_model', 'load_unet', 'load_model', 'DigitsFeatures', 'train_digits_features', 'digits_feature_net',
-           'fid', 'fid_calibration', 'ema_decay', 'ema_update', 'eval_fid', 'train_teacher', 'teacher_log',
-           'digit_stats']
+           'ddim_sample', 'ddpm_sample', 'ModelError', 'unet_structure', 'apply_structure', 'write_json', 'atomic_dir',
+           'commit_dir', 'save_model', 'read_json', 'load_unet', 'load_model', 'DigitsFeatures',
+           'train_digits_features', 'digits_feature_net', 'digits_fid_metric', 'fid', 'fid_calibration', 'ema_decay',
+           'ema_update', 'eval_fid', 'train_teacher', 'teacher_log', 'digit_stats']
 
 # %% ../nbs/01_models.ipynb #1caede0d
 import json, os, shutil, tempfile, copy
@@ -182,7 +182,7 @@ def apply_structure(unet, structure:dict):
 # %% ../nbs/01_models.ipynb #30ff3eba
 UNET_CLASSES = {'UNet2DModel': UNet2DModel, 'UNet2DConditionModel': UNet2DConditionModel}
 
-def _json_dump(obj, path):
+def write_json(obj, path):
     "Write JSON atomically (temporary file, then rename)."
     path = Path(path); tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     tmp.write_text(json.dumps(obj, indent=2, default=str)); os.replace(tmp, path)
@@ -209,12 +209,12 @@ def save_model(unet, scheduler, path, meta:dict=None):
     tmp = atomic_dir(path)
     try:
         (tmp/'unet').mkdir(); (tmp/'scheduler').mkdir()
-        _json_dump(json.loads(unet.to_json_string()), tmp/'unet'/'config.json')  # with _class_name, as diffusers writes it
+        write_json(json.loads(unet.to_json_string()), tmp/'unet'/'config.json')  # with _class_name, as diffusers writes it
         sd = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
         save_file(sd, tmp/'unet'/'diffusion_pytorch_model.safetensors')
-        _json_dump(dict(format=1, structure=unet_structure(unet), **(meta or {})), tmp/'unet'/'diffprune.json')
-        _json_dump(json.loads(scheduler.to_json_string()), tmp/'scheduler'/'scheduler_config.json')
-        _json_dump({'_class_name': 'DDPMPipeline', '_diffusers_version': diffusers.__version__,
+        write_json(dict(format=1, structure=unet_structure(unet), **(meta or {})), tmp/'unet'/'diffprune.json')
+        write_json(json.loads(scheduler.to_json_string()), tmp/'scheduler'/'scheduler_config.json')
+        write_json({'_class_name': 'DDPMPipeline', '_diffusers_version': diffusers.__version__,
                     'unet': ['diffusers', unet.__class__.__name__], 'scheduler': ['diffusers', scheduler.__class__.__name__]},
                    tmp/'model_index.json')
         commit_dir(tmp, path)
@@ -222,13 +222,14 @@ def save_model(unet, scheduler, path, meta:dict=None):
     return Path(path)
 
 # %% ../nbs/01_models.ipynb #fd67f57e
-def _read_json(path):
+def read_json(path):
+    "Read a JSON file of a model folder; a damaged or missing file is a `ModelError` that says so."
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e: raise ModelError(f"cannot read {str(path)!r}: {type(e).__name__}; the model folder is damaged") from None
 
 def load_unet(path) -> nn.Module:
     "Load a UNet folder (`config.json` + safetensors, plus `diffprune.json` if pruned) strictly, without pickle."
-    path = Path(path); cfg = _read_json(path/'config.json')
+    path = Path(path); cfg = read_json(path/'config.json')
     cls = UNET_CLASSES.get(cfg.get('_class_name'))
     if cls is None: raise ModelError(f"{str(path)!r} holds a {cfg.get('_class_name')!r}, not a UNet2DModel or UNet2DConditionModel")
     wfile = path/'diffusion_pytorch_model.safetensors'
@@ -237,7 +238,7 @@ def load_unet(path) -> nn.Module:
         if not bins: raise ModelError(f"no weights (diffusion_pytorch_model.safetensors) in {str(path)!r}")
         return _load_hub_bin(cls, path)
     unet = cls.from_config({k: v for k, v in cfg.items() if not k.startswith('_')})
-    if (path/'diffprune.json').exists(): apply_structure(unet, _read_json(path/'diffprune.json').get('structure', {}))
+    if (path/'diffprune.json').exists(): apply_structure(unet, read_json(path/'diffprune.json').get('structure', {}))
     try: sd = load_file(wfile)
     except Exception as e: raise ModelError(f"cannot read weights {str(wfile)!r} ({type(e).__name__}): the file is missing, truncated or not safetensors") from None
     try: unet.load_state_dict(sd, strict=True)
@@ -257,7 +258,7 @@ DIGITS_TEACHER = ASSETS/'digits_teacher'
 
 def _scheduler(path):
     for p in (path/'scheduler'/'scheduler_config.json', path/'scheduler_config.json'):
-        if p.exists(): return DDPMScheduler.from_config(_read_json(p))
+        if p.exists(): return DDPMScheduler.from_config(read_json(p))
     return DDPMScheduler(num_train_timesteps=1000)
 
 def _hub_folder(model_id:str) -> Path:
@@ -311,12 +312,15 @@ def digits_feature_net() -> DigitsFeatures:
     return net.eval().requires_grad_(False)
 
 # %% ../nbs/01_models.ipynb #c7274b87
+def digits_fid_metric(feature_net:nn.Module=None, img_size:tuple=(1, 16, 16)):
+    "torchmetrics' FID on `feature_net`'s features (default: the shipped digits network), for images in [0, 1]."
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    return FrechetInceptionDistance(feature=feature_net or digits_feature_net(), normalize=True, input_img_size=tuple(img_size))
+
 def fid(real:torch.Tensor, fake:torch.Tensor, # images in [0, 1]
         feature_net:nn.Module=None, batch_size:int=512) -> float:
-    "FID between two image sets, computed by torchmetrics on `feature_net`'s features (default: the digits network)."
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    m = FrechetInceptionDistance(feature=feature_net or digits_feature_net(), normalize=True,
-                                 input_img_size=tuple(real.shape[1:]))
+    "FID between two image sets, uncached (evaluation's `fid_score` caches the real statistics)."
+    m = digits_fid_metric(feature_net, real.shape[1:])
     for i in range(0, len(real), batch_size): m.update(real[i:i + batch_size], real=True)
     for i in range(0, len(fake), batch_size): m.update(fake[i:i + batch_size], real=False)
     return m.compute().item()
@@ -367,7 +371,7 @@ def train_teacher(steps:int=8000, batch_size:int=64, lr:float=5e-4, seed:int=0, 
 # %% ../nbs/01_models.ipynb #12b85447
 def teacher_log() -> list:
     "The shipped teacher's training log: `[{step, loss, fid}, ...]`."
-    return _read_json(DIGITS_TEACHER/'unet'/'diffprune.json').get('train_log', [])
+    return read_json(DIGITS_TEACHER/'unet'/'diffprune.json').get('train_log', [])
 
 # %% ../nbs/01_models.ipynb #ab6b07b1
 @torch.no_grad()

@@ -103,7 +103,8 @@ class UNetPruner:
         for _, i, k in self.units[:n]: p[i] = max(p.get(i, 0), k)
         return p
 
-    def _indices(self, i:int, n:int) -> list:
+    def drop_indices(self, i:int, n:int) -> list:
+        "Channel positions of group `i` removed when `n` go per channel group: the lowest-scored, in every channel group."
         g = self.groups[i]; drop = torch.argsort(g.scores)[:n]  # the n lowest-scored positions
         return sorted(int(j) + c * g.size for c in range(g.ch_groups) for j in drop)
 
@@ -113,7 +114,7 @@ def _removed(self, i:int, n:int) -> list:
     key = (i, n)
     if key not in self._cache:
         g = self.groups[i]; seen = {}
-        for dep, idxs in self.DG.get_pruning_group(g.root, g.handler, self._indices(i, n)):
+        for dep, idxs in self.DG.get_pruning_group(g.root, g.handler, self.drop_indices(i, n)):
             side = 'out' if self.DG.is_out_channel_pruning_fn(dep.handler) else 'in'
             seen.setdefault((dep.target.module, side), set()).update(int(j) for j in idxs)
         self._cache[key] = [(m, s, len(ix)) for (m, s), ix in seen.items()]
@@ -165,7 +166,7 @@ def apply(self, plan:dict):
     for i, n in sorted(plan.items()):
         if n == 0: continue
         g = self.groups[i]
-        self.DG.get_pruning_group(g.root, g.handler, self._indices(i, n)).prune()
+        self.DG.get_pruning_group(g.root, g.handler, self.drop_indices(i, n)).prune()
     sync_diffusers_attrs(self.unet); self.unet.zero_grad(set_to_none=True)
     return self.unet
 
@@ -261,7 +262,7 @@ def kept_channels(importance:Importance, ratio:float=None, target_macs:float=Non
     plan = pr.plan(ratio) if ratio is not None else pr.plan_for_macs(target_macs)
     kept = set()
     for i, g in enumerate(pr.groups):
-        drop = set(pr._indices(i, plan.get(i, 0))) if plan.get(i, 0) else set()
+        drop = set(pr.drop_indices(i, plan.get(i, 0))) if plan.get(i, 0) else set()
         kept |= {(g.name, j) for j in range(g.size * g.ch_groups) if j not in drop}
     return kept
 

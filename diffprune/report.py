@@ -12,7 +12,7 @@ from pathlib import Path
 import torch, pandas as pd
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .models import load_model, save_model, atomic_dir, commit_dir, _json_dump
+from .models import load_model, save_model, atomic_dir, commit_dir, write_json
 from .data import save_fig
 from .timesteps import analyze_timesteps
 from .importance import score_model
@@ -149,7 +149,7 @@ def write_report(r:PipelineResult, out) -> Path:
         for k, f in figs.items(): save_fig(f, tmp/k)
         (tmp/'report.md').write_text(model_card(d, r.settings))
         r.pruned.width_table().to_csv(tmp/'widths.csv')
-        _json_dump(d, tmp/'result.json')
+        write_json(d, tmp/'result.json')
         commit_dir(tmp, out)
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
     return Path(out)
