@@ -2,8 +2,9 @@
 
 The baseline is the reference procedure written plainly: one calibration batch and one noise tensor; for t = 0, 1, ...
 one forward and backward pass at t (gradients accumulate), stopping once L_t < thr * max_{s<=t} L_s. diffprune's exact
-mode (`taylor_gradients`) makes the same sweep with ~128 images per pass (several timesteps stacked) and gets L_t from
-the same forward passes; fast mode analyses every 20th timestep without gradients, only up to T', then accumulates the
+mode (`taylor_gradients`) makes the same sweep with several timesteps stacked into each pass (32, 64 and 128 images per
+pass are compared; the library's default, `default_images_per_pass`, is 128 for the digits teacher and 32 for the
+CIFAR-10 UNet on a CPU) and gets L_t from the same forward passes; fast mode analyses every 20th timestep without gradients, only up to T', then accumulates the
 gradients of k stratified timesteps from [0, T']. Reported: wall time ratios against
 the baseline, run side by side in this process, and the Jaccard agreement of the channels each keeps at half the MACs.
 
@@ -31,16 +32,20 @@ def paper_loop(unet, sched, x0, noise, thr, max_t=None):
 def kept(unet, sched):
     return kept_channels(Importance(unet, sched, 'diff-pruning', importance_criterion('diff-pruning')), target_macs=0.5)
 
-def bench(name, unet, sched, x0, thr, ks, max_t=None, seed=0):
+def bench(name, unet, sched, x0, thr, ks, ipps, max_t=None, seed=0):
     "Baseline, exact and fast modes on one model, side by side; rows of seconds, speedups and kept-channel agreement."
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)); rows = []
     t0 = time.perf_counter(); t_prime = paper_loop(unet, sched, x0, noise, thr, max_t); t_base = time.perf_counter() - t0
     base = kept(unet, sched)
     rows.append(dict(model=name, mode='paper loop', seconds=t_base, speedup=1.0, jaccard=1.0, backward_passes=t_prime + 1, t_prime=t_prime))
-    # exact: analysis and gradients in one sweep (what score_model does by default)
-    t0 = time.perf_counter(); ana, passes = taylor_gradients(unet, sched, x0, noise, thr, range(max_t or sched.config.num_train_timesteps), progress=False)
-    t_ex = time.perf_counter() - t0
-    rows.append(dict(model=name, mode='exact', seconds=t_ex, speedup=t_base / t_ex, jaccard=jaccard(base, kept(unet, sched)), backward_passes=passes, t_prime=ana.t_prime))
+    # exact: analysis and gradients in one sweep, `ipp` images (timesteps x batch) per pass; pass sizes that stack the
+    # same number of timesteps for this batch are run once
+    for ipp in sorted({max(1, ipp // len(x0)) * len(x0) for ipp in ipps}):
+        t0 = time.perf_counter()
+        ana, passes = taylor_gradients(unet, sched, x0, noise, thr, range(max_t or sched.config.num_train_timesteps), images_per_pass=ipp, progress=False)
+        t_ex = time.perf_counter() - t0
+        rows.append(dict(model=name, mode=f'exact ipp={ipp}', images_per_pass=ipp, seconds=t_ex, speedup=t_base / t_ex,
+                         jaccard=jaccard(base, kept(unet, sched)), backward_passes=passes, t_prime=ana.t_prime))
     for k in ks:  # fast: a strided analysis up to T' (score_model's default stride T/50), then k stratified timesteps
         t0 = time.perf_counter()
         if max_t: tp_fast = max_t - 1
@@ -55,12 +60,13 @@ if __name__ == '__main__':
     p.add_argument('--digits-batch', type=int, default=64); p.add_argument('--cifar-batch', type=int, default=4)
     p.add_argument('--cifar-timesteps', type=int, default=100, help="kept timesteps for the random-weight CIFAR UNet (its L_t never falls)")
     p.add_argument('--ks', type=int, nargs='+', default=[8, 16, 32]); p.add_argument('--skip-cifar', action='store_true')
+    p.add_argument('--images-per-pass', type=int, nargs='+', default=[32, 64, 128], help="exact mode's pass sizes to compare")
     a = p.parse_args(); torch.manual_seed(a.seed)
     u, s = load_model('digits')
-    rows = bench('digits teacher', u, s, take(get_dataset('digits'), a.digits_batch, seed=a.seed), 0.05, a.ks, seed=a.seed)
+    rows = bench('digits teacher', u, s, take(get_dataset('digits'), a.digits_batch, seed=a.seed), 0.05, a.ks, a.images_per_pass, seed=a.seed)
     if not a.skip_cifar:
         cu = UNet2DModel(**CIFAR10_CONFIG); cs = DDPMScheduler(num_train_timesteps=1000)
         x = torch.rand(a.cifar_batch, 3, 32, 32, generator=torch.Generator().manual_seed(a.seed)) * 2 - 1
-        rows += bench('cifar10 config (random)', cu, cs, x, 0.05, a.ks, max_t=a.cifar_timesteps, seed=a.seed)
+        rows += bench('cifar10 config (random)', cu, cs, x, 0.05, a.ks, a.images_per_pass, max_t=a.cifar_timesteps, seed=a.seed)
     print(table(rows, ['model', 'mode', 't_prime', 'backward_passes', 'seconds', 'speedup', 'jaccard']))
     write(a.out, 'importance_speed', dict(rows=rows, args=vars(a)))
