@@ -2,6 +2,9 @@
 
 Throughput of a UNet forward and of DDIM sampling at batch 64, teacher and pruned models interleaved, medians; the
 measured speedup is printed next to the MACs ratio (teacher MACs / pruned MACs). Target: speedup >= 0.9 x MACs ratio.
+Each target is also pruned with `round_to=16`, every pruned width a multiple of 16: CPU convolution kernels work in
+blocks of 16 channels on AVX-512, and `bench/profile_forward.py` found the convolutions of the plain pruned models
+slow for their MACs.
 
     python bench/speedup_vs_macs.py [--device cuda]
 """
@@ -15,14 +18,17 @@ from diffprune.evaluate import latency
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
     p.add_argument('--targets', type=float, nargs='+', default=[0.75, 0.5, 0.35, 0.25])
-    p.add_argument('--batch', type=int, default=64); p.add_argument('--repeats', type=int, default=9)
+    p.add_argument('--batch', type=int, default=64); p.add_argument('--repeats', type=int, default=21)
     p.add_argument('--sampling-steps', type=int, default=10); p.add_argument('--device', default='cpu')
+    p.add_argument('--round-to', type=int, nargs='*', default=[16], help="also prune each target with widths rounded to these multiples")
     a = p.parse_args(); torch.manual_seed(a.seed)
     imp = score_model('digits', stride=5, num_images=32, seed=a.seed, progress=False)
     teacher = load_model('digits', a.device)
     models = {'teacher': teacher}
     for t in a.targets:
         r = prune_model(imp, target_macs=t); models[f'{t:.2f}'] = (r.unet.to(a.device), r.scheduler)
+        for n in a.round_to:  # the same target with every pruned width a multiple of n
+            r = prune_model(imp, target_macs=t, round_to=n); models[f'{t:.2f} round_to={n}'] = (r.unet.to(a.device), r.scheduler)
     fwd = latency(models, a.batch, a.repeats)
     smp = latency(models, a.batch, max(3, a.repeats // 3), warmup=1, sampling_steps=a.sampling_steps)
     m0 = count_macs(teacher[0]); rows = []

@@ -188,11 +188,12 @@ def pipeline_macs(pipe) -> dict:
 
 def prune_pipeline(pipe, images:torch.Tensor=None, n:int=32, prompts=None, class_labels=None,
                    method:str='diff-pruning', threshold:float=0.05, fast:int=None, stride:int=None,
-                   target_macs:float=None, ratio:float=None, calib_steps:int=20, seed:int=0, progress:bool=True) -> tuple:
+                   target_macs:float=None, ratio:float=None, calib_steps:int=20, seed:int=0, progress:bool=True,
+                   round_to:int=None) -> tuple:
     "Diff-Pruning on the UNet of a latent pipeline: `(pruned pipeline, PruneResult, (latents, cond))`."
     z, cond = calibration(pipe, images, n, prompts, class_labels, calib_steps, seed, progress)
     imp = score_model((pipe.unet, pipe.scheduler), z, method, threshold, fast=fast, stride=stride, cond=cond, seed=seed, progress=progress)
-    res = prune_model(imp, ratio=ratio, target_macs=target_macs)
+    res = prune_model(imp, ratio=ratio, target_macs=target_macs, round_to=round_to)
     pipe.unet.zero_grad(set_to_none=True)
     return with_unet(pipe, res.unet), res, (z, cond)
 

@@ -74,7 +74,9 @@ class GroupInfo:
 class UNetPruner:
     "Dependency graph, scored groups and MACs model of a UNet; makes and applies pruning plans."
     def __init__(self, unet, criterion, # a torch-pruning importance (see `importance_criterion`)
-                 ignored=()): # extra layers to keep whole
+                 ignored=(), # extra layers to keep whole
+                 round_to:int=None): # keep every pruned width a multiple of this (e.g. 16 for AVX-512 CPUs, 8 for tensor cores)
+        if round_to is not None and round_to < 1: raise ValueError(f"round_to must be at least 1, not {round_to}")
         self.unet = unet
         self.meta = tp.pruner.MetaPruner(unet, example_inputs(unet), importance=criterion, pruning_ratio=0.,
                                          ignored_layers=[unet.conv_out, *ignored], num_heads=attention_heads(unet),
@@ -90,7 +92,10 @@ class UNetPruner:
                                          chg, len(s) // chg, s.view(chg, -1).mean(0)))
         if not self.groups: raise ValueError("this model has nothing prunable (every layer is kept)")
         self.convs, self.attns = layer_macs(unet)
-        self.units = sorted(((k - 0.5) / g.size, i, k) for i, g in enumerate(self.groups) for k in range(1, g.size))
+        # a unit removes k channels per channel group from one group; with round_to, only widths it divides are steps
+        self.units = sorted(((k - 0.5) / g.size, i, k) for i, g in enumerate(self.groups) for k in range(1, g.size)
+                            if not round_to or g.ch_groups * (g.size - k) % round_to == 0)
+        if not self.units: raise ValueError(f"no width of this model can be pruned to a multiple of {round_to}: use a smaller round_to (--round-to)")
         self._cache = {}
 
     def plan(self, ratio:float) -> dict:
@@ -240,6 +245,7 @@ class PruneResult:
 def prune_model(importance:Importance, # from `score_model`: the model with gradients and the criterion
                 ratio:float=None, # channel ratio to remove in [0, 1)
                 target_macs:float=None, # or: fraction of the MACs to keep, in (0, 1)
+                round_to:int=None, # keep every pruned width a multiple of this (see the speed section below)
                ) -> PruneResult:
     "Prune a copy of `importance.unet` to `ratio` or `target_macs` in one shot."
     if (ratio is None) == (target_macs is None): raise ValueError("give exactly one of ratio and target_macs")
@@ -247,7 +253,7 @@ def prune_model(importance:Importance, # from `score_model`: the model with grad
     for p, q in zip(unet.parameters(), importance.unet.parameters()):  # deepcopy of a Parameter drops .grad
         p.grad = q.grad.clone() if q.grad is not None else torch.zeros_like(p) if importance.timesteps else None
     before = (count_params(unet), *[sum(d.values()) for d in layer_macs(unet)], widths(unet))
-    pr = UNetPruner(unet, importance.criterion)
+    pr = UNetPruner(unet, importance.criterion, round_to=round_to)
     plan = pr.plan(ratio) if ratio is not None else pr.plan_for_macs(target_macs)
     scores = {g.name: g.scores.mean().item() for g in pr.groups}
     pr.apply(plan); unet.eval()
@@ -255,7 +261,7 @@ def prune_model(importance:Importance, # from `score_model`: the model with grad
     return PruneResult(unet, importance.scheduler, importance.method, ratio, target_macs, before[0], count_params(unet),
                        before[1], macs, before[2], attn, before[3], widths(unet), importance, time.time() - t0 + importance.seconds, scores)
 
-# %% ../nbs/04_prune.ipynb #e628a36d
+# %% ../nbs/04_prune.ipynb #8c23ef99
 def kept_channels(importance:Importance, ratio:float=None, target_macs:float=None) -> set:
     "The `(group root, channel)` pairs a plan keeps (nothing is pruned)."
     pr = UNetPruner(importance.unet, importance.criterion)
@@ -268,7 +274,7 @@ def kept_channels(importance:Importance, ratio:float=None, target_macs:float=Non
 
 def jaccard(a:set, b:set) -> float: return len(a & b) / max(1, len(a | b))
 
-# %% ../nbs/04_prune.ipynb #3b199ec1
+# %% ../nbs/04_prune.ipynb #5fa1051b
 class PruneExplorer:
     "A MACs-target slider showing params, MACs and widths of the pruned model (computed on copies)."
     def __init__(self, importance:Importance, target:float=0.5):

@@ -1,6 +1,8 @@
 "`diffprune analyze` and `diffprune prune`: outputs, and bad input as one line with exit code 2."
 import json
 import pytest
+import torch.nn as nn
+from diffprune.models import load_model
 from diffprune.data import save_images, digits_split
 
 def test_analyze_writes_losses_threshold_and_kept_timesteps(cli, tmp_path):
@@ -25,7 +27,18 @@ def test_prune_on_an_image_folder(cli, tmp_path):
     r = cli('prune', '--data', tmp_path/'imgs', '--method', 'magnitude', '--ratio', '0.3', '--out', tmp_path/'p', '--batch-size', '8')
     assert r.returncode == 0, r.stderr
 
+def test_round_to_keeps_every_pruned_width_a_multiple(cli, tmp_path):
+    r = cli('prune', '--method', 'magnitude', '--target-macs', '0.5', '--round-to', '16', '--out', tmp_path/'p')
+    assert r.returncode == 0, r.stderr
+    unet = load_model(tmp_path/'p')[0]; orig = load_model('digits')[0]
+    new = {n: m.weight.shape[0] for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    old = {n: m.weight.shape[0] for n, m in orig.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    changed = {n: w for n, w in new.items() if w != old[n]}
+    assert changed and all(w % 16 == 0 for w in changed.values()), changed
+
 @pytest.mark.parametrize('args, needle', [
+    (['prune', '--ratio', '0.3', '--method', 'magnitude', '--round-to', '0'], '--round-to'),
+    (['prune', '--ratio', '0.3', '--method', 'magnitude', '--round-to', '4096'], 'smaller round_to'),
     (['prune', '--ratio', '1.0'], '--ratio'),
     (['prune', '--ratio', '-0.1'], '--ratio'),
     (['prune', '--ratio', '0.3', '--threshold', '1.5'], '--threshold'),
