@@ -9,6 +9,8 @@ as runs finish, so an interrupted run continues where it stopped.
 
     python bench/paper_table.py                      # 5 seeds, 100 finetune steps, half the MACs, 32 calibration images: about 35 min on 2 cores
     python bench/paper_table.py --seeds 10 --steps 1000   # larger settings
+    python bench/paper_table.py --steps 600 --rows 'Magnitude' 'Diff-Pruning thr=0.05' 'Diff-Pruning thr=0.05 + distill' --name paper_table_600
+                                                     # the paper's budget: 600 steps is 10% of the teacher's 6000
 """
 import json, math, time, statistics, copy
 from pathlib import Path
@@ -57,9 +59,10 @@ if __name__ == '__main__':
     p.add_argument('--seeds', type=int, default=5); p.add_argument('--steps', type=int, default=100)
     p.add_argument('--target', type=float, default=0.5); p.add_argument('--lr', type=float, default=2e-4)
     p.add_argument('--calib', type=int, default=32); p.add_argument('--samples', type=int, default=256)
-    p.add_argument('--rows', nargs='+', default=list(ROWS))
+    p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS), metavar='ROW')
+    p.add_argument('--name', default='paper_table', help="result file name, so that other settings keep their own results")
     a = p.parse_args()
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True); partial = out/'paper_table.partial.json'
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True); partial = out/f'{a.name}.partial.json'
     runs = json.loads(partial.read_text()) if partial.exists() else []
     done = {(r['row'], r['seed']) for r in runs}
     teacher = load_model('digits')
@@ -82,5 +85,5 @@ if __name__ == '__main__':
                             ssim=statistics.mean(r['ssim'] for r in rs), params=rs[0]['params'], macs_fraction=statistics.mean(r['macs_fraction'] for r in rs),
                             t_prime=rs[0].get('t_prime'), kept=rs[0].get('kept'), steps=rs[0]['steps']))
     print(table(summary, ['row', 'n', 'fid_mean', 'fid_std', 'fid_ci95', 'vs_dp05_mean', 'vs_dp05_ci95', 'ssim', 'params', 'macs_fraction', 't_prime', 'kept']))
-    write(a.out, 'paper_table', dict(summary=summary, runs=runs, args=vars(a)))
+    write(a.out, a.name, dict(summary=summary, runs=runs, args=vars(a)))
     partial.unlink(missing_ok=True)
