@@ -21,7 +21,9 @@ def default_images_per_pass(unet, device=None) -> int:
     "Images per gradient pass: 128 on an accelerator; on a CPU, up to ~4M first-level activation values (at most 128)."
     dev = torch.device(device) if device is not None else next(unet.parameters()).device
     if dev.type != 'cpu': return 128
-    size = unet.config.sample_size; h, w = (size, size) if isinstance(size, int) else size
+    size = unet.config.get('sample_size')
+    if not size: return 128  # no recorded size: nothing to measure the activations by
+    h, w = (size, size) if isinstance(size, int) else size
     return max(1, min(128, (1 << 22) // (h * w * unet.config.block_out_channels[0])))
 
 # %% ../nbs/03_importance.ipynb #41337d74
