@@ -111,7 +111,10 @@ def test_output_folder_of_another_run_is_kept_without_overwrite(cli, tmp_path):
 
 @pytest.mark.parametrize('cmd', [['demo'], ['prune', '--ratio', '0.3']])
 def test_ctrl_c_stops_with_one_line_exit_130_and_no_partial_output(tmp_path, cmd):
-    p = subprocess.Popen([DIFFPRUNE, *cmd, '--out', str(tmp_path/'o')], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the child starts with Ctrl-C's default action even where the test runner was started in the background (nohup,
+    # `&`), which makes a shell ignore SIGINT for it and for everything it starts
+    p = subprocess.Popen([DIFFPRUNE, *cmd, '--out', str(tmp_path/'o')], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(12)  # past start-up, into the work
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
