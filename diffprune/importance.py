@@ -138,9 +138,9 @@ def score_model(model, # 'digits', a folder, a hub id or a `(unet, scheduler)` p
     if method in ('magnitude', 'random'): return Importance(unet, sched, method, crit, seconds=time.time() - t0)
     x0 = data if torch.is_tensor(data) else take(get_dataset(data, unet.config.sample_size, unet.config.in_channels), num_images, seed)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    per = max(1, (images_per_pass or default_images_per_pass(unet)) // len(x0))
+    ipp = images_per_pass or default_images_per_pass(unet)
     if method == 'diff-pruning' and not fast and analysis is None:  # exact: analysis and gradients in one sweep
-        ana, passes = taylor_gradients(unet, sched, x0, noise, threshold, range(0, T, stride), images_per_pass, cond, progress)
+        ana, passes = taylor_gradients(unet, sched, x0, noise, threshold, range(0, T, stride), ipp, cond, progress)
         return Importance(unet, sched, method, crit, ana, ana.kept_timesteps, passes, time.time() - t0)
     ana = None
     if method == 'diff-pruning':
@@ -149,5 +149,5 @@ def score_model(model, # 'digits', a folder, a hub id or a `(unet, scheduler)` p
         kept = list(range(ana.t_prime + 1)) if fast else ana.kept_timesteps
     else: kept = list(range(0, T, stride))
     ts, w = stratified_timesteps(kept, fast, seed) if fast else (kept, None)
-    passes = accumulate_gradients(unet, sched, x0, noise, ts, w, timesteps_per_pass=per, cond=cond, progress=progress)
+    passes = accumulate_gradients(unet, sched, x0, noise, ts, w, timesteps_per_pass=max(1, ipp // len(x0)), cond=cond, progress=progress)
     return Importance(unet, sched, method, crit, ana, ts, passes, time.time() - t0)
