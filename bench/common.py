@@ -26,3 +26,16 @@ def table(rows:list, cols:list) -> str:
     lines = ['  '.join(c.rjust(w[c]) for c in cols)]
     lines += ['  '.join(fmt(r.get(c, '')).rjust(w[c]) for c in cols) for r in rows]
     return '\n'.join(lines)
+
+def pruned_digits(targets, round_to=(), device='cpu', seed:int=0) -> dict:
+    "The digits teacher and copies pruned (Diff-Pruning, thr 0.05) to each MACs target, plain and with each `round_to`."
+    from diffprune.models import load_model
+    from diffprune.importance import score_model
+    from diffprune.prune import prune_model
+    imp = score_model('digits', stride=5, num_images=32, seed=seed, progress=False)
+    models = {'teacher': load_model('digits', device)}
+    for t in targets:
+        for n in (None, *round_to):
+            r = prune_model(imp, target_macs=t, round_to=n)
+            models[f'{t:.2f}' + (f' round_to={n}' if n else '')] = (r.unet.to(device).eval(), r.scheduler)
+    return models

@@ -2,11 +2,12 @@
 
 The baseline is the reference procedure written plainly: one calibration batch and one noise tensor; for t = 0, 1, ...
 one forward and backward pass at t (gradients accumulate), stopping once L_t < thr * max_{s<=t} L_s. diffprune's exact
-mode (`taylor_gradients`) makes the same sweep with several timesteps stacked into each pass (32, 64 and 128 images per
-pass are compared; the library's default, `default_images_per_pass`, is 128 for the digits teacher and 32 for the
-CIFAR-10 UNet on a CPU) and gets L_t from the same forward passes; fast mode analyses every 20th timestep without gradients, only up to T', then accumulates the
-gradients of k stratified timesteps from [0, T']. Reported: wall time ratios against
-the baseline, run side by side in this process, and the Jaccard agreement of the channels each keeps at half the MACs.
+mode (`taylor_gradients`) makes the same sweep with several timesteps stacked into each pass (32, 64 and 128 images
+per pass are compared; the library's default, `default_images_per_pass`, is 128 for the digits teacher and 32 for the
+CIFAR-10 UNet on a CPU) and gets L_t from the same forward passes; fast mode analyses every 20th timestep without
+gradients, only up to T', then accumulates the gradients of k stratified timesteps from [0, T']. Reported: wall time
+ratios against the baseline, run side by side in this process, and the Jaccard agreement of the channels each keeps
+at half the MACs.
 
     python bench/importance_speed.py            # digits teacher (batch 64) and the CIFAR-10 UNet (random weights, batch 4)
 """

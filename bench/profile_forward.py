@@ -10,10 +10,8 @@ pruned with `round_to=16` (every pruned width a multiple of 16).
 """
 import torch
 from torch.profiler import profile, ProfilerActivity
-from common import parser, write, table
-from diffprune.models import load_model
-from diffprune.importance import score_model
-from diffprune.prune import prune_model, count_macs
+from common import parser, write, table, pruned_digits
+from diffprune.prune import count_macs
 
 KINDS = [  # (kind, substrings of aten op names), first match wins
     ('conv', ('conv', 'mkldnn_convolution')), ('attention', ('scaled_dot_product', 'softmax', 'bmm', 'baddbmm')),
@@ -49,12 +47,7 @@ if __name__ == '__main__':
     p.add_argument('--device', default='cpu')
     p.add_argument('--round-to', type=int, nargs='*', default=[16], help="also profile each target pruned with widths rounded to these multiples")
     a = p.parse_args(); torch.manual_seed(a.seed)
-    imp = score_model('digits', stride=5, num_images=32, seed=a.seed, progress=False)
-    teacher = load_model('digits', a.device)[0].eval()
-    models = {'teacher': teacher}
-    for t in a.targets:
-        models[f'{t:.2f}'] = prune_model(imp, target_macs=t).unet.to(a.device).eval()
-        for n in a.round_to: models[f'{t:.2f} round_to={n}'] = prune_model(imp, target_macs=t, round_to=n).unet.to(a.device).eval()
+    models = {k: u.eval() for k, (u, _) in pruned_digits(a.targets, a.round_to, a.device, a.seed).items()}; teacher = models['teacher']
     prof = {k: profile_forward(u, a.batch, a.repeats, a.device, a.seed) for k, u in models.items()}
     m0, rows = count_macs(teacher), []
     for k, u in models.items():

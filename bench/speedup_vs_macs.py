@@ -9,10 +9,8 @@ slow for their MACs.
     python bench/speedup_vs_macs.py [--device cuda]
 """
 import torch
-from common import parser, write, table
-from diffprune.models import load_model
-from diffprune.importance import score_model
-from diffprune.prune import prune_model, count_macs, count_params
+from common import parser, write, table, pruned_digits
+from diffprune.prune import count_macs, count_params
 from diffprune.evaluate import latency
 
 if __name__ == '__main__':
@@ -22,13 +20,7 @@ if __name__ == '__main__':
     p.add_argument('--sampling-steps', type=int, default=10); p.add_argument('--device', default='cpu')
     p.add_argument('--round-to', type=int, nargs='*', default=[16], help="also prune each target with widths rounded to these multiples")
     a = p.parse_args(); torch.manual_seed(a.seed)
-    imp = score_model('digits', stride=5, num_images=32, seed=a.seed, progress=False)
-    teacher = load_model('digits', a.device)
-    models = {'teacher': teacher}
-    for t in a.targets:
-        r = prune_model(imp, target_macs=t); models[f'{t:.2f}'] = (r.unet.to(a.device), r.scheduler)
-        for n in a.round_to:  # the same target with every pruned width a multiple of n
-            r = prune_model(imp, target_macs=t, round_to=n); models[f'{t:.2f} round_to={n}'] = (r.unet.to(a.device), r.scheduler)
+    models = pruned_digits(a.targets, a.round_to, a.device, a.seed); teacher = models['teacher']
     fwd = latency(models, a.batch, a.repeats)
     smp = latency(models, a.batch, max(3, a.repeats // 3), warmup=1, sampling_steps=a.sampling_steps)
     m0 = count_macs(teacher[0]); rows = []

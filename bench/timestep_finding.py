@@ -20,14 +20,13 @@ if __name__ == '__main__':
     p.add_argument('--stride', type=int, default=5); p.add_argument('--target', type=float, default=0.5)
     a = p.parse_args()
     if 0.05 not in a.thresholds or 0. not in a.thresholds: p.error("--thresholds must include 0 and 0.05 (the references)")
-    kept, tprime = {}, {}
-    for seed in range(a.seed, a.seed + a.seeds):
+    kept, tprime, seeds = {}, {}, range(a.seed, a.seed + a.seeds)
+    for seed in seeds:
         for thr in a.thresholds:
             imp = score_model('digits', 'digits', 'diff-pruning', thr, num_images=a.calib, stride=a.stride, seed=seed, progress=False)
             kept[thr, seed] = kept_channels(imp, target_macs=a.target)
             tprime[thr, seed] = (imp.analysis.t_prime, len(imp.analysis.kept_timesteps))
             print(f'thr {thr}, seed {seed}: T\' = {tprime[thr, seed][0]}', flush=True)
-    seeds = range(a.seed, a.seed + a.seeds)
     floor = [jaccard(kept[0.05, s], kept[0.05, u]) for s, u in itertools.combinations(seeds, 2)]
     rows = []
     for thr in a.thresholds:
