@@ -56,21 +56,20 @@ class PipelineResult:
 def run_pipeline(s:PipelineSettings=None, progress:bool=True, **kw) -> PipelineResult:
     "Diff-Pruning end to end: analyse, score, prune, finetune, evaluate against the teacher."
     s = s or PipelineSettings(**kw); torch.manual_seed(s.seed); times = {}
-    steps = tqdm(total=5, desc='pipeline', disable=not progress)
-    def step(name, f):
-        steps.set_postfix_str(name); t0 = time.time(); r = f(); times[name] = time.time() - t0; steps.update(); return r
-    teacher = load_model(s.model, s.device)
-    ana = step('analyse', lambda: analyze_timesteps(teacher, s.data, s.threshold, s.calib_images, s.stride, seed=s.seed, progress=progress)
-               if s.method == 'diff-pruning' else None)
-    imp = step('score', lambda: score_model(teacher, s.data, s.method, s.threshold, s.calib_images, fast=s.fast, stride=s.stride, analysis=ana,
-                                                  seed=s.seed, device=s.device, progress=progress))
-    pr = step('prune', lambda: prune_model(imp, ratio=s.ratio, target_macs=None if s.ratio is not None else s.target_macs))
-    teacher[0].zero_grad(set_to_none=True)
-    ft = step('finetune', lambda: finetune((pr.unet, pr.scheduler), s.data, s.steps, s.batch_size, s.lr, ema=s.ema,
-                                           teacher=teacher if s.alpha > 0 else None, alpha=s.alpha, seed=s.seed, progress=progress))
-    ev = step('evaluate', lambda: evaluate((ft.unet, ft.scheduler), teacher, 'digits:all' if s.data == 'digits' else s.data,
-                                           s.num_samples, s.sample_steps, s.seed, device=s.device))
-    steps.close()
+    with tqdm(total=5, desc='pipeline', disable=not progress) as steps:  # closed before an error or Ctrl-C is reported
+        def step(name, f):
+            steps.set_postfix_str(name); t0 = time.time(); r = f(); times[name] = time.time() - t0; steps.update(); return r
+        teacher = load_model(s.model, s.device)
+        ana = step('analyse', lambda: analyze_timesteps(teacher, s.data, s.threshold, s.calib_images, s.stride, seed=s.seed, progress=progress)
+                   if s.method == 'diff-pruning' else None)
+        imp = step('score', lambda: score_model(teacher, s.data, s.method, s.threshold, s.calib_images, fast=s.fast, stride=s.stride, analysis=ana,
+                                                      seed=s.seed, device=s.device, progress=progress))
+        pr = step('prune', lambda: prune_model(imp, ratio=s.ratio, target_macs=None if s.ratio is not None else s.target_macs))
+        teacher[0].zero_grad(set_to_none=True)
+        ft = step('finetune', lambda: finetune((pr.unet, pr.scheduler), s.data, s.steps, s.batch_size, s.lr, ema=s.ema,
+                                               teacher=teacher if s.alpha > 0 else None, alpha=s.alpha, seed=s.seed, progress=progress))
+        ev = step('evaluate', lambda: evaluate((ft.unet, ft.scheduler), teacher, 'digits:all' if s.data == 'digits' else s.data,
+                                               s.num_samples, s.sample_steps, s.seed, device=s.device))
     return PipelineResult(s, ana, pr, ft, ev, times)
 
 # %% ../nbs/07_report.ipynb #1cbc4aad
