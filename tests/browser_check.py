@@ -1,20 +1,25 @@
 """Widgets in a real browser: JupyterLab in headless Chromium runs notebooks and the widgets must render and respond.
 
-Starts JupyterLab on a copy of `nbs/` (so nothing is saved into the repository), opens each notebook in Debian's
+Starts JupyterLab on a copy of a notebook folder (so nothing is saved into the repository): by default
+`tests/browser_notebooks/`, two small notebooks that build the widgets of 02_timesteps and 04_prune in seconds; with
+`--source nbs` the lessons themselves. It opens each notebook in Debian's
 Chromium through Playwright (no browser of its own is downloaded), runs all cells from the Run menu, and then:
 - no cell raised (no error output),
 - each widget in `WIDGETS` rendered as a real widget view (a slider, not its text repr),
 - moving the slider by keyboard makes the kernel redraw: the watched text changes.
 A screenshot of every notebook is kept in `--artifacts` (default `tests/artifacts/browser/`).
 
-    python tests/browser_check.py [--notebooks 02_timesteps 04_prune] [--chromium /usr/bin/chromium]
+    python tests/browser_check.py [--chromium /usr/bin/chromium]
+    python tests/browser_check.py --source nbs --notebooks 02_timesteps 04_prune 06_evaluate
 """
-import argparse, json, os, re, shutil, socket, subprocess, sys, tempfile, time
+import argparse, hashlib, json, os, re, shutil, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # notebook: (slider description to move, CSS selector of the text the kernel must change in response)
 WIDGETS = {
+    'threshold_explorer': ('threshold', '.widget-output img'),  # the plot's threshold line moves with every step
+    'prune_explorer': ('MACs kept', '.jp-OutputArea-child .jp-OutputArea-output table'),
     '02_timesteps': ('threshold', '.widget-html-content'),
     '04_prune': ('MACs kept', '.jp-OutputArea-child .jp-OutputArea-output table'),
     '06_evaluate': ('seed', '.widget-html-content'),
@@ -35,11 +40,11 @@ def lab_settings(d:Path):
         p = d/(name + '.jupyterlab-settings'); p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(val))
 
 class Lab:
-    "A JupyterLab server on a copy of nbs/, as a context manager."
-    def __init__(self, work:Path, timeout=120):
-        self.work, self.timeout, self.port, self.token = work, timeout, free_port(), 'diffprune-browser-check'
+    "A JupyterLab server on a copy of the notebook folder `source`, as a context manager."
+    def __init__(self, work:Path, source:Path, timeout=120):
+        self.work, self.source, self.timeout, self.port, self.token = work, source, timeout, free_port(), 'diffprune-browser-check'
     def __enter__(self):
-        shutil.copytree(ROOT/'nbs', self.work/'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints', '_*'))
+        shutil.copytree(self.source, self.work/'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints', '_*'))
         shutil.copy(ROOT/'settings.ini', self.work)  # the notebooks' last cell exports, into this copy's diffprune/
         lab_settings(self.work/'settings')
         self.log = open(self.work/'lab.log', 'w')
@@ -105,24 +110,27 @@ def check_notebook(page, lab:Lab, nb:str, artifacts:Path, timeout:float) -> dict
     handle = slider.locator('.noUi-handle').first
     readout = slider.locator('.widget-readout').first
     box = slider.locator('xpath=ancestor::div[contains(@class,"widget-vbox")][1]')
-    before_value, before = readout.text_content(), box.locator(watch).first.inner_text()
+    html = lambda: box.locator(watch).first.evaluate('e => e.outerHTML')  # text, or an image's data
+    before_value, before = readout.text_content(), html()
     handle.focus(); handle.press('ArrowRight')
     wait_for(lambda: readout.text_content() != before_value, 30, f'{nb}: the slider to move')
-    wait_for(lambda: box.locator(watch).count() > 0 and box.locator(watch).first.inner_text() != before, timeout,
+    wait_for(lambda: box.locator(watch).count() > 0 and html() != before, timeout,
              f'{nb}: the kernel to redraw after the slider moved')
     wait_for(lambda: page.locator('.jp-StatusBar-TextItem', has_text='Idle').count() > 0, timeout, f'{nb}: the kernel to finish redrawing')
     time.sleep(1)  # let the browser paint the new output
-    after_value, after = readout.text_content(), box.locator(watch).first.inner_text()
+    after_value, after = readout.text_content(), html()
+    shown = lambda h: re.sub(r'<[^>]+>|\s+', ' ', h).strip()[:60] or f'image sha1 {hashlib.sha1(h.encode()).hexdigest()[:10]}'
     artifacts.mkdir(parents=True, exist_ok=True)
     box.scroll_into_view_if_needed(); shot = artifacts/f'{nb}.png'
     box.screenshot(path=str(shot))
     page.screenshot(path=str(artifacts/f'{nb}_page.png'))
-    return dict(notebook=nb, seconds=round(time.time() - t0, 1), slider=desc, before=(before_value, before.strip()[:80]),
-                after=(after_value, after.strip()[:80]), screenshot=str(shot))
+    return dict(notebook=nb, seconds=round(time.time() - t0, 1), slider=desc, before=(before_value, shown(before)),
+                after=(after_value, shown(after)), screenshot=str(shot))
 
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--notebooks', nargs='+', default=['02_timesteps', '04_prune'], choices=list(WIDGETS))
+    p.add_argument('--source', default=str(ROOT/'tests'/'browser_notebooks'), help="folder of the notebooks")
+    p.add_argument('--notebooks', nargs='+', default=['threshold_explorer', 'prune_explorer'], choices=list(WIDGETS))
     p.add_argument('--chromium', default=os.environ.get('DIFFPRUNE_CHROMIUM', '/usr/bin/chromium'))
     p.add_argument('--artifacts', default=str(ROOT/'tests'/'artifacts'/'browser'))
     p.add_argument('--timeout', type=float, default=900, help="seconds for one notebook to run")
@@ -130,7 +138,7 @@ def main(argv=None) -> list:
     if not Path(a.chromium).exists(): raise BrowserCheckError(f'no Chromium at {a.chromium}: apt-get install chromium, or pass --chromium')
     from playwright.sync_api import sync_playwright
     results = []
-    with tempfile.TemporaryDirectory() as tmp, Lab(Path(tmp)) as lab, sync_playwright() as pw:
+    with tempfile.TemporaryDirectory() as tmp, Lab(Path(tmp), Path(a.source)) as lab, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=a.chromium, headless=True, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport={'width': 1400, 'height': 1000})

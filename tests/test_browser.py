@@ -1,4 +1,5 @@
-"""The notebooks' widgets in a real browser (JupyterLab + Debian's headless Chromium), through tests/browser_check.py.
+"""The notebooks' widgets (ThresholdExplorer, PruneExplorer) in a real browser (JupyterLab + Debian's headless Chromium),
+through tests/browser_check.py on the small notebooks in tests/browser_notebooks/.
 
 Skipped where Chromium is not installed, unless DIFFPRUNE_REQUIRE_BROWSER=1 (set by .ci/run, which installs it): then a
 missing browser fails instead. Screenshots are kept in tests/artifacts/browser/.
@@ -15,11 +16,11 @@ required = os.environ.get('DIFFPRUNE_REQUIRE_BROWSER') == '1'
 def test_widgets_render_and_respond_in_jupyterlab(tmp_path):
     art = HERE/'artifacts'/'browser'
     for f in art.glob('*.png'): f.unlink()
-    r = subprocess.run([sys.executable, str(HERE/'browser_check.py'), '--chromium', CHROMIUM, '--artifacts', str(art),
-                        '--notebooks', '02_timesteps', '04_prune'], capture_output=True, text=True, timeout=1500)
+    r = subprocess.run([sys.executable, str(HERE/'browser_check.py'), '--chromium', CHROMIUM, '--artifacts', str(art)],
+                       capture_output=True, text=True, timeout=900)
     print(r.stdout[-3000:], r.stderr[-3000:])
     assert r.returncode == 0, r.stderr[-1000:]
-    for nb in ('02_timesteps', '04_prune'):
+    for nb in ('threshold_explorer', 'prune_explorer'):
         line = next(l for l in r.stdout.splitlines() if l.startswith(nb + ':'))
         assert 'redrew' in line, line
         shot = art/f'{nb}.png'

@@ -1,26 +1,35 @@
-import json
+"""`diffprune sample`, and the console script's contracts, which only a real process shows: it starts without importing
+torch, exit codes, one-line errors on stderr."""
+import json, subprocess, sys
 from PIL import Image
 
-def test_sample_writes_grid_and_result(cli, tmp_path):
-    r = cli('sample', '--model', 'digits', '--num', '8', '--steps', '5', '--out', tmp_path/'s')
+def test_sample_writes_grid_and_result_through_the_console_script(console, tmp_path):
+    r = console('sample', '--model', 'digits', '--num', '8', '--steps', '5', '--out', tmp_path/'s')
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path/'s'/'result.json').read_text())
     assert res['num'] == 8 and res['steps'] == 5 and res['shape'] == [1, 16, 16]
     assert Image.open(tmp_path/'s'/'samples.png').size[0] > 16
 
+def test_help_and_argument_checks_import_no_torch():
+    "`diffprune --help` and refused arguments answer before torch, diffusers or matplotlib load."
+    probe = ("import sys; from diffprune.cli import main; codes = [main(['--help']), main(['prune', '--ratio', '2', '--out', 'x'])]; "
+             "print(codes, [m for m in ('torch', 'diffusers', 'matplotlib') if m in sys.modules])")
+    r = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip().splitlines()[-1] == '[0, 2] []', r.stdout + r.stderr
+
 def test_same_seed_gives_same_grid(cli, tmp_path):
     for name in 'ab': assert cli('sample', '--num', '4', '--steps', '3', '--seed', '7', '--out', tmp_path/name).returncode == 0
     assert (tmp_path/'a'/'samples.png').read_bytes() == (tmp_path/'b'/'samples.png').read_bytes()
 
-def test_unknown_model_offline_fails_with_one_line_exit_2(cli, tmp_path):
-    r = cli('sample', '--model', 'nonexistent/model', '--out', tmp_path/'o')
+def test_unknown_model_offline_fails_with_one_line_exit_2(console, tmp_path):
+    r = console('sample', '--model', 'nonexistent/model', '--out', tmp_path/'o')
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and 'nonexistent/model' in r.stderr and 'Traceback' not in r.stderr
     assert not (tmp_path/'o').exists()
 
-def test_bad_argument_is_one_line_exit_2(cli, tmp_path):
-    r = cli('sample', '--num', 'many', '--out', tmp_path/'o')
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+def test_bad_argument_is_one_line_exit_2(console, tmp_path):
+    r = console('sample', '--num', 'many', '--out', tmp_path/'o')
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and '--num' in r.stderr, r.stderr
 
 def test_output_folder_with_other_files_is_refused_unless_overwrite(cli, tmp_path):
     (tmp_path/'o').mkdir(); (tmp_path/'o'/'keep.txt').write_text('mine')

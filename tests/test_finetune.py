@@ -5,15 +5,6 @@ import pytest, torch
 from safetensors.torch import load_file
 from conftest import DIFFPRUNE
 
-@pytest.fixture(scope='module')
-def pruned(tmp_path_factory):
-    "The digits teacher pruned to half its channels by magnitude (no gradients: quick)."
-    from diffprune.importance import score_model
-    from diffprune.prune import prune_model
-    d = tmp_path_factory.mktemp('pruned')/'m'
-    prune_model(score_model('digits', method='magnitude', progress=False), ratio=0.3).save(d)
-    return d
-
 def weights(folder): return load_file(Path(folder)/'unet'/'diffusion_pytorch_model.safetensors')
 
 def ft_args(model, out, steps=60, *extra):

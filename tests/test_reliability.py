@@ -23,14 +23,6 @@ from pathlib import Path
 import pytest, torch
 from conftest import DIFFPRUNE
 
-@pytest.fixture(scope='module')
-def pruned(tmp_path_factory):
-    from diffprune.importance import score_model
-    from diffprune.prune import prune_model
-    d = tmp_path_factory.mktemp('pruned')/'m'
-    prune_model(score_model('digits', method='magnitude', progress=False), ratio=0.3).save(d)
-    return d
-
 def copy_of(src, dst): shutil.copytree(src, dst); return dst
 
 def one_line_exit_2(r, needle):
@@ -109,15 +101,24 @@ def test_output_folder_of_another_run_is_kept_without_overwrite(cli, tmp_path):
     one_line_exit_2(cli('analyze', '--stride', '100', '--batch-size', '4', '--out', tmp_path/'a'), '--overwrite')
     assert (tmp_path/'a'/'result.json').read_text() == before
 
+def wait_for_progress(p, timeout=120) -> str:
+    "Read the child's stderr until a progress bar shows it is into the work; returns what it printed."
+    seen, deadline = '', time.time() + timeout
+    while '%|' not in seen:
+        if time.time() > deadline or p.poll() is not None: raise AssertionError(f'no progress bar: {seen[-500:]!r}')
+        seen += os.read(p.stderr.fileno(), 4096).decode(errors='replace')
+    return seen
+
 @pytest.mark.parametrize('cmd', [['demo'], ['prune', '--ratio', '0.3']])
 def test_ctrl_c_stops_with_one_line_exit_130_and_no_partial_output(tmp_path, cmd):
     # the child starts with Ctrl-C's default action even where the test runner was started in the background (nohup,
     # `&`), which makes a shell ignore SIGINT for it and for everything it starts
-    p = subprocess.Popen([DIFFPRUNE, *cmd, '--out', str(tmp_path/'o')], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen([DIFFPRUNE, *cmd, '--out', str(tmp_path/'o')], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(12)  # past start-up, into the work
+    seen = wait_for_progress(p)  # past start-up, into the work
     p.send_signal(signal.SIGINT)
-    err = p.communicate(timeout=120)[1]
+    err = seen + p.communicate(timeout=120)[1].decode(errors='replace')
     assert p.returncode == 130, err[-1500:]
-    assert len(err.strip().splitlines()[-1:]) == 1 and 'interrupted' in err and 'Traceback' not in err
+    lines = err.replace('\r', '\n').splitlines()  # progress bars redraw with carriage returns
+    assert f'diffprune {cmd[0]}: interrupted; no partial output was left' in lines and 'Traceback' not in err, err[-1500:]
     assert not (tmp_path/'o').exists() and not [q for q in tmp_path.iterdir() if q.name.startswith('.o')]
