@@ -25,3 +25,15 @@ def test_widgets_render_and_respond_in_jupyterlab(tmp_path):
         assert 'redrew' in line, line
         shot = art/f'{nb}.png'
         assert shot.exists() and shot.stat().st_size > 5000, f'{shot} missing or empty'
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).exists() and not required, reason=f'no Chromium at {CHROMIUM} (apt-get install chromium)')
+def test_lesson_widgets_render_and_respond_in_jupyterlab():
+    "The slow tier: the lessons themselves (02, 04, 06) run top to bottom in JupyterLab, and each slider redraws."
+    art = HERE/'artifacts'/'browser_lessons'
+    nbs = ('02_timesteps', '04_prune', '06_evaluate')
+    r = subprocess.run([sys.executable, str(HERE/'browser_check.py'), '--chromium', CHROMIUM, '--artifacts', str(art),
+                        '--source', str(HERE.parent/'nbs'), '--notebooks', *nbs], capture_output=True, text=True, timeout=1800)
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, r.stderr[-1000:]
+    for nb in nbs: assert 'redrew' in next(l for l in r.stdout.splitlines() if l.startswith(nb + ':'))

@@ -10,6 +10,10 @@ def test_sample_writes_grid_and_result_through_the_console_script(console, tmp_p
     assert res['num'] == 8 and res['steps'] == 5 and res['shape'] == [1, 16, 16]
     assert Image.open(tmp_path/'s'/'samples.png').size[0] > 16
 
+def test_console_help_lists_the_subcommands(console):
+    r = console('--help')
+    assert r.returncode == 0 and all(c in r.stdout for c in ('analyze', 'prune', 'finetune', 'evaluate', 'sample', 'demo')), r.stdout
+
 def test_help_and_argument_checks_import_no_torch():
     "`diffprune --help` and refused arguments answer before torch, diffusers or matplotlib load."
     probe = ("import sys; from diffprune.cli import main; codes = [main(['--help']), main(['prune', '--ratio', '2', '--out', 'x'])]; "
