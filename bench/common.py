@@ -13,10 +13,21 @@ def machine() -> dict:
     return dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
                 cpu=platform.processor() or platform.machine(), cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
+ROOT = Path(__file__).resolve().parent.parent
+
+def portable(v):
+    "`v` with every absolute path made relative to the repository (the machine's own paths stay out of the results)."
+    if isinstance(v, dict): return {k: portable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)): return [portable(x) for x in v]
+    if isinstance(v, str) and os.path.isabs(v):
+        p = Path(v).resolve()
+        return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
+    return v
+
 def write(out, name, result:dict):
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     p = out/f'{name}.json'; tmp = p.with_suffix('.tmp')
-    tmp.write_text(json.dumps(dict(result, machine=machine(), date=time.strftime('%Y-%m-%d')), indent=2)); os.replace(tmp, p)
+    tmp.write_text(json.dumps(portable(dict(result, machine=machine(), date=time.strftime('%Y-%m-%d'))), indent=2)); os.replace(tmp, p)
     print(f'wrote {p}')
 
 def table(rows:list, cols:list) -> str:
