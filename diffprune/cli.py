@@ -96,6 +96,8 @@ def cmd_prune(a):
     if a.target_macs is not None and not 0 < a.target_macs < 1: raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
     if a.fast is not None and a.fast < 1: raise UsageError(f"--fast must be at least 1 timestep, not {a.fast}")
     if a.round_to is not None and a.round_to < 1: raise UsageError(f"--round-to must be at least 1, not {a.round_to}")
+    if a.data is not None and a.method in ('magnitude', 'random'):  # it would be recorded as if it had been used
+        raise UsageError(f"--method {a.method} scores the weights, not data: drop --data (diff-pruning and taylor use it)")
     out = check_out(a.out, a.overwrite)
     import torch
     from diffprune.data import save_fig
@@ -162,9 +164,7 @@ def _teacher_of(model):
 
 def cmd_finetune(a):
     "Finetune a (pruned) model."
-    from diffprune.data import save_fig
-    from diffprune.models import atomic_dir, save_model, write_json
-    from diffprune.finetune import finetune, latest_checkpoint
+    from diffprune.finetune import latest_checkpoint
     from diffprune.latent import latent_folder
     if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
     if a.lr <= 0: raise UsageError(f"--lr must be positive, not {a.lr}")
@@ -180,8 +180,20 @@ def cmd_finetune(a):
     if lat is None: _no_conditioning(a); a.data = a.data or 'digits'
     elif a.num_latents < 1: raise UsageError(f"--num-latents must be at least 1, not {a.num_latents}")
     if a.overwrite and out.exists() and not a.resume: shutil.rmtree(out)
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if lat is not None: return _finetune_latent(a, out, ck, lat, teacher, ckpt_every)
+    try:
+        if lat is not None: return _finetune_latent(a, out, ck, lat, teacher, ckpt_every)
+        return _finetune_pixel(a, out, ck, teacher, ckpt_every)
+    except BaseException:  # a run that fails before its first checkpoint leaves no folder behind
+        if fresh and latest_checkpoint(ck) is None: shutil.rmtree(out, ignore_errors=True)
+        raise
+
+def _finetune_pixel(a, out, ck, teacher, ckpt_every):
+    "`diffprune finetune` for a pixel-space model: checkpoints in `ck`, then the model, plot and result into `out`."
+    from diffprune.data import save_fig
+    from diffprune.models import atomic_dir, save_model, write_json
+    from diffprune.finetune import finetune
     r = finetune(a.model, a.data, a.steps, a.batch_size, a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                  teacher=teacher, alpha=a.alpha if a.distill else 0., checkpoint_dir=ck, checkpoint_every=ckpt_every,
                  resume=a.resume, seed=a.seed, mixed_precision=a.mixed_precision, device=a.device)

@@ -7,12 +7,12 @@ __all__ = ['METHODS', 'default_images_per_pass', 'accumulate_gradients', 'per_ti
            'stratified_timesteps', 'importance_criterion', 'Importance', 'score_model']
 
 # %% ../nbs/03_importance.ipynb #5ae26efc
-import time
+import copy, time
 import torch, torch.nn as nn, numpy as np
 import torch_pruning as tp
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .models import eps_loss, load_model, tiny_unet, cond_to
+from .models import denoising_loss, load_model, tiny_unet, cond_to, prediction_type
 from .data import get_dataset, take
 from .timesteps import analyze_timesteps, TimestepAnalysis, stacked_losses, first_rejected
 
@@ -48,7 +48,7 @@ def per_timestep_gradients(unet, scheduler, x0, noise, timesteps, progress:bool=
     "The paper's loop: one backward pass per timestep, gradients accumulated in `.grad` (the reference for exact mode)."
     unet.zero_grad(set_to_none=True)
     for t in tqdm(timesteps, desc='per-timestep', disable=not progress, leave=False):
-        eps_loss(unet, scheduler, x0, noise, torch.full((len(x0),), int(t))).backward()
+        denoising_loss(unet, scheduler, x0, noise, torch.full((len(x0),), int(t))).backward()
     return len(timesteps)
 
 # %% ../nbs/03_importance.ipynb #fe92f17e
@@ -131,6 +131,11 @@ def score_model(model, # 'digits', a folder, a hub id or a `(unet, scheduler)` p
     crit = importance_criterion(method)
     if fast is not None and fast < 1: raise ValueError(f"fast must be at least 1 timestep, not {fast}")
     unet, sched = load_model(model, device)
+    prediction_type(sched)  # an objective diffprune cannot compute the loss of is refused before any work
+    # a model passed in is scored on a copy: it keeps its weights, its `requires_grad` (training scripts often freeze
+    # it) and no gradients are left on it; a copy that a folder or hub id loaded fresh needs no second copy
+    if isinstance(model, tuple): unet = copy.deepcopy(unet)
+    unet.requires_grad_(True)
     T = sched.config.num_train_timesteps
     if stride is None: stride = max(1, T // 50) if fast else 1
     if stride < 1: raise ValueError(f"stride must be at least 1, not {stride}")

@@ -15,8 +15,8 @@ import torch, torch.nn as nn
 from tqdm.auto import tqdm
 from diffusers import (AutoencoderKL, VQModel, UNet2DModel, UNet2DConditionModel, DDIMScheduler, DiffusionPipeline,
                        LDMPipeline, ImagePipelineOutput)
-from .models import (load_unet, unet_eps, index_cond, cond_to, initial_noise, ddim_timesteps, atomic_dir,
-                              commit_dir, unet_structure, ModelError)
+from .models import (load_unet, unet_output, index_cond, cond_to, initial_noise, ddim_timesteps, sample_shape,
+                              x0_and_eps, atomic_dir, commit_dir, unet_structure, ModelError, check_unet_pipeline)
 from .importance import score_model
 from .prune import prune_model, count_macs, count_params, layer_macs
 
@@ -40,13 +40,12 @@ class ClassLatentPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels, num_inference_steps:int=50, generator=None, output_type:str='np', return_dict:bool=True):
         labels = torch.as_tensor(class_labels, dtype=torch.long).view(-1).to(self.device)
-        c = self.unet.config
-        z = torch.randn((len(labels), c.in_channels, c.sample_size, c.sample_size), generator=generator).to(self.device)
+        z = torch.randn((len(labels), *sample_shape(self.unet)), generator=generator).to(self.device)
         z = z * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
-            eps = unet_eps(self.unet, self.scheduler.scale_model_input(z, t), t, {'class_labels': labels})
-            z = self.scheduler.step(eps, t, z).prev_sample
+            out = unet_output(self.unet, self.scheduler.scale_model_input(z, t), t, {'class_labels': labels})
+            z = self.scheduler.step(out, t, z).prev_sample  # the scheduler reads the output by its prediction_type
         image = (self.vae.decode(z / self.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
         image = image.cpu().permute(0, 2, 3, 1).numpy() if output_type == 'np' else image
         return ImagePipelineOutput(images=image) if return_dict else (image,)
@@ -100,6 +99,9 @@ def encode_images(pipe, images:torch.Tensor, batch_size:int=64) -> torch.Tensor:
 @torch.no_grad()
 def text_conditioning(pipe, prompts) -> dict:
     "`{'encoder_hidden_states': ...}` from the pipeline's tokenizer and text encoder ('' for no prompt)."
+    if (kind := pipe.unet.config.get('addition_embed_type')) is not None:
+        raise ValueError(f"this pipeline's UNet also takes added conditioning (addition_embed_type {kind!r}: pooled text embeddings "
+                         "and time ids, as SDXL): calibrate it from Python with cond={'encoder_hidden_states': ..., 'added_cond_kwargs': ...}")
     prompts = [p or '' for p in ([prompts] if isinstance(prompts, str) or prompts is None else prompts)]
     tok = pipe.tokenizer
     ids = tok(prompts, padding='max_length', max_length=tok.model_max_length, truncation=True, return_tensors='pt').input_ids
@@ -126,21 +128,21 @@ def cycled_labels(pipe, n:int, class_labels=None) -> torch.Tensor:
     if len(labels) == 0 or labels.min() < 0 or labels.max() >= k: raise ValueError(f"class labels must be in [0, {k}), not {labels.tolist()[:8]}")
     return labels.repeat(math.ceil(n / len(labels)))[:n]
 
-def image_size(pipe) -> int:
-    "The side of the pipeline's images: the UNet's latent size times the autoencoder's downsampling."
-    return pipe.unet.config.sample_size * 2 ** (len(autoencoder(pipe).config.block_out_channels) - 1)
+def image_size(pipe) -> tuple:
+    "`(height, width)` of the pipeline's images: the UNet's latent size times the autoencoder's downsampling."
+    f = 2 ** (len(autoencoder(pipe).config.block_out_channels) - 1)
+    return tuple(s * f for s in sample_shape(pipe.unet)[1:])
 
 # %% ../nbs/09_latent.ipynb #b871e71f
 @torch.no_grad()
 def sample_latents(unet, scheduler, n:int, steps:int=20, seed:int=0, cond=None, progress:bool=True) -> torch.Tensor:
     "`n` latents sampled by `unet` with DDIM (eta 0) from the seeded noise of `initial_noise`."
-    c = unet.config; dev = next(unet.parameters()).device
+    dev = next(unet.parameters()).device
     abar = scheduler.alphas_cumprod.to(torch.float32); ratio = len(abar) // steps
-    z = initial_noise(n, (c.in_channels, c.sample_size, c.sample_size), seed).to(dev); cond = cond_to(cond, dev)
+    z = initial_noise(n, sample_shape(unet), seed).to(dev); cond = cond_to(cond, dev)
     for t in tqdm(ddim_timesteps(len(abar), steps), desc='teacher latents', disable=not progress, leave=False):
         a, a_prev = abar[t], (abar[t - ratio] if t - ratio >= 0 else torch.tensor(1.))
-        eps = unet_eps(unet, z, torch.full((n,), t, device=dev), cond)
-        z0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
+        z0, eps = x0_and_eps(scheduler, z, unet_output(unet, z, torch.full((n,), t, device=dev), cond), t)
         z = a_prev.sqrt() * z0 + (1 - a_prev).sqrt() * eps
     return z.cpu()
 
@@ -178,8 +180,8 @@ def module_macs(module:nn.Module, call) -> int:
 
 def pipeline_macs(pipe) -> dict:
     "MACs per image: the UNet (one denoising step), the autoencoder's decoder and the text encoder (once per image)."
-    ae = autoencoder(pipe); c = pipe.unet.config
-    z = torch.randn(1, ae.config.latent_channels, c.sample_size, c.sample_size)
+    ae = autoencoder(pipe)
+    z = torch.randn(1, ae.config.latent_channels, *sample_shape(pipe.unet)[1:])
     d = {'unet (per step)': count_macs(pipe.unet), 'decoder (once)': module_macs(ae, lambda: ae.decode(z))}
     if pipeline_kind(pipe) == 'text':
         ids = torch.zeros(1, pipe.tokenizer.model_max_length, dtype=torch.long)
@@ -194,7 +196,6 @@ def prune_pipeline(pipe, images:torch.Tensor=None, n:int=32, prompts=None, class
     z, cond = calibration(pipe, images, n, prompts, class_labels, calib_steps, seed, progress)
     imp = score_model((pipe.unet, pipe.scheduler), z, method, threshold, fast=fast, stride=stride, cond=cond, seed=seed, progress=progress)
     res = prune_model(imp, ratio=ratio, target_macs=target_macs, round_to=round_to)
-    pipe.unet.zero_grad(set_to_none=True)
     return with_unet(pipe, res.unet), res, (z, cond)
 
 # %% ../nbs/09_latent.ipynb #3c463c4a
@@ -231,6 +232,7 @@ def latent_folder(model):
     if not idx.exists(): return None
     try: keys = json.loads(idx.read_text())
     except ValueError: raise ModelError(f"{str(idx)!r} is not JSON: the pipeline folder is damaged") from None
+    check_unet_pipeline(p, keys)  # a transformer pipeline (DiT, PixArt) is named, not taken for a damaged folder
     return p if ('vae' in keys or 'vqvae' in keys) else None
 
 def load_pipeline(path, device='cpu'):
@@ -250,8 +252,8 @@ def pipeline_images(pipe, n:int=4, steps:int=10, seed:int=0, prompt=None, class_
     "`(n, 3, H, W)` images in [0, 1] from the pipeline's own sampler, seeded."
     g = torch.Generator().manual_seed(seed); kind = check_conditioning(pipe, prompt, class_labels)
     if kind == 'text':
-        size = image_size(pipe)
-        out = pipe([prompt or ''] * n, num_inference_steps=steps, height=size, width=size, generator=g, output_type='np')
+        h, w = image_size(pipe)
+        out = pipe([prompt or ''] * n, num_inference_steps=steps, height=h, width=w, generator=g, output_type='np')
     elif kind == 'class': out = pipe(cycled_labels(pipe, n, class_labels), num_inference_steps=steps, generator=g, output_type='np')
     else: out = pipe(batch_size=n, num_inference_steps=steps, generator=g, output_type='np')
     return torch.as_tensor(out.images).permute(0, 3, 1, 2).float()

@@ -39,6 +39,7 @@ class PipelineResult:
         ev = self.evaluation.to_dict(); keys = ('params', 'macs', 'attn_macs', 'fid', 'latency_ms', 'sampling_ms')
         d = dict(teacher={k: ev['teacher'][k] for k in keys}, pruned={k: ev[k] for k in keys},
                  ssim=ev['ssim'], mse=ev['mse'], speedup=ev['speedup'], macs_ratio=ev['macs_ratio'],
+                 speedup_range=[ev.get('speedup_low', ev['speedup']), ev.get('speedup_high', ev['speedup'])],
                  seconds=sum(self.times.values()), step_seconds=self.times, settings=vars(self.settings),
                  prune=self.pruned.summary(), finetune=self.finetuned.summary())
         if self.analysis is not None: d.update(t_prime=self.analysis.t_prime, kept_timesteps=self.analysis.kept_timesteps)
@@ -65,11 +66,10 @@ def run_pipeline(s:PipelineSettings=None, progress:bool=True, **kw) -> PipelineR
         imp = step('score', lambda: score_model(teacher, s.data, s.method, s.threshold, s.calib_images, fast=s.fast, stride=s.stride, analysis=ana,
                                                       seed=s.seed, device=s.device, progress=progress))
         pr = step('prune', lambda: prune_model(imp, ratio=s.ratio, target_macs=None if s.ratio is not None else s.target_macs))
-        teacher[0].zero_grad(set_to_none=True)
         ft = step('finetune', lambda: finetune((pr.unet, pr.scheduler), s.data, s.steps, s.batch_size, s.lr, ema=s.ema,
                                                teacher=teacher if s.alpha > 0 else None, alpha=s.alpha, seed=s.seed, progress=progress))
         ev = step('evaluate', lambda: evaluate((ft.unet, ft.scheduler), teacher, 'digits:all' if s.data == 'digits' else s.data,
-                                               s.num_samples, s.sample_steps, s.seed, device=s.device))
+                                               s.num_samples, s.sample_steps, s.seed, device=s.device, progress=progress))
     return PipelineResult(s, ana, pr, ft, ev, times)
 
 # %% ../nbs/07_report.ipynb #1cbc4aad
@@ -82,7 +82,9 @@ def summary_text(d:dict) -> str:
     for label, k, f in rows:
         t, p = d['teacher'][k], d['pruned'][k]
         lines.append(f"{label:{w}}{f.format(t):>16}{f.format(p):>16}{p / t:>9.3f}")
-    lines.append(f"SSIM vs teacher (same noise): {d['ssim']:.3f}   measured speedup: {d['speedup']:.2f}x   MACs ratio: {d['macs_ratio']:.2f}x")
+    lo, hi = d.get('speedup_range', [d['speedup']] * 2)
+    lines.append(f"SSIM vs teacher (same noise): {d['ssim']:.3f}   measured speedup: {d['speedup']:.2f}x "
+                 f"(paired runs {lo:.2f}-{hi:.2f})   MACs ratio: {d['macs_ratio']:.2f}x")
     if 'fid_calibration' in d: lines.append(f"FID calibration: train vs held-out digits {d['fid_calibration']['train_vs_heldout']:.2f}, digits vs noise {d['fid_calibration']['real_vs_noise']:.1f}")
     if 't_prime' in d: lines.append(f"kept timesteps [0, {d['t_prime']}] ({len(d['kept_timesteps'])} of them), threshold {d['settings']['threshold']}")
     lines.append('time per step: ' + ', '.join(f"{k} {v:.0f} s" for k, v in d['step_seconds'].items()) + f"; total {d['seconds']:.0f} s")
@@ -115,7 +117,7 @@ Kept timesteps for the importance gradients: {kept}.
 {table}
 
 - SSIM between teacher and pruned samples from the same noise: **{d['ssim']:.3f}** (MSE {d['mse']:.4f})
-- Measured forward speedup (batch 64, {s.device}): **{d['speedup']:.2f}x** for a MACs ratio of {d['macs_ratio']:.2f}x
+- Measured forward speedup (batch 64, {s.device}): **{d['speedup']:.2f}x** (median of runs paired with the teacher's, range {d['speedup_range'][0]:.2f}-{d['speedup_range'][1]:.2f}) for a MACs ratio of {d['macs_ratio']:.2f}x
 - FID ({'digits features' if fid_cal else 'Inception'}; {s.num_samples} samples, DDIM-{s.sample_steps}): teacher {d['teacher']['fid']:.2f}, pruned {d['pruned']['fid']:.2f}
 {f"- FID calibration, computed the same way: train vs held-out digits {fid_cal['train_vs_heldout']:.2f}, digits vs uniform noise {fid_cal['real_vs_noise']:.1f}" if fid_cal else ''}
 - MACs count convolutions and linear layers; attention matmuls add {d['teacher']['attn_macs']:,} (teacher) and {d['pruned']['attn_macs']:,} (pruned).

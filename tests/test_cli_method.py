@@ -24,7 +24,7 @@ def test_prune_output_is_a_model_for_the_other_subcommands(cli, tmp_path):
 
 def test_prune_on_an_image_folder(cli, tmp_path):
     save_images(digits_split('heldout')[0][:20], tmp_path/'imgs'/'deep')
-    r = cli('prune', '--data', tmp_path/'imgs', '--method', 'magnitude', '--ratio', '0.3', '--out', tmp_path/'p', '--batch-size', '8')
+    r = cli('prune', '--data', tmp_path/'imgs', '--ratio', '0.3', '--stride', '100', '--out', tmp_path/'p', '--batch-size', '8')
     assert r.returncode == 0, r.stderr
 
 def test_round_to_keeps_every_pruned_width_a_multiple(cli, tmp_path):
@@ -48,6 +48,8 @@ def test_round_to_keeps_every_pruned_width_a_multiple(cli, tmp_path):
     (['prune', '--ratio', '0.3', '--data', 'EMPTY'], 'no images'),
     (['prune', '--ratio', '0.3', '--model', 'NOTAMODEL'], 'not a diffusion model'),
     (['prune'], 'one of --ratio and --target-macs'),
+    (['prune', '--ratio', '0.3', '--method', 'magnitude', '--data', 'digits'], 'drop --data'),
+    (['prune', '--ratio', '0.3', '--method', 'random', '--data', 'EMPTY'], 'drop --data'),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(cli, tmp_path, args, needle):
     (tmp_path/'empty').mkdir(); (tmp_path/'notamodel').mkdir(); (tmp_path/'notamodel'/'x.txt').write_text('x')

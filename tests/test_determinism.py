@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-TIMING = {'seconds', 'latency_ms', 'sampling_ms', 'speedup', 'step_seconds', 'model'}  # wall clock, and the input's path
+TIMING = {'seconds', 'latency_ms', 'sampling_ms', 'speedup', 'speedup_low', 'speedup_high', 'speedup_range', 'step_seconds', 'model'}  # wall clock, and the input's path
 
 def strip(d):
     "A result without its wall-clock fields."

@@ -1,0 +1,205 @@
+"""Inputs real users bring, each a kind of fault found in the field: the model's objective, non-square sizes, chunked
+time embeddings, the attention scale after pruning heads, frozen models, SDXL-style added conditioning, transformer
+pipelines, data a method does not use, and the package's own files."""
+import json, re
+from pathlib import Path
+from types import SimpleNamespace
+import pytest, torch, torch.nn as nn
+from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler, DDIMScheduler
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffprune.models import (PREDICTION_TYPES, denoising_loss, ddim_sample, ddpm_sample, save_model, load_model, tiny_unet,
+                              sample_shape)
+from diffprune.importance import score_model, Importance, importance_criterion
+from diffprune.prune import prune_model, kept_channels, count_macs, example_inputs
+from diffprune.finetune import finetune
+from diffprune.data import digits_split
+
+ROOT = Path(__file__).resolve().parent.parent
+
+def one_line_exit_2(r, needle):
+    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
+    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+# 1. The scheduler's objective
+
+class Oracle(nn.Module):
+    "A denoiser that knows the one image `x` every sample comes from: its output is the exact target of `kind`."
+    def __init__(self, x, scheduler, kind):
+        super().__init__(); self.x, self.abar, self.kind = x, scheduler.alphas_cumprod.float(), kind
+        self.w = nn.Parameter(torch.zeros(1))  # samplers find the device through the parameters
+        self.config = SimpleNamespace(in_channels=x.shape[0], sample_size=tuple(x.shape[1:]))
+    def forward(self, xt, t):
+        a = self.abar[t].view(-1, 1, 1, 1); eps = (xt - a.sqrt() * self.x) / (1 - a).sqrt()
+        return {'epsilon': eps, 'sample': self.x.expand_as(xt), 'v_prediction': a.sqrt() * eps - (1 - a).sqrt() * self.x}[self.kind]
+
+@pytest.mark.parametrize('kind', PREDICTION_TYPES)
+def test_samplers_read_the_output_by_the_schedulers_prediction_type(kind):
+    "An exact denoiser of each objective samples its image back, with DDIM and with DDPM (non-square here, 8x12)."
+    x = torch.rand(1, 8, 12) * 2 - 1
+    sched = DDPMScheduler(num_train_timesteps=100, prediction_type=kind)
+    for sample in (ddim_sample(Oracle(x, sched, kind), sched, 2, steps=10, progress=False),
+                   ddpm_sample(Oracle(x, sched, kind), sched, 2, progress=False)):
+        torch.testing.assert_close(sample, ((x + 1) / 2).expand(2, -1, -1, -1), atol=2e-3, rtol=0)
+
+def test_v_prediction_loss_is_the_mse_to_diffusers_velocity():
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type='v_prediction')
+    u = tiny_unet(); x0 = digits_split('heldout')[0][:8]; noise = torch.randn_like(x0); t = torch.arange(8) * 120
+    with torch.no_grad():
+        out = u(sched.add_noise(x0, noise, t), t).sample
+        torch.testing.assert_close(denoising_loss(u, sched, x0, noise, t), (out - sched.get_velocity(x0, noise, t)).pow(2).mean())
+
+def test_finetuning_a_v_model_keeps_its_v_loss(tmp_path):
+    "The field report: finetuning a v-prediction model toward the noise took its held-out v-loss from 0.17 to 0.93."
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type='v_prediction')
+    v_model = finetune((tiny_unet(), sched), 'digits', steps=150, batch_size=32, lr=2e-3, seed=0, progress=False).raw
+    x0 = digits_split('heldout')[0][:64]; noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(2))
+    held = lambda u: denoising_loss(u, sched, x0, noise, t).item()
+    save_model(v_model, sched, tmp_path/'v')
+    more = finetune(tmp_path/'v', 'digits', steps=40, batch_size=32, lr=2e-4, seed=1, use_ema=False, progress=False)
+    assert held(more.unet) < 1.1 * held(v_model), (held(v_model), held(more.unet))
+    assert more.scheduler.config.prediction_type == 'v_prediction'
+
+def test_an_objective_diffprune_does_not_know_is_one_line(cli, tmp_path):
+    save_model(tiny_unet(), DDPMScheduler(num_train_timesteps=1000), tmp_path/'m')
+    cfg = tmp_path/'m'/'scheduler'/'scheduler_config.json'
+    cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), prediction_type='flow')))
+    for args in (['analyze', '--stride', '100'], ['prune', '--ratio', '0.3', '--stride', '100'], ['finetune', '--steps', '2']):
+        one_line_exit_2(cli(*args, '--model', tmp_path/'m', '--out', tmp_path/'o'), "prediction_type 'flow' is not supported")
+        assert not (tmp_path/'o').exists()
+
+# 2. Non-square models
+
+def test_a_non_square_model_samples_prunes_and_finetunes(cli, tmp_path):
+    torch.manual_seed(0)
+    u = UNet2DModel(sample_size=(16, 32), in_channels=1, out_channels=1, block_out_channels=(16, 32), norm_num_groups=4,
+                    down_block_types=('DownBlock2D', 'AttnDownBlock2D'), up_block_types=('AttnUpBlock2D', 'UpBlock2D'), layers_per_block=1)
+    save_model(u, DDPMScheduler(num_train_timesteps=1000), tmp_path/'wide')
+    r = cli('sample', '--model', tmp_path/'wide', '--num', '2', '--steps', '3', '--out', tmp_path/'s')
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path/'s'/'result.json').read_text())['shape'] == [1, 16, 32]
+    r = cli('prune', '--model', tmp_path/'wide', '--target-macs', '0.6', '--stride', '100', '--batch-size', '4', '--out', tmp_path/'p')
+    assert r.returncode == 0, r.stderr
+    pruned = load_model(tmp_path/'p')[0]
+    assert sample_shape(pruned) == (1, 16, 32) and pruned(**example_inputs(pruned)).sample.shape == (1, 1, 16, 32)
+    assert cli('finetune', '--model', tmp_path/'p', '--steps', '2', '--batch-size', '4', '--out', tmp_path/'f').returncode == 0
+    one_line_exit_2(cli('evaluate', '--model', tmp_path/'p', '--feature', 'digits', '--num-samples', '4', '--out', tmp_path/'e'),
+                    'not 1x16x32')
+
+# 3. Chunked time embeddings (scale and shift)
+
+def test_scale_shift_time_embedding_prunes_both_halves_with_the_same_channels(cli, tmp_path):
+    torch.manual_seed(0)
+    u = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32), norm_num_groups=4,
+                    resnet_time_scale_shift='scale_shift', down_block_types=('DownBlock2D', 'AttnDownBlock2D'),
+                    up_block_types=('AttnUpBlock2D', 'UpBlock2D'), layers_per_block=1)
+    save_model(u, DDPMScheduler(num_train_timesteps=1000), tmp_path/'ss')
+    r = cli('prune', '--model', tmp_path/'ss', '--method', 'magnitude', '--ratio', '0.4', '--out', tmp_path/'p')
+    assert r.returncode == 0, r.stderr
+    p = load_model(tmp_path/'p')[0]
+    assert p(**example_inputs(p)).sample.shape == (1, 1, 16, 16)
+    checked = False
+    for (name, old), new in zip(u.named_modules(), p.modules()):
+        if type(old).__name__ != 'ResnetBlock2D' or new.conv1.out_channels == old.conv1.out_channels: continue
+        c, k = old.conv1.out_channels, new.conv1.out_channels
+        assert k % new.norm2.num_groups == 0 and new.time_emb_proj.out_features == 2 * k, name
+        # the kept channels, found from conv1's biases, are kept in the scale half and in the shift half alike
+        kept = [int((old.conv1.bias == b).nonzero()) for b in new.conv1.bias]
+        B = old.time_emb_proj.bias
+        assert torch.equal(new.time_emb_proj.bias, torch.cat([B[kept], B[[c + i for i in kept]]])), name
+        checked = True
+    assert checked
+
+# 4. The attention scale after head dims shrink
+
+def test_pruned_heads_compute_the_same_under_every_attention_processor(tmp_path):
+    u = tiny_unet(head_dim=8)
+    res = prune_model(Importance(u, DDPMScheduler(), 'magnitude', importance_criterion('magnitude')), ratio=0.5)
+    res.save(tmp_path/'m')
+    for unet in (res.unet, load_model(tmp_path/'m')[0]):
+        x = example_inputs(unet, 2)
+        attns = [m for m in unet.modules() if isinstance(m, Attention)]
+        with torch.no_grad():
+            for m in attns: m.set_processor(AttnProcessor())
+            classic = unet(**x).sample
+            for m in attns: m.set_processor(AttnProcessor2_0())
+            sdpa = unet(**x).sample
+        torch.testing.assert_close(classic, sdpa, atol=1e-5, rtol=1e-5)
+
+# 5. Frozen models
+
+@pytest.mark.parametrize('method', ['diff-pruning', 'taylor', 'magnitude'])
+def test_a_frozen_model_prunes_as_an_unfrozen_one_and_stays_frozen(method):
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    kw = dict(method=method, num_images=8, stride=100, progress=False)
+    free = kept_channels(score_model((tiny_unet(), sched), **kw), ratio=0.3)
+    frozen = tiny_unet().requires_grad_(False)
+    imp = score_model((frozen, sched), **kw)
+    assert kept_channels(imp, ratio=0.3) == free
+    res = prune_model(imp, ratio=0.3)
+    assert res.params_after < res.params_before
+    assert not any(p.requires_grad or p.grad is not None for p in frozen.parameters())  # the caller's model is untouched
+
+def test_a_frozen_model_finetunes():
+    frozen = tiny_unet().requires_grad_(False); before = [p.clone() for p in frozen.parameters()]
+    r = finetune((frozen, DDPMScheduler(num_train_timesteps=1000)), 'digits', steps=3, batch_size=4, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, r.raw.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen.parameters()))
+
+# 6. SDXL-style added conditioning
+
+def sdxl_like():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'), up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
+                                cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8, addition_embed_type='text_time',
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
+
+def test_sdxl_style_added_conditioning_scores_prunes_and_finetunes():
+    from diffprune.latent import LatentData
+    u, sched = sdxl_like(), DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    z = torch.randn(6, 4, 8, 8)
+    cond = {'encoder_hidden_states': torch.randn(6, 5, 24),
+            'added_cond_kwargs': {'text_embeds': torch.randn(6, 16), 'time_ids': torch.rand(6, 6) * 64}}
+    macs = count_macs(u)
+    res = prune_model(score_model((u, sched), z, 'diff-pruning', num_images=6, stride=100, cond=cond, progress=False), target_macs=0.6)
+    assert res.macs_after <= 0.62 * macs and res.macs_after == count_macs(res.unet)
+    r = finetune((res.unet, sched), LatentData(z, cond), steps=2, batch_size=2, progress=False)
+    assert len(r.history) == 2
+
+def test_added_conditioning_diffprune_cannot_build_is_refused_in_one_line():
+    from diffprune.prune import added_cond_example
+    u = sdxl_like(); u.register_to_config(addition_embed_type='image_hint')
+    with pytest.raises(ValueError, match="addition_embed_type 'image_hint'"): added_cond_example(u)
+
+# 7. Transformer pipelines
+
+@pytest.mark.parametrize('index', [
+    {'_class_name': 'DiTPipeline', 'transformer': ['diffusers', 'DiTTransformer2DModel'], 'vae': ['diffusers', 'AutoencoderKL'],
+     'scheduler': ['diffusers', 'KarrasDiffusionSchedulers']},
+    {'_class_name': 'PixelTransformerPipeline', 'transformer': ['diffusers', 'Transformer2DModel'], 'scheduler': ['diffusers', 'DDPMScheduler']},
+])
+def test_a_transformer_pipeline_folder_is_named_not_called_damaged(cli, tmp_path, index):
+    (tmp_path/'pipe'/'transformer').mkdir(parents=True)
+    (tmp_path/'pipe'/'model_index.json').write_text(json.dumps(index))
+    for cmd in (['prune', '--ratio', '0.3'], ['sample']):
+        r = cli(*cmd, '--model', tmp_path/'pipe', '--out', tmp_path/'o')
+        one_line_exit_2(r, f"is a {index['_class_name']} folder and its denoiser is transformer/ ({index['transformer'][1]})")
+        assert 'damaged' not in r.stderr
+
+# 9. The package's own files and results
+
+def test_every_file_the_manifest_names_exists():
+    for line in (ROOT/'MANIFEST.in').read_text().splitlines():
+        if line.startswith('include '): assert (ROOT/line.split()[1]).exists(), line
+
+def test_committed_benchmark_results_hold_no_machine_paths():
+    for f in (ROOT/'bench'/'results').glob('*.json'):
+        paths = re.findall(r'"(/(?:work|root|home|tmp|Users)/[^"]*)"', f.read_text())
+        assert not paths, (f.name, paths[:3])
+
+def test_evaluate_shows_its_sampling_progress(capsys):
+    from diffprune.evaluate import evaluate
+    u = tiny_unet(); s = DDPMScheduler(num_train_timesteps=1000)
+    evaluate((u, s), teacher=(tiny_unet(seed=1), s), num_samples=4, steps=2, repeats=1, latency_batch=2)
+    assert 'DDIM-2' in capsys.readouterr().err
