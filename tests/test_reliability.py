@@ -17,6 +17,11 @@ The table of bad inputs (also in the README's troubleshooting section). Rows cov
 | an unwritable output folder | here |
 | an output folder that holds another run (refused unless --overwrite) | test_cli_sample.py, here |
 | Ctrl-C | here |
+| an objective (prediction_type) diffprune does not know, a teacher of another objective | test_field_faults.py, 05_finetune |
+| a pipeline whose denoiser is a transformer | test_field_faults.py |
+| --data with a method that does not use it | test_cli_method.py |
+| added conditioning diffprune cannot build | test_field_faults.py |
+| a feature network that cannot take the model's images | test_field_faults.py, test_evaluate.py |
 """
 import json, os, pickle, shutil, signal, subprocess, sys, time
 from pathlib import Path
