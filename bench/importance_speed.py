@@ -14,7 +14,7 @@ at half the MACs.
 import time, torch
 from diffusers import UNet2DModel, DDPMScheduler
 from common import parser, write, table
-from diffprune.models import load_model, denoising_loss, CIFAR10_CONFIG
+from diffprune.models import load_model, eps_loss, CIFAR10_CONFIG
 from diffprune.data import get_dataset, take
 from diffprune.timesteps import analyze_timesteps
 from diffprune.importance import accumulate_gradients, taylor_gradients, stratified_timesteps, Importance, importance_criterion
@@ -24,7 +24,7 @@ def paper_loop(unet, sched, x0, noise, thr, max_t=None):
     "The reference loop: backward per timestep from t=0 until the loss falls below thr x its running max."
     unet.zero_grad(set_to_none=True); run_max = 0.; t_prime = 0
     for t in range(max_t or sched.config.num_train_timesteps):
-        l = denoising_loss(unet, sched, x0, noise, torch.full((len(x0),), t))
+        l = eps_loss(unet, sched, x0, noise, torch.full((len(x0),), t))
         run_max = max(run_max, l.item())
         if l.item() < thr * run_max: break
         l.backward(); t_prime = t

@@ -12,6 +12,7 @@ import torch
 from torch.profiler import profile, ProfilerActivity
 from common import parser, write, table, pruned_digits
 from diffprune.prune import count_macs
+from diffprune.models import sample_shape
 
 KINDS = [  # (kind, substrings of aten op names), first match wins
     ('conv', ('conv', 'mkldnn_convolution')), ('attention', ('scaled_dot_product', 'softmax', 'bmm', 'baddbmm')),
@@ -27,7 +28,7 @@ def kind(name:str) -> str:
 def profile_forward(unet, batch:int, repeats:int, device:str, seed:int=0) -> dict:
     "Milliseconds per forward spent in each kind of op (self time of the leaf ops), and the op count per forward."
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=g).to(device)
+    x = torch.randn(batch, *sample_shape(unet), generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     for _ in range(2): unet(x, t)  # warm-up: kernel choice, allocator
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith('cuda') else [])

@@ -7,7 +7,7 @@ __all__ = ['SUBCOMMANDS', 'METHODS', 'UsageError', 'check_out', 'cmd_sample', 'c
            'cmd_evaluate', 'cmd_run', 'subcommand', 'parser', 'main', 'cli']
 
 # %% ../nbs/08_cli.ipynb #1a995a5b
-import argparse, sys, json, time, os, shutil, tempfile, warnings
+import argparse, contextlib, sys, json, time, os, shutil, tempfile, warnings
 from pathlib import Path
 
 
@@ -107,16 +107,17 @@ def cmd_prune(a):
     from diffprune.latent import latent_folder
     torch.manual_seed(a.seed)
     if (lat := latent_folder(a.model)) is not None: return _prune_latent(a, out, lat)
-    _no_conditioning(a); a.data = a.data or 'digits'
+    _no_conditioning(a)
+    if a.method in ('diff-pruning', 'taylor'): a.data = str(a.data or 'digits')  # recorded only where it is used
     imp = score_model(a.model, a.data, a.method, a.threshold, num_images=a.batch_size, fast=a.fast, stride=a.stride, seed=a.seed, device=a.device)
     res = prune_model(imp, ratio=a.ratio, target_macs=a.target_macs, round_to=a.round_to)
     tmp = atomic_dir(out)
     try:
-        res.save(tmp, extra=dict(source=str(a.model), data=str(a.data), seed=a.seed))
+        res.save(tmp, extra=dict(source=str(a.model), data=a.data, seed=a.seed))
         figs = {'widths.png': res.plot_widths()}
         if imp.analysis is not None: figs['losses.png'] = imp.analysis.plot()
         for name, fig in figs.items(): save_fig(fig, tmp/name)
-        write_json(dict(model=str(a.model), data=str(a.data), seed=a.seed, **res.summary()), tmp/'result.json')
+        write_json(dict(model=str(a.model), data=a.data, seed=a.seed, **res.summary()), tmp/'result.json')
         res.width_table().to_csv(tmp/'widths.csv')
         commit_dir(tmp, out)
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
@@ -185,8 +186,11 @@ def cmd_finetune(a):
     try:
         if lat is not None: return _finetune_latent(a, out, ck, lat, teacher, ckpt_every)
         return _finetune_pixel(a, out, ck, teacher, ckpt_every)
-    except BaseException:  # a run that fails before its first checkpoint leaves no folder behind
-        if fresh and latest_checkpoint(ck) is None: shutil.rmtree(out, ignore_errors=True)
+    except BaseException as e:  # a run that fails before its first checkpoint leaves no folder behind
+        if latest_checkpoint(ck) is None:
+            if fresh: shutil.rmtree(out, ignore_errors=True)
+        elif isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"the checkpoints in {str(ck)!r} are kept: add --resume to go on") from None
         raise
 
 def _finetune_pixel(a, out, ck, teacher, ckpt_every):
@@ -375,14 +379,21 @@ def parser() -> argparse.ArgumentParser:
     for name, (help, add) in SUBCOMMANDS.items(): add(sub.add_parser(name, help=help, description=help))
     return p
 
+@contextlib.contextmanager
 def _quiet_libraries():
-    "diffusers' and transformers' own loggers and loading bars, which are not Python warnings; imports neither."
-    for var in ('DIFFUSERS_VERBOSITY', 'TRANSFORMERS_VERBOSITY'): os.environ.setdefault(var, 'error')  # read when imported
-    os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
+    "diffusers' and transformers' own loggers and loading bars (not Python warnings), for one command; imports neither."
+    env = {'DIFFUSERS_VERBOSITY': 'error', 'TRANSFORMERS_VERBOSITY': 'error', 'HF_HUB_DISABLE_PROGRESS_BARS': '1'}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: os.environ.get(k, v) for k, v in env.items()})  # read when the libraries are imported
     if 'diffusers' in sys.modules:  # imported already (a notebook calling `main`)
-        import diffusers; diffusers.utils.logging.set_verbosity_error(); diffusers.utils.logging.disable_progress_bar()
+        import diffusers; diffusers.utils.logging.set_verbosity_error()
     if 'transformers' in sys.modules:
-        import transformers; transformers.logging.set_verbosity_error(); transformers.logging.disable_progress_bar()
+        import transformers; transformers.logging.set_verbosity_error()
+    try: yield
+    finally:  # a notebook or test session that called `main` gets its environment back
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
 
 def _report(message:str):
     "Print the one-line `message` to stderr on a line of its own: progress bars an error cut short are closed first."
@@ -399,15 +410,17 @@ def main(argv=None) -> int:
     if a.command is None: p.print_help(); return 2
     try:
         with warnings.catch_warnings():  # library warnings (torch, diffusers, torch-pruning) would bury the one-line errors
-            if not os.environ.get('DIFFPRUNE_WARNINGS'): warnings.simplefilter('ignore'); _quiet_libraries()
-            a.cmd(a)
+            if os.environ.get('DIFFPRUNE_WARNINGS'): a.cmd(a)
+            else:
+                warnings.simplefilter('ignore')
+                with _quiet_libraries(): a.cmd(a)
         return 0
     except ValueError as e:  # ModelError, DataError, UsageError, and bad values from the library
         _report(f"diffprune {a.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"); return 2
     except OSError as e:
         _report(f"diffprune {a.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(': ')); return 2
-    except KeyboardInterrupt:
-        _report(f"diffprune {a.command}: interrupted; no partial output was left"); return 130
+    except KeyboardInterrupt as e:
+        _report(f"diffprune {a.command}: interrupted; {str(e) or 'no partial output was left'}"); return 130
 
 def cli():
     "The console script: no display needed, figures go to files."

@@ -8,6 +8,7 @@ __all__ = ['DIGITS_SPLITS', 'IMAGE_EXTS', 'DataError', 'image_hw', 'digits_image
            'image_grid', 'show_images', 'save_fig']
 
 # %% ../nbs/00_data.ipynb #cd87029b
+import numbers
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 import matplotlib.pyplot as plt
@@ -20,8 +21,10 @@ class DataError(ValueError):
 # %% ../nbs/00_data.ipynb #a84e911d
 def image_hw(size) -> tuple:
     "`(height, width)` of an image size given as one side or as `(height, width)` (diffusers' `sample_size` takes both)."
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(h), int(w)
+    if isinstance(size, numbers.Integral): return int(size), int(size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, numbers.Integral) for s in size):
+        return int(size[0]), int(size[1])
+    raise DataError(f"an image size is one side or (height, width) in whole pixels, not {size!r}: check the UNet's sample_size")
 
 def digits_images(size=16, # side of the square output images, or (height, width)
                  ) -> tuple: # (images `(1797, 1, H, W)` in [-1, 1], labels `(1797,)`)

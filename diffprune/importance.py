@@ -12,8 +12,8 @@ import torch, torch.nn as nn, numpy as np
 import torch_pruning as tp
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .models import denoising_loss, load_model, tiny_unet, cond_to, prediction_type
-from .data import get_dataset, take
+from .models import eps_loss, load_model, tiny_unet, cond_to, prediction_type, sample_shape
+from .data import get_dataset, take, image_hw
 from .timesteps import analyze_timesteps, TimestepAnalysis, stacked_losses, first_rejected
 
 # %% ../nbs/03_importance.ipynb #212e3815
@@ -23,7 +23,7 @@ def default_images_per_pass(unet, device=None) -> int:
     if dev.type != 'cpu': return 128
     size = unet.config.get('sample_size')
     if not size: return 128  # no recorded size: nothing to measure the activations by
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = image_hw(size)
     return max(1, min(128, (1 << 22) // (h * w * unet.config.block_out_channels[0])))
 
 # %% ../nbs/03_importance.ipynb #41337d74
@@ -48,7 +48,7 @@ def per_timestep_gradients(unet, scheduler, x0, noise, timesteps, progress:bool=
     "The paper's loop: one backward pass per timestep, gradients accumulated in `.grad` (the reference for exact mode)."
     unet.zero_grad(set_to_none=True)
     for t in tqdm(timesteps, desc='per-timestep', disable=not progress, leave=False):
-        denoising_loss(unet, scheduler, x0, noise, torch.full((len(x0),), int(t))).backward()
+        eps_loss(unet, scheduler, x0, noise, torch.full((len(x0),), int(t))).backward()
     return len(timesteps)
 
 # %% ../nbs/03_importance.ipynb #fe92f17e
@@ -132,16 +132,15 @@ def score_model(model, # 'digits', a folder, a hub id or a `(unet, scheduler)` p
     if fast is not None and fast < 1: raise ValueError(f"fast must be at least 1 timestep, not {fast}")
     unet, sched = load_model(model, device)
     prediction_type(sched)  # an objective diffprune cannot compute the loss of is refused before any work
-    # a model passed in is scored on a copy: it keeps its weights, its `requires_grad` (training scripts often freeze
-    # it) and no gradients are left on it; a copy that a folder or hub id loaded fresh needs no second copy
-    if isinstance(model, tuple): unet = copy.deepcopy(unet)
-    unet.requires_grad_(True)
+    # training scripts often leave a model frozen: it is scored on an unfrozen copy and comes back as it went in (a
+    # trainable model is scored in place, as a second copy of an SD-sized UNet would cost gigabytes)
+    if any(not p.requires_grad for p in unet.parameters()): unet = copy.deepcopy(unet).requires_grad_(True)
     T = sched.config.num_train_timesteps
     if stride is None: stride = max(1, T // 50) if fast else 1
     if stride < 1: raise ValueError(f"stride must be at least 1, not {stride}")
     t0 = time.time()
     if method in ('magnitude', 'random'): return Importance(unet, sched, method, crit, seconds=time.time() - t0)
-    x0 = data if torch.is_tensor(data) else take(get_dataset(data, unet.config.sample_size, unet.config.in_channels), num_images, seed)
+    x0 = data if torch.is_tensor(data) else take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), num_images, seed)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     ipp = images_per_pass or default_images_per_pass(unet)
     if method == 'diff-pruning' and not fast and analysis is None:  # exact: analysis and gradients in one sweep

@@ -6,10 +6,11 @@
 __all__ = ['PIPELINES', 'tiny_clip_tokenizer', 'ClassLatentPipeline', 'tiny_latent_pipeline', 'autoencoder', 'encode_images',
            'text_conditioning', 'class_conditioning', 'pipeline_kind', 'check_conditioning', 'cycled_labels',
            'image_size', 'sample_latents', 'calibration', 'with_unet', 'module_macs', 'pipeline_macs', 'prune_pipeline',
-           'LatentData', 'write_pipeline', 'save_pipeline', 'latent_folder', 'load_pipeline', 'pipeline_images']
+           'LatentData', 'write_pipeline', 'save_pipeline', 'latent_folder', 'no_loading_bars', 'load_pipeline',
+           'pipeline_images']
 
 # %% ../nbs/09_latent.ipynb #94533a85
-import json, math, shutil
+import contextlib, json, math, shutil
 from pathlib import Path
 import torch, torch.nn as nn
 from tqdm.auto import tqdm
@@ -196,6 +197,7 @@ def prune_pipeline(pipe, images:torch.Tensor=None, n:int=32, prompts=None, class
     z, cond = calibration(pipe, images, n, prompts, class_labels, calib_steps, seed, progress)
     imp = score_model((pipe.unet, pipe.scheduler), z, method, threshold, fast=fast, stride=stride, cond=cond, seed=seed, progress=progress)
     res = prune_model(imp, ratio=ratio, target_macs=target_macs, round_to=round_to)
+    pipe.unet.zero_grad(set_to_none=True)  # scored in place: the teacher's gradients are not needed any more
     return with_unet(pipe, res.unet), res, (z, cond)
 
 # %% ../nbs/09_latent.ipynb #3c463c4a
@@ -235,13 +237,29 @@ def latent_folder(model):
     check_unet_pipeline(p, keys)  # a transformer pipeline (DiT, PixArt) is named, not taken for a damaged folder
     return p if ('vae' in keys or 'vqvae' in keys) else None
 
+@contextlib.contextmanager
+def no_loading_bars():
+    "diffusers' and transformers' loading bars off while a local folder loads (a bar before a one-line error breaks it)."
+    from diffusers.utils import logging as diffusers_logging
+    logs = [diffusers_logging]
+    try:
+        from transformers.utils import logging as transformers_logging; logs.append(transformers_logging)
+    except ImportError: pass  # pipelines without a text encoder need no transformers
+    on = [lg.is_progress_bar_enabled() for lg in logs]
+    for lg in logs: lg.disable_progress_bar()
+    try: yield
+    finally:
+        for lg, was in zip(logs, on):
+            if was: lg.enable_progress_bar()
+
 def load_pipeline(path, device='cpu'):
     "Load a latent pipeline folder, with a pruned UNet where `unet/diffprune.json` says so."
     path = Path(path)
     if not (path/'model_index.json').exists(): raise ModelError(f"{str(path)!r} is not a pipeline folder: no model_index.json")
     name = json.loads((path/'model_index.json').read_text()).get('_class_name')
     cls = PIPELINES.get(name, DiffusionPipeline)
-    try: pipe = cls.from_pretrained(path, unet=load_unet(path/'unet'))  # hub .bin weights: diffusers reads them weights_only
+    try:
+        with no_loading_bars(): pipe = cls.from_pretrained(path, unet=load_unet(path/'unet'))  # hub .bin: read weights_only
     except ModelError: raise
     except Exception as e: raise ModelError(f"cannot load pipeline {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
     pipe.set_progress_bar_config(disable=True)

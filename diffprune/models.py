@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['DIGITS_CONFIG', 'CIFAR10_CONFIG', 'PREDICTION_TYPES', 'UNET_CLASSES', 'ASSETS', 'DIGITS_TEACHER', 'unet_config',
            'tiny_unet', 'alpha_bar', 'add_noise', 'unet_output', 'map_cond', 'repeat_cond', 'index_cond', 'cond_to',
-           'stack_cond', 'prediction_type', 'regression_target', 'x0_and_eps', 'denoising_loss', 'ddim_timesteps',
-           'sample_shape', 'initial_noise', 'ddim_sample', 'ddpm_sample', 'ModelError', 'unet_structure',
-           'apply_structure', 'write_json', 'atomic_dir', 'commit_dir', 'save_model', 'read_json', 'load_unet',
-           'check_unet_pipeline', 'load_model', 'DigitsFeatures', 'train_digits_features', 'digits_feature_net',
-           'digits_fid_metric', 'fid', 'fid_calibration', 'ema_decay', 'ema_update', 'eval_fid', 'train_teacher',
-           'teacher_log', 'digit_stats']
+           'stack_cond', 'prediction_type', 'regression_target', 'x0_and_eps', 'denoising_loss', 'eps_loss',
+           'ddim_timesteps', 'sample_shape', 'initial_noise', 'ddim_sample', 'ddpm_sample', 'ModelError',
+           'unet_structure', 'apply_structure', 'match_attention_scale', 'write_json', 'atomic_dir', 'commit_dir',
+           'save_model', 'read_json', 'load_unet', 'check_unet_pipeline', 'load_model', 'DigitsFeatures',
+           'train_digits_features', 'digits_feature_net', 'digits_fid_metric', 'fid', 'fid_calibration', 'ema_decay',
+           'ema_update', 'eval_fid', 'train_teacher', 'teacher_log', 'digit_stats']
 
 # %% ../nbs/01_models.ipynb #1caede0d
 import json, os, shutil, tempfile, copy
@@ -24,7 +24,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.downsampling import Downsample2D
 import diffprune
-from .data import digits_split, show_images
+from .data import digits_split, show_images, image_hw
 
 # %% ../nbs/01_models.ipynb #5a3782c4
 def unet_config(size:int=16, # sample size
@@ -52,9 +52,9 @@ def tiny_unet(channels:int=1, attention:bool=True, head_dim:int=None, seed:int=0
 
 # %% ../nbs/01_models.ipynb #5e48b1e6
 def alpha_bar(scheduler, t, like:torch.Tensor) -> torch.Tensor:
-    "`abar_t` of `scheduler` for timesteps `t` (an int or one per sample), shaped to broadcast over `like`."
-    abar = scheduler.alphas_cumprod.to(like.device, torch.float32)[torch.as_tensor(t, device=like.device)]
-    return abar.view(-1, *([1] * (like.ndim - 1))) if abar.ndim else abar
+    "`abar_t` of `scheduler` for timesteps `t`: an int gives a CPU scalar, one per sample a tensor broadcasting over `like`."
+    if isinstance(t, int): return scheduler.alphas_cumprod.to(torch.float32)[t]  # samplers: no copy to the device per step
+    return scheduler.alphas_cumprod.to(like.device, torch.float32)[t.to(like.device)].view(-1, *([1] * (like.ndim - 1)))
 
 def add_noise(scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tensor) -> torch.Tensor:
     "Forward diffusion: `sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`, per sample timestep `t`."
@@ -123,6 +123,16 @@ def denoising_loss(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch
     err = (unet_output(unet, add_noise(scheduler, x0, noise, t), t, cond) - regression_target(scheduler, x0, noise, t)).pow(2)
     return err.mean() if reduction == 'mean' else err.flatten(1).mean(1)
 
+def eps_loss(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tensor,
+             reduction:str='mean', # 'mean', or 'none' for one loss per sample
+             cond=None) -> torch.Tensor:
+    "Diff-Pruning's L_t (Sec. 3.3): MSE between the noise and the noise the UNet's output stands for, whatever its objective."
+    # for epsilon models this is `denoising_loss`; a v or x0 model's own loss weighs t by 1/abar_t or (1 - abar_t)/abar_t,
+    # which would move the threshold rule's T' (an x0 loss grows with t and never falls below thr x its running max)
+    xt = add_noise(scheduler, x0, noise, t)
+    err = (x0_and_eps(scheduler, xt, unet_output(unet, xt, t, cond), t)[1] - noise).pow(2)
+    return err.mean() if reduction == 'mean' else err.flatten(1).mean(1)
+
 # %% ../nbs/01_models.ipynb #78ecb4aa
 def ddim_timesteps(num_train:int, steps:int) -> list:
     "Evenly spaced ('leading') DDIM timesteps, from most to least noisy."
@@ -134,8 +144,7 @@ def sample_shape(unet) -> tuple:
     "`(channels, height, width)` of the UNet's samples; diffusers records `sample_size` as an int or `(height, width)`."
     c = unet.config; s = c.sample_size
     if s is None: raise ValueError("the UNet records no sample_size: set unet.config.sample_size (int or (height, width))")
-    h, w = (s, s) if isinstance(s, int) else tuple(s)
-    return (c.in_channels, int(h), int(w))
+    return (c.in_channels, *image_hw(s))
 
 def initial_noise(n:int, shape, seed:int=0) -> torch.Tensor:
     "The `(n, *shape)` starting noise of seed `seed` (the same on every model and device)."
@@ -223,6 +232,12 @@ def apply_structure(unet, structure:dict):
         if new is not mods[name]:
             parent, _, child = name.rpartition('.')
             setattr(mods[parent] if parent else unet, child, new)
+    return match_attention_scale(unet)
+
+def match_attention_scale(unet):
+    "Set every `Attention.scale` to `1/sqrt(head width)`, the scale PyTorch's SDPA derives, so that all processors agree."
+    for m in unet.modules():  # pruning shrinks head widths; folders pruned before this was kept recorded the old scale
+        if isinstance(m, Attention) and m.scale_qk: m.scale = (m.inner_dim // m.heads) ** -0.5
     return unet
 
 # %% ../nbs/01_models.ipynb #30ff3eba
@@ -320,7 +335,7 @@ def check_unet_pipeline(path, components:dict):
     den = next((k for k in ('transformer', 'prior', 'decoder') if k in components), None)
     what = f"its denoiser is {den}/ ({components[den][-1]})" if den else f"it has no unet/ (components: {', '.join(k for k in components if not k.startswith('_'))})"
     raise ModelError(f"{str(path)!r} is a {components.get('_class_name', 'pipeline')} folder and {what}: diffprune prunes UNet "
-                     "denoisers (UNet2DModel, UNet2DConditionModel), not transformers")
+                     "denoisers (UNet2DModel, UNet2DConditionModel) only")
 
 def load_model(model, device='cpu') -> tuple:
     "`(unet, scheduler)` for `model`: 'digits', a model folder (pruned ones too) or a hub id."

@@ -17,7 +17,7 @@ from diffusers import UNet2DModel, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.downsampling import Downsample2D
-from .models import load_model, save_model, tiny_unet, CIFAR10_CONFIG, ddim_sample, sample_shape
+from .models import load_model, save_model, tiny_unet, CIFAR10_CONFIG, ddim_sample, sample_shape, match_attention_scale
 from .importance import Importance, score_model, importance_criterion
 
 # %% ../nbs/04_prune.ipynb #9d6baea9
@@ -186,11 +186,9 @@ def sync_diffusers_attrs(unet):
         if isinstance(m, Attention):
             m.inner_dim, m.inner_kv_dim = m.to_q.out_features, m.to_k.out_features
             m.query_dim, m.out_dim = m.to_q.in_features, m.to_out[0].out_features
-            # the scale PyTorch's SDPA derives from the pruned head width: every attention processor then agrees
-            if m.scale_qk: m.scale = (m.inner_dim // m.heads) ** -0.5
         elif isinstance(m, (Upsample2D, Downsample2D)) and isinstance(getattr(m, 'conv', None), nn.Conv2d):
             m.channels, m.out_channels = m.conv.in_channels, m.conv.out_channels
-    return unet
+    return match_attention_scale(unet)  # the scale of the pruned head width: every attention processor then agrees
 
 def apply(self, plan:dict):
     "Prune the UNet in place following `plan`; returns it."

@@ -66,6 +66,7 @@ def run_pipeline(s:PipelineSettings=None, progress:bool=True, **kw) -> PipelineR
         imp = step('score', lambda: score_model(teacher, s.data, s.method, s.threshold, s.calib_images, fast=s.fast, stride=s.stride, analysis=ana,
                                                       seed=s.seed, device=s.device, progress=progress))
         pr = step('prune', lambda: prune_model(imp, ratio=s.ratio, target_macs=None if s.ratio is not None else s.target_macs))
+        teacher[0].zero_grad(set_to_none=True)  # scored in place: its gradients are not needed any more
         ft = step('finetune', lambda: finetune((pr.unet, pr.scheduler), s.data, s.steps, s.batch_size, s.lr, ema=s.ema,
                                                teacher=teacher if s.alpha > 0 else None, alpha=s.alpha, seed=s.seed, progress=progress))
         ev = step('evaluate', lambda: evaluate((ft.unet, ft.scheduler), teacher, 'digits:all' if s.data == 'digits' else s.data,

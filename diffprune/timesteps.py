@@ -12,7 +12,7 @@ import json
 import torch, numpy as np
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .models import denoising_loss, load_model, tiny_unet, repeat_cond, cond_to, prediction_type
+from .models import eps_loss, load_model, tiny_unet, repeat_cond, cond_to, prediction_type, sample_shape
 from .data import get_dataset, take
 
 # %% ../nbs/02_timesteps.ipynb #01dc2d62
@@ -22,7 +22,7 @@ def stacked_losses(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor,
                   ) -> torch.Tensor:
     "Mean loss of `x0` at each of `timesteps`, from one forward pass over copies of `x0` stacked one per timestep."
     tb = torch.as_tensor(timesteps)
-    l = denoising_loss(unet, scheduler, x0.repeat(len(tb), 1, 1, 1), noise.repeat(len(tb), 1, 1, 1), tb.repeat_interleave(len(x0)).to(x0.device),
+    l = eps_loss(unet, scheduler, x0.repeat(len(tb), 1, 1, 1), noise.repeat(len(tb), 1, 1, 1), tb.repeat_interleave(len(x0)).to(x0.device),
                  reduction='none', cond=repeat_cond(cond, len(tb)))
     return l.view(len(tb), len(x0)).mean(1)
 
@@ -34,7 +34,7 @@ def timestep_losses(unet, scheduler, x0:torch.Tensor, # calibration batch `(B, C
                     stop_threshold:float=None, # stop after the pass where L_t < stop_threshold x running max first holds
                     cond=None, # conditioning of `x0` for conditional UNets (see `unet_output`)
                     seed:int=0, progress:bool=True) -> torch.Tensor:
-    "Mean training loss (`denoising_loss`) of `unet` at each of `timesteps`, on `x0` with the same `noise` at every t."
+    "Mean L_t (`eps_loss`) of `unet` at each of `timesteps`, on `x0` with the same `noise` at every t."
     T = scheduler.config.num_train_timesteps
     ts = torch.arange(T) if timesteps is None else torch.as_tensor(timesteps)
     if noise is None: noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -120,7 +120,7 @@ def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, 
     if stride < 1: raise ValueError(f"stride must be at least 1, not {stride}")
     unet, sched = load_model(model, device)
     prediction_type(sched)  # the loss needs the model's objective: an unknown one is refused before any work
-    x0 = data if torch.is_tensor(data) else take(get_dataset(data, unet.config.sample_size, unet.config.in_channels), num_images, seed)
+    x0 = data if torch.is_tensor(data) else take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), num_images, seed)
     ts = list(range(0, sched.config.num_train_timesteps, stride))
     losses = timestep_losses(unet, sched, x0, timesteps=ts, batch_size=batch_size, stop_threshold=threshold if until_threshold else None,
                              cond=cond, seed=seed, progress=progress)

@@ -203,3 +203,52 @@ def test_evaluate_shows_its_sampling_progress(capsys):
     u = tiny_unet(); s = DDPMScheduler(num_train_timesteps=1000)
     evaluate((u, s), teacher=(tiny_unet(seed=1), s), num_samples=4, steps=2, repeats=1, latency_batch=2)
     assert 'DDIM-2' in capsys.readouterr().err
+
+# Found in review
+
+class AsV(nn.Module):
+    "An epsilon UNet's predictions re-expressed as v: the same model, trained for another objective."
+    def __init__(self, unet, scheduler):
+        super().__init__(); self.unet, self.abar, self.config = unet, scheduler.alphas_cumprod.float(), unet.config
+    def forward(self, xt, t):
+        eps = self.unet(xt, t).sample; a = self.abar[t].view(-1, 1, 1, 1)
+        return a.sqrt() * eps - (1 - a).sqrt() * (xt - (1 - a).sqrt() * eps) / a.sqrt()
+
+def test_the_threshold_rule_finds_the_same_t_prime_for_a_v_model_and_its_eps_twin():
+    "L_t is measured on the noise the output stands for: a v loss (eps loss / abar_t) would keep every timestep."
+    from diffprune.timesteps import analyze_timesteps
+    teacher, eps_sched = load_model('digits')
+    v_sched = DDPMScheduler.from_config(eps_sched.config, prediction_type='v_prediction')
+    kw = dict(threshold=0.05, num_images=8, stride=50, progress=False)
+    a_eps = analyze_timesteps((teacher, eps_sched), **kw)
+    a_v = analyze_timesteps((AsV(teacher, v_sched), v_sched), **kw)
+    assert a_v.t_prime == a_eps.t_prime < 900
+    torch.testing.assert_close(torch.tensor(a_v.losses), torch.tensor(a_eps.losses), rtol=1e-3, atol=1e-6)
+
+@pytest.mark.parametrize('size', [None, 16.0, [16], (16, 8, 4), 'sixteen'])
+def test_a_sample_size_that_is_not_one_or_two_whole_numbers_is_one_line(cli, tmp_path, size):
+    u = tiny_unet(); u.register_to_config(sample_size=size)
+    save_model(u, DDPMScheduler(num_train_timesteps=1000), tmp_path/'m')
+    for cmd in (['analyze', '--stride', '100'], ['prune', '--ratio', '0.3', '--method', 'taylor', '--stride', '100'], ['sample']):
+        r = cli(*cmd, '--model', tmp_path/'m', '--out', tmp_path/'o')
+        one_line_exit_2(r, 'sample_size')
+
+def test_a_data_free_method_records_no_data(cli, tmp_path):
+    assert cli('prune', '--method', 'magnitude', '--ratio', '0.3', '--out', tmp_path/'p').returncode == 0
+    assert json.loads((tmp_path/'p'/'result.json').read_text())['data'] is None
+
+def test_a_folder_pruned_with_the_old_scale_loads_with_the_scale_of_its_heads(tmp_path):
+    res = prune_model(Importance(tiny_unet(head_dim=8), DDPMScheduler(), 'magnitude', importance_criterion('magnitude')), ratio=0.5)
+    res.save(tmp_path/'m')
+    j = tmp_path/'m'/'unet'/'diffprune.json'; d = json.loads(j.read_text())
+    for a in d['structure'].values():
+        if 'scale' in a: a['scale'] = 8 ** -0.5  # what folders recorded before the scale followed the heads
+    j.write_text(json.dumps(d))
+    for m in load_model(tmp_path/'m')[0].modules():
+        if isinstance(m, Attention): assert m.scale == pytest.approx((m.inner_dim // m.heads) ** -0.5) and m.inner_dim // m.heads < 8
+
+def test_loading_a_latent_pipeline_shows_no_loading_bar(cli, tmp_path):
+    from diffprune.latent import tiny_latent_pipeline, save_pipeline
+    save_pipeline(tiny_latent_pipeline('class'), tmp_path/'pipe')
+    r = cli('sample', '--model', tmp_path/'pipe', '--class-labels', '1', '--num', '1', '--steps', '2', '--out', tmp_path/'s')
+    assert r.returncode == 0 and 'Loading pipeline components' not in r.stderr, r.stderr

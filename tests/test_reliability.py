@@ -127,3 +127,15 @@ def test_ctrl_c_stops_with_one_line_exit_130_and_no_partial_output(tmp_path, cmd
     lines = err.replace('\r', '\n').splitlines()  # progress bars redraw with carriage returns
     assert f'diffprune {cmd[0]}: interrupted; no partial output was left' in lines and 'Traceback' not in err, err[-1500:]
     assert not (tmp_path/'o').exists() and not [q for q in tmp_path.iterdir() if q.name.startswith('.o')]
+
+def test_ctrl_c_in_finetune_keeps_its_checkpoints_and_says_how_to_go_on(tmp_path, pruned):
+    p = subprocess.Popen([DIFFPRUNE, 'finetune', '--model', str(pruned), '--steps', '400', '--batch-size', '8', '--checkpoint-every', '2',
+                          '--out', str(tmp_path/'ft')], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    ck, deadline = tmp_path/'ft'/'checkpoints', time.time() + 120
+    while not any((c/'state.json').exists() for c in ck.glob('step_*')) and time.time() < deadline and p.poll() is None: time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1].decode(errors='replace')
+    assert p.returncode == 130, err[-1500:]
+    assert any('interrupted' in l and 'add --resume' in l for l in err.replace('\r', '\n').splitlines()), err[-1500:]
+    assert any((c/'state.json').exists() for c in ck.glob('step_*'))
