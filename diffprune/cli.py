@@ -13,7 +13,7 @@ from pathlib import Path
 
 # %% ../nbs/08_cli.ipynb #5c3501e9
 class UsageError(ValueError):
-    "A command-line argument that cannot be used; the message says what to change."
+    "A command-line argument that cannot be used; the message says what to change (like the library's `InputError`)."
 
 def check_out(out, overwrite:bool=False) -> Path:
     "Check that `out` can receive a new run; returns it as a Path."
@@ -24,7 +24,7 @@ def check_out(out, overwrite:bool=False) -> Path:
     try:  # a real probe: permission bits say nothing to root, and read-only file systems say it only here
         out.parent.mkdir(parents=True, exist_ok=True)
         os.rmdir(tempfile.mkdtemp(prefix=f'.{out.name}.probe', dir=out.parent))
-    except OSError as e: raise UsageError(f"--out {str(out)!r} is not writable ({e.strerror}): pass a folder you can write to") from None
+    except OSError as e: raise UsageError(f"--out {str(out)!r} is not writable ({e.strerror}): pass a folder you can write to") from e
     return out
 
 # %% ../nbs/08_cli.ipynb #5205fea8
@@ -277,6 +277,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _common(p, out=True):
     p.add_argument('--device', default='cpu', help="torch device, e.g. cpu or cuda")
+    p.add_argument('--debug', action='store_true', help="show the whole traceback of an error (also DIFFPRUNE_DEBUG=1)")
     p.add_argument('--seed', type=int, default=0, help="seed of every random choice")
     if out:
         p.add_argument('--out', required=True, help="output folder (written atomically)")
@@ -402,12 +403,18 @@ def _report(message:str):
         for bar in list(getattr(tqdm, '_instances', [])): bar.close()
     print(message, file=sys.stderr)
 
+def _users_to_fix(e:Exception) -> bool:
+    "Whether `e` is the user's to fix: a `UsageError`, or the library's `InputError` (loaded by then, if it raised one)."
+    data = sys.modules.get('diffprune.data')
+    return isinstance(e, UsageError) or (data is not None and isinstance(e, data.InputError))
+
 def main(argv=None) -> int:
-    "Run `diffprune` with `argv`; returns the exit code (0, 2 for bad input, 130 for Ctrl-C)."
+    "Run `diffprune` with `argv`; returns the exit code (0, 2 for input to change, 130 for Ctrl-C)."
     p = parser()
     try: a = p.parse_args(argv)
     except SystemExit as e: return e.code  # --help (0) or an argument argparse refuses (2)
     if a.command is None: p.print_help(); return 2
+    debug = a.debug or os.environ.get('DIFFPRUNE_DEBUG') == '1'  # every error with its whole traceback and causes
     try:
         with warnings.catch_warnings():  # library warnings (torch, diffusers, torch-pruning) would bury the one-line errors
             if os.environ.get('DIFFPRUNE_WARNINGS'): a.cmd(a)
@@ -415,12 +422,15 @@ def main(argv=None) -> int:
                 warnings.simplefilter('ignore')
                 with _quiet_libraries(): a.cmd(a)
         return 0
-    except ValueError as e:  # ModelError, DataError, UsageError, and bad values from the library
-        _report(f"diffprune {a.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"); return 2
-    except OSError as e:
-        _report(f"diffprune {a.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(': ')); return 2
     except KeyboardInterrupt as e:
+        if debug: raise
         _report(f"diffprune {a.command}: interrupted; {str(e) or 'no partial output was left'}"); return 130
+    except OSError as e:  # the file system: a full disk, a missing permission
+        if debug: raise
+        _report(f"diffprune {a.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(': ')); return 2
+    except Exception as e:
+        if debug or not _users_to_fix(e): raise  # a bug, ours or a library's, shows its traceback: report it with that
+        _report(f"diffprune {a.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"); return 2
 
 def cli():
     "The console script: no display needed, figures go to files."

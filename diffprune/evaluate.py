@@ -13,7 +13,7 @@ from pathlib import Path
 import torch, torch.nn as nn, pandas as pd
 import matplotlib.pyplot as plt
 from safetensors.torch import save_file, load_file
-from .data import get_dataset, show_images, ImageFolder, image_hw
+from .data import get_dataset, show_images, ImageFolder, image_hw, InputError
 from .models import load_model, ddim_sample, digits_fid_metric, fid_calibration, tiny_unet, sample_shape
 from .prune import count_macs, count_params, example_inputs
 
@@ -24,11 +24,11 @@ def check_feature(feature:str, channels:int, size):
     "Refuse a feature network that is unknown, not installed, or cannot take `channels` x `size` (a side or (H, W)) images."
     h, w = image_hw(size)
     if feature == 'digits' and (channels, h, w) != (1, 16, 16):
-        raise ValueError(f"the digits feature network takes 1x16x16 images, not {channels}x{h}x{w}: use --feature inception")
+        raise InputError(f"the digits feature network takes 1x16x16 images, not {channels}x{h}x{w}: use --feature inception")
     if feature == 'inception':
         try: import torch_fidelity  # noqa: F401
-        except ImportError: raise ValueError("Inception FID needs torch-fidelity: pip install 'diffprune[fid]' (where torchvision works)") from None
-    elif feature != 'digits': raise ValueError(f"unknown feature network {feature!r}: use 'digits' or 'inception'")
+        except ImportError as e: raise InputError("Inception FID needs torch-fidelity: pip install 'diffprune[fid]' (where torchvision works)") from e
+    elif feature != 'digits': raise InputError(f"unknown feature network {feature!r}: use 'digits' or 'inception'")
 
 def fid_metric(feature:str='digits', channels:int=1, size=16): # size: a side or (height, width)
     "A torchmetrics FID metric on `feature` ('digits' or 'inception') features."
@@ -71,7 +71,7 @@ def real_statistics(metric, data, feature:str, size:int, channels:int, n:int=Non
 def fid_score(samples:torch.Tensor, # generated images in [0, 1]
               data='digits', feature:str='digits', n_real:int=None, cache:bool=True) -> float:
     "FID of `samples` against `data` (real statistics cached per dataset and feature network)."
-    if len(samples) < 2: raise ValueError(f"FID needs at least 2 samples, not {len(samples)}")
+    if len(samples) < 2: raise InputError(f"FID needs at least 2 samples, not {len(samples)}")
     c, s = samples.shape[1], tuple(samples.shape[-2:])
     m = real_statistics(fid_metric(feature, c, s), data, feature, s, c, n_real, cache)
     for i in range(0, len(samples), 256): m.update(_to_metric(samples[i:i + 256], feature), real=False)
@@ -82,7 +82,7 @@ def fid_score(samples:torch.Tensor, # generated images in [0, 1]
 def consistency(a:torch.Tensor, b:torch.Tensor) -> dict:
     "Mean SSIM and MSE between paired image sets in [0, 1]."
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-    if a.shape != b.shape: raise ValueError(f"teacher and student images differ in shape: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
+    if a.shape != b.shape: raise InputError(f"teacher and student images differ in shape: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
     return dict(ssim=ssim(b.float(), a.float(), data_range=1.0).item(), mse=(a - b).pow(2).mean().item())
 
 # %% ../nbs/06_evaluate.ipynb #ba9556fc
@@ -160,7 +160,7 @@ def evaluate(model, teacher=None, data='digits', num_samples:int=512, steps:int=
              feature:str=None, # 'digits' or 'inception' (default: digits for 1x16x16 models)
              latency_batch:int=64, repeats:int=5, device='cpu', progress:bool=True) -> Evaluation:
     "FID, size and measured latency of `model`, and with `teacher` also SSIM consistency, speedup and MACs ratio."
-    if num_samples < 2: raise ValueError(f"num-samples must be at least 2 for FID, not {num_samples}")
+    if num_samples < 2: raise InputError(f"num-samples must be at least 2 for FID, not {num_samples}")
     unet, sched = load_model(model, device)
     feature = feature or ('digits' if sample_shape(unet) == (1, 16, 16) else 'inception')
     check_feature(feature, sample_shape(unet)[0], sample_shape(unet)[1:])  # every check before minutes of sampling
@@ -168,7 +168,7 @@ def evaluate(model, teacher=None, data='digits', num_samples:int=512, steps:int=
         tu, ts = load_model(teacher, device)
         if sample_shape(tu) != sample_shape(unet):
             shapes = ['x'.join(map(str, sample_shape(m))) for m in (tu, unet)]
-            raise ValueError(f"the teacher's images ({shapes[0]}) differ from the model's ({shapes[1]})")
+            raise InputError(f"the teacher's images ({shapes[0]}) differ from the model's ({shapes[1]})")
     x, m = _measure(unet, sched, data, num_samples, steps, seed, feature, progress)
     models = {'model': (unet, sched)}
     ev = Evaluation(m, samples=x, settings=dict(data=str(data), num_samples=num_samples, steps=steps, seed=seed, feature=feature))

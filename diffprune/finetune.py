@@ -14,7 +14,7 @@ import torch, torch.nn as nn
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from safetensors.torch import save_file, load_file
-from .data import get_dataset
+from .data import get_dataset, InputError
 from .models import (load_model, save_model, denoising_loss, regression_target, prediction_type, add_noise,
                               unet_output, index_cond, cond_to, stack_cond, sample_shape, ema_decay, ema_update, atomic_dir,
                               commit_dir, write_json, read_json, tiny_unet)
@@ -75,8 +75,8 @@ def latest_checkpoint(folder) -> Path:
     return cks[-1] if cks else None
 
 # %% ../nbs/05_finetune.ipynb #4f625a63
-class FinetuneError(RuntimeError):
-    "Finetuning could not go on (a non-finite loss); the message names the step and the last good checkpoint."
+class FinetuneError(InputError):
+    "Finetuning diverged (a non-finite loss): the settings are the cause; the message names the step and the last good checkpoint."
 
 @dataclass
 class FinetuneResult:
@@ -112,14 +112,14 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
             ) -> FinetuneResult:
     "Finetune a (pruned) diffusion UNet with the eps loss, EMA and gradient clipping, on Accelerate."
     from accelerate import Accelerator
-    if steps < 1: raise ValueError(f"steps must be at least 1, not {steps}")
-    if lr <= 0: raise ValueError(f"learning rate must be positive, not {lr}")
-    if not 0 <= alpha <= 1: raise ValueError(f"alpha must be in [0, 1], not {alpha}")
-    if alpha > 0 and teacher is None: raise ValueError("distillation (alpha > 0) needs a teacher")
-    if resume and latest_checkpoint(checkpoint_dir) is None: raise ValueError(f"nothing to resume: no checkpoint in {str(checkpoint_dir)!r}")
+    if steps < 1: raise InputError(f"steps must be at least 1, not {steps}")
+    if lr <= 0: raise InputError(f"learning rate must be positive, not {lr}")
+    if not 0 <= alpha <= 1: raise InputError(f"alpha must be in [0, 1], not {alpha}")
+    if alpha > 0 and teacher is None: raise InputError("distillation (alpha > 0) needs a teacher")
+    if resume and latest_checkpoint(checkpoint_dir) is None: raise InputError(f"nothing to resume: no checkpoint in {str(checkpoint_dir)!r}")
     acc = Accelerator(mixed_precision=mixed_precision, cpu=(device == 'cpu'))
     world, rank = acc.num_processes, acc.process_index
-    if batch_size % world: raise ValueError(f"batch size {batch_size} is not divisible by the {world} processes")
+    if batch_size % world: raise InputError(f"batch size {batch_size} is not divisible by the {world} processes")
     unet, sched = load_model(model); objective = prediction_type(sched)
     unet = copy.deepcopy(unet).to(acc.device).train().requires_grad_(True)  # a copy: a frozen model trains like any other
     c, h, w = sample_shape(unet)
@@ -128,7 +128,7 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     if alpha > 0:  # a copy: the caller's teacher keeps its requires_grad and mode (a shared teacher is scored again after this)
         tnet, tsched = load_model(teacher)
         if prediction_type(tsched) != objective:
-            raise ValueError(f"the teacher predicts {prediction_type(tsched)} and the student {objective}: distil between models of one objective")
+            raise InputError(f"the teacher predicts {prediction_type(tsched)} and the student {objective}: distil between models of one objective")
         tnet = copy.deepcopy(tnet).to(acc.device).eval().requires_grad_(False)
     ema_net = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=weight_decay)

@@ -13,7 +13,7 @@ import torch_pruning as tp
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .models import eps_loss, load_model, tiny_unet, cond_to, prediction_type, sample_shape
-from .data import get_dataset, take, image_hw
+from .data import get_dataset, take, image_hw, InputError
 from .timesteps import analyze_timesteps, TimestepAnalysis, stacked_losses, first_rejected
 
 # %% ../nbs/03_importance.ipynb #212e3815
@@ -60,7 +60,7 @@ def taylor_gradients(unet, scheduler, x0:torch.Tensor, # calibration batch in [-
                      cond=None, # conditioning of `x0` (conditional UNets)
                      progress:bool=True) -> tuple:
     "Exact mode in one sweep: L_t with gradients from t=0 upward, stopping at the threshold rule. Returns `(analysis, passes)`."
-    if not 0 <= threshold <= 1: raise ValueError(f"threshold must be in [0, 1], not {threshold}")
+    if not 0 <= threshold <= 1: raise InputError(f"threshold must be in [0, 1], not {threshold}")
     ts = list(range(scheduler.config.num_train_timesteps)) if timesteps is None else [int(t) for t in timesteps]
     per = max(1, (images_per_pass or default_images_per_pass(unet)) // len(x0))
     dev = next(unet.parameters()).device; x0, noise, cond = x0.to(dev), noise.to(dev), cond_to(cond, dev)
@@ -100,7 +100,7 @@ def importance_criterion(method:str) -> tp.importance.Importance:
     if method == 'taylor': return tp.importance.TaylorImportance(multivariable=True)
     if method == 'magnitude': return tp.importance.MagnitudeImportance(p=2)
     if method == 'random': return tp.importance.RandomImportance()
-    raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
 
 # %% ../nbs/03_importance.ipynb #aa6f6a38
 class Importance:
@@ -129,7 +129,7 @@ def score_model(model, # 'digits', a folder, a hub id or a `(unet, scheduler)` p
                ) -> Importance:
     "Prepare `method`'s importance on `model`: timestep analysis and gradient accumulation where needed."
     crit = importance_criterion(method)
-    if fast is not None and fast < 1: raise ValueError(f"fast must be at least 1 timestep, not {fast}")
+    if fast is not None and fast < 1: raise InputError(f"fast must be at least 1 timestep, not {fast}")
     unet, sched = load_model(model, device)
     prediction_type(sched)  # an objective diffprune cannot compute the loss of is refused before any work
     # training scripts often leave a model frozen: it is scored on an unfrozen copy and comes back as it went in (a
@@ -137,7 +137,7 @@ def score_model(model, # 'digits', a folder, a hub id or a `(unet, scheduler)` p
     if any(not p.requires_grad for p in unet.parameters()): unet = copy.deepcopy(unet).requires_grad_(True)
     T = sched.config.num_train_timesteps
     if stride is None: stride = max(1, T // 50) if fast else 1
-    if stride < 1: raise ValueError(f"stride must be at least 1, not {stride}")
+    if stride < 1: raise InputError(f"stride must be at least 1, not {stride}")
     t0 = time.time()
     if method in ('magnitude', 'random'): return Importance(unet, sched, method, crit, seconds=time.time() - t0)
     x0 = data if torch.is_tensor(data) else take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), num_images, seed)

@@ -16,6 +16,7 @@ import torch, torch.nn as nn
 from tqdm.auto import tqdm
 from diffusers import (AutoencoderKL, VQModel, UNet2DModel, UNet2DConditionModel, DDIMScheduler, DiffusionPipeline,
                        LDMPipeline, ImagePipelineOutput)
+from .data import InputError
 from .models import (load_unet, unet_output, index_cond, cond_to, initial_noise, ddim_timesteps, sample_shape,
                               x0_and_eps, atomic_dir, commit_dir, unet_structure, ModelError, check_unet_pipeline)
 from .importance import score_model
@@ -70,7 +71,7 @@ def tiny_latent_pipeline(kind:str='text', # 'unconditional', 'class' or 'text'
         unet = UNet2DModel(in_channels=4, out_channels=4, down_block_types=('DownBlock2D', 'AttnDownBlock2D'),
                            up_block_types=('AttnUpBlock2D', 'UpBlock2D'), attention_head_dim=8, num_class_embeds=10, **u)
         return ClassLatentPipeline(vae=vae, unet=unet, scheduler=_scheduler())
-    if kind != 'text': raise ValueError(f"kind must be 'unconditional', 'class' or 'text', not {kind!r}")
+    if kind != 'text': raise InputError(f"kind must be 'unconditional', 'class' or 'text', not {kind!r}")
     from transformers import CLIPTextModel, CLIPTextConfig
     from diffusers import StableDiffusionPipeline
     import tempfile
@@ -101,7 +102,7 @@ def encode_images(pipe, images:torch.Tensor, batch_size:int=64) -> torch.Tensor:
 def text_conditioning(pipe, prompts) -> dict:
     "`{'encoder_hidden_states': ...}` from the pipeline's tokenizer and text encoder ('' for no prompt)."
     if (kind := pipe.unet.config.get('addition_embed_type')) is not None:
-        raise ValueError(f"this pipeline's UNet also takes added conditioning (addition_embed_type {kind!r}: pooled text embeddings "
+        raise InputError(f"this pipeline's UNet also takes added conditioning (addition_embed_type {kind!r}: pooled text embeddings "
                          "and time ids, as SDXL): calibrate it from Python with cond={'encoder_hidden_states': ..., 'added_cond_kwargs': ...}")
     prompts = [p or '' for p in ([prompts] if isinstance(prompts, str) or prompts is None else prompts)]
     tok = pipe.tokenizer
@@ -118,15 +119,15 @@ def pipeline_kind(pipe) -> str:
 def check_conditioning(pipe, prompts=None, class_labels=None) -> str:
     "The pipeline's kind, once the prompts / class labels given are checked to be what its UNet takes."
     kind = pipeline_kind(pipe)
-    if kind != 'text' and prompts is not None: raise ValueError(f"this pipeline is {kind}, not text-conditioned: drop the prompt")
-    if kind != 'class' and class_labels is not None: raise ValueError(f"this pipeline is {kind}, not class-conditional: drop the class labels")
+    if kind != 'text' and prompts is not None: raise InputError(f"this pipeline is {kind}, not text-conditioned: drop the prompt")
+    if kind != 'class' and class_labels is not None: raise InputError(f"this pipeline is {kind}, not class-conditional: drop the class labels")
     return kind
 
 def cycled_labels(pipe, n:int, class_labels=None) -> torch.Tensor:
     "`n` labels: `class_labels` (checked against the class embedding) or every class, cycled over the samples."
     k = pipe.unet.config.num_class_embeds
     labels = torch.arange(k) if class_labels is None else torch.as_tensor(class_labels).view(-1)
-    if len(labels) == 0 or labels.min() < 0 or labels.max() >= k: raise ValueError(f"class labels must be in [0, {k}), not {labels.tolist()[:8]}")
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= k: raise InputError(f"class labels must be in [0, {k}), not {labels.tolist()[:8]}")
     return labels.repeat(math.ceil(n / len(labels)))[:n]
 
 def image_size(pipe) -> tuple:
@@ -142,7 +143,7 @@ def sample_latents(unet, scheduler, n:int, steps:int=20, seed:int=0, cond=None, 
     abar = scheduler.alphas_cumprod.to(torch.float32); ratio = len(abar) // steps
     z = initial_noise(n, sample_shape(unet), seed).to(dev); cond = cond_to(cond, dev)
     for t in tqdm(ddim_timesteps(len(abar), steps), desc='teacher latents', disable=not progress, leave=False):
-        a, a_prev = abar[t], (abar[t - ratio] if t - ratio >= 0 else torch.tensor(1.))
+        a_prev = abar[t - ratio] if t - ratio >= 0 else torch.tensor(1.)
         z0, eps = x0_and_eps(scheduler, z, unet_output(unet, z, torch.full((n,), t, device=dev), cond), t)
         z = a_prev.sqrt() * z0 + (1 - a_prev).sqrt() * eps
     return z.cpu()
@@ -158,7 +159,7 @@ def calibration(pipe, images:torch.Tensor=None, # images in [-1, 1]; None: the t
     cond = None
     if kind == 'text':
         ps = [prompts] * n if prompts is None or isinstance(prompts, str) else list(prompts)
-        if len(ps) != n: raise ValueError(f"{len(ps)} prompts for {n} samples: give one prompt or one per sample")
+        if len(ps) != n: raise InputError(f"{len(ps)} prompts for {n} samples: give one prompt or one per sample")
         cond = text_conditioning(pipe, ps)
     elif kind == 'class': cond = class_conditioning(cycled_labels(pipe, n, class_labels))
     z = encode_images(pipe, images) if images is not None else sample_latents(pipe.unet, pipe.scheduler, n, steps, seed, cond, progress)
@@ -233,7 +234,7 @@ def latent_folder(model):
     idx = p/'model_index.json'
     if not idx.exists(): return None
     try: keys = json.loads(idx.read_text())
-    except ValueError: raise ModelError(f"{str(idx)!r} is not JSON: the pipeline folder is damaged") from None
+    except ValueError as e: raise ModelError(f"{str(idx)!r} is not JSON: the pipeline folder is damaged") from e
     check_unet_pipeline(p, keys)  # a transformer pipeline (DiT, PixArt) is named, not taken for a damaged folder
     return p if ('vae' in keys or 'vqvae' in keys) else None
 
@@ -261,7 +262,7 @@ def load_pipeline(path, device='cpu'):
     try:
         with no_loading_bars(): pipe = cls.from_pretrained(path, unet=load_unet(path/'unet'))  # hub .bin: read weights_only
     except ModelError: raise
-    except Exception as e: raise ModelError(f"cannot load pipeline {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+    except Exception as e: raise ModelError(f"cannot load pipeline {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -24,7 +24,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.downsampling import Downsample2D
 import diffprune
-from .data import digits_split, show_images, image_hw
+from .data import digits_split, show_images, image_hw, InputError
 
 # %% ../nbs/01_models.ipynb #5a3782c4
 def unet_config(size:int=16, # sample size
@@ -97,7 +97,7 @@ def prediction_type(scheduler) -> str:
     "The objective the UNet was trained for, as its scheduler records it: one of `PREDICTION_TYPES`."
     p = scheduler.config.get('prediction_type', 'epsilon')
     if p not in PREDICTION_TYPES:
-        raise ValueError(f"the scheduler's prediction_type {p!r} is not supported: diffprune handles {', '.join(PREDICTION_TYPES)}")
+        raise InputError(f"the scheduler's prediction_type {p!r} is not supported: diffprune handles {', '.join(PREDICTION_TYPES)}")
     return p
 
 def regression_target(scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tensor) -> torch.Tensor:
@@ -136,14 +136,14 @@ def eps_loss(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tenso
 # %% ../nbs/01_models.ipynb #78ecb4aa
 def ddim_timesteps(num_train:int, steps:int) -> list:
     "Evenly spaced ('leading') DDIM timesteps, from most to least noisy."
-    if not 1 <= steps <= num_train: raise ValueError(f"steps must be in [1, {num_train}], not {steps}")
+    if not 1 <= steps <= num_train: raise InputError(f"steps must be in [1, {num_train}], not {steps}")
     ratio = num_train // steps
     return [i * ratio for i in range(steps)][::-1]
 
 def sample_shape(unet) -> tuple:
     "`(channels, height, width)` of the UNet's samples; diffusers records `sample_size` as an int or `(height, width)`."
     c = unet.config; s = c.sample_size
-    if s is None: raise ValueError("the UNet records no sample_size: set unet.config.sample_size (int or (height, width))")
+    if s is None: raise InputError("the UNet records no sample_size: set unet.config.sample_size (int or (height, width))")
     return (c.in_channels, *image_hw(s))
 
 def initial_noise(n:int, shape, seed:int=0) -> torch.Tensor:
@@ -192,7 +192,7 @@ def ddpm_sample(unet, scheduler, n:int=16, seed:int=0, batch_size:int=256, devic
     return (torch.cat(out) + 1) / 2
 
 # %% ../nbs/01_models.ipynb #400668f0
-class ModelError(ValueError):
+class ModelError(InputError):
     "A model argument or model folder that cannot be used; the message says what to change."
 
 _STRUCT_ATTRS = {nn.Conv2d: ('in_channels', 'out_channels'), nn.Linear: ('in_features', 'out_features'),
@@ -286,7 +286,7 @@ def save_model(unet, scheduler, path, meta:dict=None):
 def read_json(path):
     "Read a JSON file of a model folder; a damaged or missing file is a `ModelError` that says so."
     try: return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e: raise ModelError(f"cannot read {str(path)!r}: {type(e).__name__}; the model folder is damaged") from None
+    except (OSError, ValueError) as e: raise ModelError(f"cannot read {str(path)!r}: {type(e).__name__}; the model folder is damaged") from e
 
 def load_unet(path) -> nn.Module:
     "Load a UNet folder (`config.json` + safetensors, plus `diffprune.json` if pruned) strictly, without pickle."
@@ -301,17 +301,17 @@ def load_unet(path) -> nn.Module:
     unet = cls.from_config({k: v for k, v in cfg.items() if not k.startswith('_')})
     if (path/'diffprune.json').exists(): apply_structure(unet, read_json(path/'diffprune.json').get('structure', {}))
     try: sd = load_file(wfile)
-    except Exception as e: raise ModelError(f"cannot read weights {str(wfile)!r} ({type(e).__name__}): the file is missing, truncated or not safetensors") from None
+    except Exception as e: raise ModelError(f"cannot read weights {str(wfile)!r} ({type(e).__name__}): the file is missing, truncated or not safetensors") from e
     try: unet.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         first = str(e).split('\n')[1].strip() if '\n' in str(e) else str(e)
-        raise ModelError(f"weights in {str(path)!r} do not fit the saved structure ({first[:160]})") from None
+        raise ModelError(f"weights in {str(path)!r} do not fit the saved structure ({first[:160]})") from e
     return unet.eval()
 
 def _load_hub_bin(cls, path):
     "Hub folders with PyTorch `.bin` weights, read by diffusers with `weights_only=True`."
     try: return cls.from_pretrained(path, use_safetensors=False).eval()
-    except Exception as e: raise ModelError(f"cannot load {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+    except Exception as e: raise ModelError(f"cannot load {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
 
 # %% ../nbs/01_models.ipynb #6555ef28
 ASSETS = Path(diffprune.__file__).parent/'assets'
@@ -327,7 +327,7 @@ def _hub_folder(model_id:str) -> Path:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(model_id, allow_patterns=['*.json', '*.safetensors', '*.bin']))
     except Exception as e:
-        raise ModelError(f"cannot find model {model_id!r} locally or on the hub ({type(e).__name__}): pass 'digits', a model folder, or a hub id with network access") from None
+        raise ModelError(f"cannot find model {model_id!r} locally or on the hub ({type(e).__name__}): pass 'digits', a model folder, or a hub id with network access") from e
 
 def check_unet_pipeline(path, components:dict):
     "Refuse a pipeline folder (its `model_index.json` read as `components`) whose denoiser is not a UNet, naming it."

@@ -17,7 +17,9 @@ from diffusers import UNet2DModel, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.downsampling import Downsample2D
-from .models import load_model, save_model, tiny_unet, CIFAR10_CONFIG, ddim_sample, sample_shape, match_attention_scale
+from .data import InputError
+from .models import (load_model, save_model, tiny_unet, CIFAR10_CONFIG, ddim_sample, sample_shape,
+                              match_attention_scale)
 from .importance import Importance, score_model, importance_criterion
 
 # %% ../nbs/04_prune.ipynb #9d6baea9
@@ -39,9 +41,9 @@ def added_cond_example(unet, batch:int=1) -> dict:
     if kind is None: return None
     if kind == 'text_time':  # pooled text embeddings and 6 time ids (original and target size, crop), as SDXL
         text_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        if text_dim < 1: raise ValueError(f"addition_embed_type 'text_time' with {c.projection_class_embeddings_input_dim} inputs leaves no room for 6 time ids")
+        if text_dim < 1: raise InputError(f"addition_embed_type 'text_time' with {c.projection_class_embeddings_input_dim} inputs leaves no room for 6 time ids")
         return dict(text_embeds=torch.randn(batch, text_dim, device=dev), time_ids=torch.zeros(batch, 6, device=dev))
-    raise ValueError(f"this UNet takes added conditioning of addition_embed_type {kind!r}, which diffprune cannot build: "
+    raise InputError(f"this UNet takes added conditioning of addition_embed_type {kind!r}, which diffprune cannot build: "
                      "it supports 'text_time' (SDXL) and UNets without added conditioning")
 
 def attention_heads(unet) -> dict:
@@ -92,7 +94,7 @@ class UNetPruner:
     def __init__(self, unet, criterion, # a torch-pruning importance (see `importance_criterion`)
                  ignored=(), # extra layers to keep whole
                  round_to:int=None): # keep every pruned width a multiple of this (e.g. 16 for AVX-512 CPUs, 8 for tensor cores)
-        if round_to is not None and round_to < 1: raise ValueError(f"round_to must be at least 1, not {round_to}")
+        if round_to is not None and round_to < 1: raise InputError(f"round_to must be at least 1, not {round_to}")
         self.unet = unet
         self.meta = tp.pruner.MetaPruner(unet, example_inputs(unet), importance=criterion, pruning_ratio=0.,
                                          ignored_layers=[unet.conv_out, *ignored], num_heads=attention_heads(unet),
@@ -107,12 +109,12 @@ class UNetPruner:
             s = s.detach().float().cpu()
             self.groups.append(GroupInfo(names[g[0].dep.target.module], g[0].dep.target.module, g[0].dep.handler,
                                          chg, len(s) // chg, s.view(chg, -1).mean(0)))
-        if not self.groups: raise ValueError("this model has nothing prunable (every layer is kept)")
+        if not self.groups: raise InputError("this model has nothing prunable (every layer is kept)")
         self.convs, self.attns = layer_macs(unet)
         # a unit removes k channels per channel group from one group; with round_to, only widths it divides are steps
         self.units = sorted(((k - 0.5) / g.size, i, k) for i, g in enumerate(self.groups) for k in range(1, g.size)
                             if not round_to or g.ch_groups * (g.size - k) % round_to == 0)
-        if not self.units: raise ValueError(f"no width of this model can be pruned to a multiple of {round_to}: use a smaller round_to (--round-to)")
+        if not self.units: raise InputError(f"no width of this model can be pruned to a multiple of {round_to}: use a smaller round_to (--round-to)")
         self._cache = {}
 
     def _narrowest_root(self, g):
@@ -128,7 +130,7 @@ class UNetPruner:
 
     def plan(self, ratio:float) -> dict:
         "`{group index: channels removed per channel group}` for a channel ratio (each group rounded to nearest)."
-        if not 0 <= ratio < 1: raise ValueError(f"ratio must be in [0, 1), not {ratio}")
+        if not 0 <= ratio < 1: raise InputError(f"ratio must be in [0, 1), not {ratio}")
         return self._prefix(sum(1 for u in self.units if u[0] < ratio))
 
     def _prefix(self, n:int) -> dict:
@@ -167,10 +169,10 @@ def estimate(self, plan:dict, attention:bool=False) -> int:
 def plan_for_macs(self, target:float, # fraction of the original MACs to keep, in (0, 1)
                   tol:float=0.005) -> dict:
     "The shortest prefix of units whose predicted MACs reach `target` x the original."
-    if not 0 < target < 1: raise ValueError(f"target MACs fraction must be in (0, 1), not {target}")
+    if not 0 < target < 1: raise InputError(f"target MACs fraction must be in (0, 1), not {target}")
     base = sum(self.convs.values()); lo, hi = 0, len(self.units)
     if self.estimate(self._prefix(hi)) > target * base:
-        raise ValueError(f"no ratio reaches {target:.0%} of the MACs (the smallest reachable is {self.estimate(self._prefix(hi)) / base:.0%}): ask for more")
+        raise InputError(f"no ratio reaches {target:.0%} of the MACs (the smallest reachable is {self.estimate(self._prefix(hi)) / base:.0%}): ask for more")
     while lo < hi:
         mid = (lo + hi) // 2
         if self.estimate(self._prefix(mid)) <= target * base: hi = mid
@@ -272,7 +274,7 @@ def prune_model(importance:Importance, # from `score_model`: the model with grad
                 round_to:int=None, # keep every pruned width a multiple of this (see the speed section below)
                ) -> PruneResult:
     "Prune a copy of `importance.unet` to `ratio` or `target_macs` in one shot."
-    if (ratio is None) == (target_macs is None): raise ValueError("give exactly one of ratio and target_macs")
+    if (ratio is None) == (target_macs is None): raise InputError("give exactly one of ratio and target_macs")
     t0 = time.time(); unet = copy.deepcopy(importance.unet).requires_grad_(True)  # the original stays whole (and frozen if it was)
     for p, q in zip(unet.parameters(), importance.unet.parameters()):  # deepcopy of a Parameter drops .grad
         p.grad = q.grad.clone() if q.grad is not None else torch.zeros_like(p) if importance.timesteps else None

@@ -13,7 +13,7 @@ import torch, numpy as np
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .models import eps_loss, load_model, tiny_unet, repeat_cond, cond_to, prediction_type, sample_shape
-from .data import get_dataset, take
+from .data import get_dataset, take, InputError
 
 # %% ../nbs/02_timesteps.ipynb #01dc2d62
 def stacked_losses(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor,
@@ -53,9 +53,9 @@ def threshold_t_prime(losses, # L_t at each analysed timestep, in increasing t
                       threshold:float, # thr in [0, 1]
                      ) -> int:
     "T': the last analysed timestep before `L_t < threshold * max_{s<=t} L_s` first holds."
-    if not 0 <= threshold <= 1: raise ValueError(f"threshold must be in [0, 1], not {threshold}")
+    if not 0 <= threshold <= 1: raise InputError(f"threshold must be in [0, 1], not {threshold}")
     losses, timesteps = list(map(float, losses)), [int(t) for t in timesteps]
-    if any(b <= a for a, b in zip(timesteps, timesteps[1:])): raise ValueError("timesteps must be increasing")
+    if any(b <= a for a, b in zip(timesteps, timesteps[1:])): raise InputError("timesteps must be increasing")
     i, _ = first_rejected(losses, threshold)
     return timesteps[-1] if i is None else timesteps[max(i - 1, 0)]
 
@@ -116,8 +116,8 @@ def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, 
                       cond=None, # conditioning of the calibration batch (conditional UNets; `data` must then be a tensor)
                       batch_size:int=512, seed:int=0, device='cpu', progress:bool=True) -> TimestepAnalysis:
     "Diff-Pruning's timestep analysis: L_t on one calibration batch and noise, and the threshold rule."
-    if not 0 <= threshold <= 1: raise ValueError(f"threshold must be in [0, 1], not {threshold}")
-    if stride < 1: raise ValueError(f"stride must be at least 1, not {stride}")
+    if not 0 <= threshold <= 1: raise InputError(f"threshold must be in [0, 1], not {threshold}")
+    if stride < 1: raise InputError(f"stride must be at least 1, not {stride}")
     unet, sched = load_model(model, device)
     prediction_type(sched)  # the loss needs the model's objective: an unknown one is refused before any work
     x0 = data if torch.is_tensor(data) else take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), num_images, seed)

@@ -139,3 +139,31 @@ def test_ctrl_c_in_finetune_keeps_its_checkpoints_and_says_how_to_go_on(tmp_path
     assert p.returncode == 130, err[-1500:]
     assert any('interrupted' in l and 'add --resume' in l for l in err.replace('\r', '\n').splitlines()), err[-1500:]
     assert any((c/'state.json').exists() for c in ck.glob('step_*'))
+
+# The error contract: the user's errors in one line, everything else with its traceback
+
+def test_a_diverging_finetune_is_one_line_exit_2(cli, pruned, tmp_path):
+    r = cli('finetune', '--model', pruned, '--steps', '40', '--lr', '1e8', '--batch-size', '8', '--checkpoint-every', '1000',
+            '--out', tmp_path/'o')
+    last = r.stderr.replace('\r', '\n').strip().splitlines()[-1]  # after the progress bar of the steps it ran
+    assert r.returncode == 2 and last.startswith('diffprune finetune: error: the loss became') and 'Traceback' not in r.stderr, r.stderr
+    assert not (tmp_path/'o').exists()  # it diverged before any checkpoint: nothing is left
+
+def test_a_bug_is_not_disguised_as_bad_input(cli, tmp_path, monkeypatch):
+    "A ValueError from inside torch or diffusers is not the user's to fix: it propagates (a traceback, exit 1)."
+    import diffprune.timesteps as ts
+    def broken(*args, **kw): raise ValueError('operands could not be broadcast together')
+    monkeypatch.setattr(ts, 'analyze_timesteps', broken)
+    with pytest.raises(ValueError, match='broadcast'): cli('analyze', '--out', tmp_path/'o')
+
+@pytest.mark.parametrize('switch', ['--debug', 'DIFFPRUNE_DEBUG=1'])
+def test_debug_shows_an_input_error_with_its_cause(cli, tmp_path, monkeypatch, switch):
+    from diffprune.models import ModelError
+    if switch.startswith('DIFFPRUNE_DEBUG'): monkeypatch.setenv('DIFFPRUNE_DEBUG', '1')
+    with pytest.raises(ModelError, match='cannot find model') as e:
+        cli('sample', '--model', 'nonexistent/model', '--out', tmp_path/'o', *([switch] if switch == '--debug' else []))
+    assert e.value.__cause__ is not None  # kept, not dropped with `from None`
+
+def test_debug_prints_the_traceback_through_the_console_script(console, tmp_path):
+    r = console('sample', '--model', 'nonexistent/model', '--debug', '--out', tmp_path/'o')
+    assert r.returncode == 1 and 'Traceback' in r.stderr and 'The above exception was the direct cause' in r.stderr, r.stderr[-800:]
