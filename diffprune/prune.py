@@ -102,9 +102,8 @@ class UNetPruner:
         self.DG, names = self.meta.DG, {m: n for n, m in unet.named_modules()}
         self.groups = []
         for g in self.DG.get_all_groups(ignored_layers=self.meta.ignored_layers, root_module_types=self.meta.root_module_types):
-            if self.meta._is_atten_group(g)[0]: g = self.meta._downstream_node_as_root_if_attention(g) or g
-            else: g = self._narrowest_root(g)
-            chg = self.meta._get_channel_groups(g); s = criterion(g)
+            g, chg = self._rooted(g)
+            s = criterion(g)
             if s is None: continue
             s = s.detach().float().cpu()
             self.groups.append(GroupInfo(names[g[0].dep.target.module], g[0].dep.target.module, g[0].dep.handler,
@@ -116,6 +115,14 @@ class UNetPruner:
                             if not round_to or g.ch_groups * (g.size - k) % round_to == 0)
         if not self.units: raise InputError(f"no width of this model can be pruned to a multiple of {round_to}: use a smaller round_to (--round-to)")
         self._cache = {}
+
+    def _rooted(self, g) -> tuple:
+        "`(group, channel groups)`: an attention group rooted as torch-pruning roots it, any other at its narrowest layer."
+        # diffprune's only calls into torch-pruning's private MetaPruner API: settings.ini bounds its version, and
+        # tests/test_layout.py checks the installed one is in the bound and still has these methods
+        m = self.meta
+        g = (m._downstream_node_as_root_if_attention(g) or g) if m._is_atten_group(g)[0] else self._narrowest_root(g)
+        return g, m._get_channel_groups(g)
 
     def _narrowest_root(self, g):
         "The group re-rooted at its narrowest output layer, so that its channels are the ones GroupNorm groups."
