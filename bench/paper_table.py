@@ -19,8 +19,8 @@ from common import parser, write, table
 from diffprune.models import load_model, ddim_sample
 from diffprune.importance import score_model
 from diffprune.prune import prune_model
-from diffprune.finetune import finetune
-from diffprune.evaluate import fid_score, consistency
+from diffprune.finetuning import finetune
+from diffprune.evaluation import fid_score, consistency
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086}
 

@@ -12,8 +12,8 @@ from common import parser, write, table
 from diffprune.models import load_model, ddim_sample
 from diffprune.importance import score_model
 from diffprune.prune import prune_model
-from diffprune.finetune import finetune
-from diffprune.evaluate import fid_score
+from diffprune.finetuning import finetune
+from diffprune.evaluation import fid_score
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])

@@ -11,7 +11,7 @@ slow for their MACs.
 import torch
 from common import parser, write, table, pruned_digits
 from diffprune.prune import count_macs, count_params
-from diffprune.evaluate import latency
+from diffprune.evaluation import latency
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])

@@ -165,7 +165,7 @@ def _teacher_of(model):
 
 def cmd_finetune(a):
     "Finetune a (pruned) model."
-    from diffprune.finetune import latest_checkpoint
+    from diffprune.finetuning import latest_checkpoint
     from diffprune.latent import latent_folder
     if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
     if a.lr <= 0: raise UsageError(f"--lr must be positive, not {a.lr}")
@@ -197,7 +197,7 @@ def _finetune_pixel(a, out, ck, teacher, ckpt_every):
     "`diffprune finetune` for a pixel-space model: checkpoints in `ck`, then the model, plot and result into `out`."
     from diffprune.data import save_fig
     from diffprune.models import atomic_dir, save_model, write_json
-    from diffprune.finetune import finetune
+    from diffprune.finetuning import finetune
     r = finetune(a.model, a.data, a.steps, a.batch_size, a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                  teacher=teacher, alpha=a.alpha if a.distill else 0., checkpoint_dir=ck, checkpoint_every=ckpt_every,
                  resume=a.resume, seed=a.seed, mixed_precision=a.mixed_precision, device=a.device)
@@ -219,7 +219,7 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
     "`diffprune finetune` for a pruned latent pipeline, on encoded images (--data) or the teacher pipeline's latents."
     from diffprune.data import save_fig
     from diffprune.models import atomic_dir, write_json
-    from diffprune.finetune import finetune
+    from diffprune.finetuning import finetune
     from diffprune.latent import LatentData, calibration, with_unet, latent_folder, load_pipeline, write_pipeline
     pipe = load_pipeline(folder, a.device)
     src = latent_folder(teacher or _teacher_of(a.model) or '')  # the pipeline it was pruned from makes latents and teaches
@@ -247,7 +247,7 @@ def cmd_evaluate(a):
     if a.num_samples < 2: raise UsageError(f"--num-samples must be at least 2 for FID, not {a.num_samples}")
     if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
     out = check_out(a.out, a.overwrite)
-    from diffprune.evaluate import evaluate
+    from diffprune.evaluation import evaluate
     ev = evaluate(a.model, a.teacher, a.data, a.num_samples, a.steps, a.seed, a.feature, device=a.device)
     _write_run(out, {'samples.png': ev.grid()}, dict(model=str(a.model), **ev.to_dict()))
     print(ev.table().to_string()); print(f"wrote {out}")

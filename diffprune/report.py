@@ -17,8 +17,8 @@ from .data import save_fig
 from .timesteps import analyze_timesteps
 from .importance import score_model
 from .prune import prune_model
-from .finetune import finetune
-from .evaluate import evaluate
+from .finetuning import finetune
+from .evaluation import evaluate
 
 # %% ../nbs/08_report.ipynb #03a71f39
 @dataclass

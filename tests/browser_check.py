@@ -10,7 +10,7 @@ Chromium through Playwright (no browser of its own is downloaded), runs all cell
 A screenshot of every notebook is kept in `--artifacts` (default `tests/artifacts/browser/`).
 
     python tests/browser_check.py [--chromium /usr/bin/chromium]
-    python tests/browser_check.py --source nbs --notebooks 02_timesteps 04_prune 06_evaluate
+    python tests/browser_check.py --source nbs --notebooks 02_timesteps 04_prune 06_evaluation
 """
 import argparse, hashlib, json, os, re, shutil, socket, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -22,7 +22,7 @@ WIDGETS = {
     'prune_explorer': ('MACs kept', '.jp-OutputArea-child .jp-OutputArea-output table'),
     '02_timesteps': ('threshold', '.widget-html-content'),
     '04_prune': ('MACs kept', '.jp-OutputArea-child .jp-OutputArea-output table'),
-    '06_evaluate': ('seed', '.widget-html-content'),
+    '06_evaluation': ('seed', '.widget-html-content'),
 }
 CHROMIUM_FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
                   '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage']

@@ -4,7 +4,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from diffusers import DDPMScheduler
 from diffprune.models import tiny_unet
-from diffprune.finetune import finetune
+from diffprune.finetuning import finetune
 
 out = Path(sys.argv[1]); batch = int(sys.argv[2]); steps = int(sys.argv[3])
 torch.set_num_threads(1)

@@ -31,7 +31,7 @@ def test_widgets_render_and_respond_in_jupyterlab(tmp_path):
 def test_lesson_widgets_render_and_respond_in_jupyterlab():
     "The slow tier: the lessons themselves (02, 04, 06) run top to bottom in JupyterLab, and each slider redraws."
     art = HERE/'artifacts'/'browser_lessons'
-    nbs = ('02_timesteps', '04_prune', '06_evaluate')
+    nbs = ('02_timesteps', '04_prune', '06_evaluation')
     r = subprocess.run([sys.executable, str(HERE/'browser_check.py'), '--chromium', CHROMIUM, '--artifacts', str(art),
                         '--source', str(HERE.parent/'nbs'), '--notebooks', *nbs], capture_output=True, text=True, timeout=1800)
     print(r.stdout[-3000:], r.stderr[-3000:])

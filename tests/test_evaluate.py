@@ -1,7 +1,7 @@
 "Evaluation sanity: FID calibration, SSIM of a model with itself, bad input."
 import json
 import pytest, torch
-from diffprune.evaluate import fid_score, consistency, evaluate
+from diffprune.evaluation import fid_score, consistency, evaluate
 from diffprune.data import get_dataset
 from diffprune.models import load_model, ddim_sample, tiny_unet
 

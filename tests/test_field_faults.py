@@ -11,7 +11,7 @@ from diffprune.models import (PREDICTION_TYPES, denoising_loss, ddim_sample, ddp
                               sample_shape)
 from diffprune.importance import score_model, Importance, importance_criterion
 from diffprune.prune import prune_model, kept_channels, count_macs, example_inputs
-from diffprune.finetune import finetune
+from diffprune.finetuning import finetune
 from diffprune.data import digits_split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,7 +199,7 @@ def test_committed_benchmark_results_hold_no_machine_paths():
         assert not paths, (f.name, paths[:3])
 
 def test_evaluate_shows_its_sampling_progress(capsys):
-    from diffprune.evaluate import evaluate
+    from diffprune.evaluation import evaluate
     u = tiny_unet(); s = DDPMScheduler(num_train_timesteps=1000)
     evaluate((u, s), teacher=(tiny_unet(seed=1), s), num_samples=4, steps=2, repeats=1, latency_batch=2)
     assert 'DDIM-2' in capsys.readouterr().err

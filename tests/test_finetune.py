@@ -56,7 +56,7 @@ def test_bad_finetune_input_is_one_line_exit_2(cli, pruned, tmp_path, extra, nee
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(pruned, tmp_path):
-    from diffprune.finetune import finetune, FinetuneError, latest_checkpoint
+    from diffprune.finetuning import finetune, FinetuneError, latest_checkpoint
     ck = tmp_path/'ck'
     finetune(pruned, steps=4, batch_size=8, checkpoint_dir=ck, checkpoint_every=2, progress=False)
     good = latest_checkpoint(ck)
@@ -68,7 +68,7 @@ def test_distillation_leaves_the_callers_teacher_trainable():
     "A teacher passed as a (unet, scheduler) pair is used through a copy: it can still be scored and pruned afterwards."
     from diffusers import DDPMScheduler
     from diffprune.models import tiny_unet
-    from diffprune.finetune import finetune
+    from diffprune.finetuning import finetune
     teacher = (tiny_unet(), DDPMScheduler(num_train_timesteps=1000))
     student = (tiny_unet(seed=1), teacher[1])
     finetune(student, 'digits', steps=2, batch_size=4, teacher=teacher, alpha=0.5, progress=False)

@@ -28,3 +28,28 @@ def test_imports_only_point_forward_in_notebook_order():
     backward = [f'{m} ({order[m]}) imports {d} ({order[d]})' for m in order
                 for d in library_imports(ROOT/'diffprune'/f'{m}.py') if d in rank and rank[d] >= rank[m] and d != m]
     assert not backward, backward
+
+PRIVATE_TP = ('_is_atten_group', '_downstream_node_as_root_if_attention', '_get_channel_groups')
+
+def test_torch_pruning_is_within_the_bound_whose_private_api_prune_relies_on():
+    "prune.py calls three private MetaPruner methods, in one helper only, so settings.ini bounds torch-pruning's version."
+    import configparser, torch_pruning as tp
+    from packaging.requirements import Requirement
+    cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(ROOT/'settings.ini')
+    req = next(Requirement(r) for r in cfg['DEFAULT']['requirements'].split() if r.startswith('torch-pruning'))
+    assert req.specifier and tp.__version__ in req.specifier, (tp.__version__, str(req.specifier))
+    assert any(s.operator == '<' for s in req.specifier), 'no upper bound'
+    assert all(hasattr(tp.pruner.MetaPruner, name) for name in PRIVATE_TP)
+    src = (ROOT/'diffprune'/'prune.py').read_text()
+    helper = src[src.index('    def _rooted('):src.index('    def _narrowest_root(')]
+    assert all(src.count(f'.{n}(') == helper.count(f'.{n}(') == 1 for n in PRIVATE_TP)
+
+def test_import_diffprune_as_dp_gives_one_call_per_step_and_loads_no_torch():
+    import subprocess, sys
+    probe = ("import sys, diffprune as dp; print([m for m in ('torch', 'diffusers') if m in sys.modules]); "
+             "import diffprune.importance, diffprune.prune, diffprune.finetuning, diffprune.evaluation, diffprune.models; "
+             "print(all(getattr(dp, n) is getattr(getattr(diffprune, m), n) for n, m in [('load_model', 'models'), "
+             "('score_model', 'importance'), ('prune_model', 'prune'), ('finetune', 'finetuning'), "
+             "('evaluate', 'evaluation')]))")
+    out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=120).stdout.split()
+    assert out == ['[]', 'True'], out

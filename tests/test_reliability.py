@@ -17,7 +17,7 @@ The table of bad inputs (also in the README's troubleshooting section). Rows cov
 | an unwritable output folder | here |
 | an output folder that holds another run (refused unless --overwrite) | test_cli_sample.py, here |
 | Ctrl-C | here |
-| an objective (prediction_type) diffprune does not know, a teacher of another objective | test_field_faults.py, 05_finetune |
+| an objective (prediction_type) diffprune does not know, a teacher of another objective | test_field_faults.py, 05_finetuning |
 | a pipeline whose denoiser is a transformer | test_field_faults.py |
 | --data with a method that does not use it | test_cli_method.py |
 | added conditioning diffprune cannot build | test_field_faults.py |
@@ -68,7 +68,7 @@ def test_pickle_as_model_weights_is_refused_and_never_unpickled(cli, pruned, tmp
         assert not marker.exists()
 
 def test_pickle_as_checkpoint_is_refused_and_never_unpickled(pruned, tmp_path):
-    from diffprune.finetune import finetune
+    from diffprune.finetuning import finetune
     marker = tmp_path/'UNPICKLED'; ck = tmp_path/'ck'
     finetune(pruned, steps=2, batch_size=8, checkpoint_dir=ck, checkpoint_every=2, progress=False)
     for f in ('optimizer.safetensors', 'ema.safetensors'):
@@ -77,7 +77,7 @@ def test_pickle_as_checkpoint_is_refused_and_never_unpickled(pruned, tmp_path):
         assert not marker.exists()
 
 def test_pickle_in_the_fid_cache_is_never_unpickled(tmp_path, monkeypatch):
-    import diffprune.evaluate as ev
+    import diffprune.evaluation as ev
     monkeypatch.setattr(ev, 'CACHE', tmp_path/'cache')
     x = (torch.rand(16, 1, 16, 16))
     f1 = ev.fid_score(x, 'digits:heldout')

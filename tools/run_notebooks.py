@@ -4,7 +4,7 @@ The cells that run are the ones `nbdev_test` runs: none flagged with a `tst_flag
 `colab`, `retrain`) unless `--flags` names it, none with `#| eval: false`, and not the closing `nbdev_export()` cell. With `--write` each notebook is saved with the outputs of that run, so GitHub, Colab
 and the docs show the lesson without running it; run `nbdev_clean` afterwards, as before any commit.
 
-    python tools/run_notebooks.py nbs/05_finetune.ipynb            # time each cell, change nothing
+    python tools/run_notebooks.py nbs/05_finetuning.ipynb            # time each cell, change nothing
     python tools/run_notebooks.py --write nbs/[0-9]*.ipynb         # refresh the committed outputs
 """
 import argparse, os, sys, time
