@@ -10,7 +10,6 @@ __all__ = ['SUBCOMMANDS', 'METHODS', 'UsageError', 'check_out', 'cmd_sample', 'c
 import argparse, contextlib, sys, json, time, os, shutil, tempfile, warnings
 from pathlib import Path
 
-
 # %% ../nbs/09_cli.ipynb #5c3501e9
 class UsageError(ValueError):
     "A command-line argument that cannot be used; the message says what to change (like the library's `InputError`)."
@@ -80,8 +79,8 @@ def _check_threshold(t):
 
 def cmd_analyze(a):
     "Per-timestep loss of a model and the kept timesteps."
-    from diffprune.timesteps import analyze_timesteps
     _check_threshold(a.threshold); out = check_out(a.out, a.overwrite)
+    from diffprune.timesteps import analyze_timesteps
     a.data = a.data or 'digits'
     ana = analyze_timesteps(a.model, a.data, a.threshold, num_images=a.batch_size, stride=1 if a.stride is None else a.stride, seed=a.seed, device=a.device)
     _write_run(out, {'losses.png': ana.plot()}, dict(model=str(a.model), data=str(a.data), seed=a.seed, **ana.to_dict()))
