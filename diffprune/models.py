@@ -52,8 +52,8 @@ def tiny_unet(channels:int=1, attention:bool=True, head_dim:int=None, seed:int=0
 
 # %% ../nbs/01_models.ipynb #5e48b1e6
 def alpha_bar(scheduler, t, like:torch.Tensor) -> torch.Tensor:
-    "`abar_t` of `scheduler` for timesteps `t`: an int gives a CPU scalar, one per sample a tensor broadcasting over `like`."
-    if isinstance(t, int): return scheduler.alphas_cumprod.to(torch.float32)[t]  # samplers: no copy to the device per step
+    "`abar_t` of `scheduler` for timesteps `t`: a number gives a CPU scalar, one per sample a tensor broadcasting over `like`."
+    if not torch.is_tensor(t): return scheduler.alphas_cumprod.to(torch.float32)[int(t)]  # samplers: no copy per step
     return scheduler.alphas_cumprod.to(like.device, torch.float32)[t.to(like.device)].view(-1, *([1] * (like.ndim - 1)))
 
 def add_noise(scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tensor) -> torch.Tensor:
