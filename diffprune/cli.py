@@ -122,22 +122,14 @@ def cmd_prune(a):
     except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
     print(res.table().to_string()); print(f"wrote the pruned model to {out}")
 
-def _latent_images(a, pipe, n:int):
-    "Up to `n` images of `--data` at the pipeline's size and channels, or None (the teacher makes latents)."
-    if a.data is None: return None
-    from diffprune.data import get_dataset, take
-    from diffprune.latent import autoencoder, image_size
-    ds = get_dataset(a.data, image_size(pipe), autoencoder(pipe).config.in_channels)
-    return take(ds, min(n, len(ds)), a.seed)
-
 def _prune_latent(a, out, folder):
     "`diffprune prune` for a latent pipeline: calibrate on encoded images (--data) or the teacher's latents, prune the UNet."
     from diffprune.data import save_fig
     from diffprune.models import atomic_dir, commit_dir, write_json
-    from diffprune.latent import load_pipeline, prune_pipeline, pipeline_macs, write_pipeline
+    from diffprune.latent import load_pipeline, prune_pipeline, pipeline_macs, write_pipeline, latent_images
     if a.calib_steps < 1: raise UsageError(f"--calib-steps must be at least 1, not {a.calib_steps}")
     pipe = load_pipeline(folder, a.device)
-    images = _latent_images(a, pipe, a.batch_size)
+    images = latent_images(pipe, a.data, a.batch_size, a.seed)
     pruned, res, _ = prune_pipeline(pipe, images, a.batch_size, a.prompt, a.class_labels, a.method, a.threshold, a.fast, a.stride,
                                     a.target_macs, a.ratio, a.calib_steps, a.seed, round_to=a.round_to)
     macs = {'teacher': pipeline_macs(pipe), 'pruned': pipeline_macs(pruned)}
@@ -218,19 +210,18 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
     "`diffprune finetune` for a pruned latent pipeline, on encoded images (--data) or the teacher pipeline's latents."
     from diffprune.data import save_fig
     from diffprune.models import atomic_dir, write_json
-    from diffprune.finetuning import finetune
-    from diffprune.latent import LatentData, calibration, with_unet, latent_folder, load_pipeline, write_pipeline
+    from diffprune.latent import finetune_pipeline, latent_images, latent_folder, load_pipeline, write_pipeline
     pipe = load_pipeline(folder, a.device)
     src = latent_folder(teacher or _teacher_of(a.model) or '')  # the pipeline it was pruned from makes latents and teaches
-    maker = load_pipeline(src, a.device) if src is not None else pipe
-    images = _latent_images(a, pipe, a.num_latents)
-    z, cond = calibration(maker, images, a.num_latents, a.prompt, a.class_labels, a.calib_steps, a.seed)
-    r = finetune((pipe.unet, pipe.scheduler), LatentData(z, cond), a.steps, a.batch_size, a.lr, grad_accum=a.grad_accum, ema=a.ema,
-                 use_ema=not a.raw, teacher=(maker.unet, maker.scheduler) if a.distill else None, alpha=a.alpha if a.distill else 0.,
-                 checkpoint_dir=ck, checkpoint_every=ckpt_every, resume=a.resume, seed=a.seed, mixed_precision=a.mixed_precision, device=a.device)
+    images = latent_images(pipe, a.data, a.num_latents, a.seed)
+    tuned, r, z = finetune_pipeline(pipe, load_pipeline(src, a.device) if src is not None else None, images, a.num_latents,
+                                    a.prompt, a.class_labels, a.calib_steps, a.seed, alpha=a.alpha if a.distill else 0.,
+                                    steps=a.steps, batch_size=a.batch_size, lr=a.lr, grad_accum=a.grad_accum, ema=a.ema,
+                                    use_ema=not a.raw, checkpoint_dir=ck, checkpoint_every=ckpt_every, resume=a.resume,
+                                    mixed_precision=a.mixed_precision, device=a.device)
     tmp = atomic_dir(out/'.final')
     try:
-        write_pipeline(with_unet(pipe, r.unet), tmp/'model', dict(finetune=r.summary(), source=_teacher_of(a.model) or str(a.model)))
+        write_pipeline(tuned, tmp/'model', dict(finetune=r.summary(), source=_teacher_of(a.model) or str(a.model)))
         for p in (tmp/'model').iterdir():
             if (out/p.name).exists(): shutil.rmtree(out/p.name) if (out/p.name).is_dir() else (out/p.name).unlink()
             os.replace(p, out/p.name)

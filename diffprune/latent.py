@@ -6,8 +6,8 @@
 __all__ = ['PIPELINES', 'tiny_clip_tokenizer', 'ClassLatentPipeline', 'tiny_latent_pipeline', 'autoencoder', 'encode_images',
            'text_conditioning', 'class_conditioning', 'pipeline_kind', 'check_conditioning', 'cycled_labels',
            'image_size', 'sample_latents', 'calibration', 'with_unet', 'module_macs', 'pipeline_macs', 'prune_pipeline',
-           'LatentData', 'write_pipeline', 'save_pipeline', 'latent_folder', 'no_loading_bars', 'load_pipeline',
-           'pipeline_images']
+           'LatentData', 'latent_images', 'finetune_pipeline', 'write_pipeline', 'save_pipeline', 'latent_folder',
+           'no_loading_bars', 'load_pipeline', 'pipeline_images']
 
 # %% ../nbs/07_latent.ipynb #94533a85
 import contextlib, json, math, shutil
@@ -16,10 +16,11 @@ import torch, torch.nn as nn
 from tqdm.auto import tqdm
 from diffusers import (AutoencoderKL, VQModel, UNet2DModel, UNet2DConditionModel, DDIMScheduler, DiffusionPipeline,
                        LDMPipeline, ImagePipelineOutput)
-from .data import InputError
+from .data import InputError, get_dataset, take
 from .models import (load_unet, unet_output, index_cond, cond_to, initial_noise, ddim_timesteps, sample_shape,
                               x0_and_eps, atomic_dir, commit_dir, unet_structure, ModelError, check_unet_pipeline)
 from .importance import score_model
+from .finetuning import finetune
 from .prune import prune_model, count_macs, count_params, layer_macs
 
 # %% ../nbs/07_latent.ipynb #b60b38d8
@@ -207,6 +208,25 @@ class LatentData(torch.utils.data.Dataset):
     def __init__(self, latents:torch.Tensor, cond:dict=None): self.z, self.cond = latents, cond
     def __len__(self): return len(self.z)
     def __getitem__(self, i): return (self.z[i], index_cond(self.cond, i)) if self.cond else self.z[i]
+
+# %% ../nbs/07_latent.ipynb #16a835bc
+def latent_images(pipe, data, n:int, seed:int=0):
+    "Up to `n` images of `data` (a dataset name or a folder) at the pipeline's image size and channels; None without data."
+    if data is None: return None
+    ds = get_dataset(data, image_size(pipe), autoencoder(pipe).config.in_channels)
+    return take(ds, min(n, len(ds)), seed)
+
+def finetune_pipeline(pipe, teacher=None, # the pipeline `pipe` was pruned from: it samples the latents (and teaches, with `alpha`)
+                      images=None, # images in [-1, 1] to encode instead (see `latent_images`)
+                      num_latents:int=256, prompts=None, class_labels=None, calib_steps:int=20, seed:int=0,
+                      alpha:float=0., # distillation weight (05)
+                      **kw) -> tuple: # `finetune`'s settings: steps, batch_size, lr, checkpoint_dir, ...
+    "Finetune the UNet of a (pruned) latent pipeline on its latents: `(tuned pipeline, FinetuneResult, latents)`."
+    maker = teacher or pipe
+    z, cond = calibration(maker, images, num_latents, prompts, class_labels, calib_steps, seed)
+    r = finetune((pipe.unet, pipe.scheduler), LatentData(z, cond), teacher=(maker.unet, maker.scheduler) if alpha else None,
+                 alpha=alpha, seed=seed, **kw)
+    return with_unet(pipe, r.unet), r, z
 
 # %% ../nbs/07_latent.ipynb #a311578c
 PIPELINES = {'ClassLatentPipeline': ClassLatentPipeline}
