@@ -14,7 +14,8 @@ at half the MACs.
 import time, torch
 from diffusers import UNet2DModel, DDPMScheduler
 from common import parser, write, table
-from diffprune.models import load_model, eps_loss, CIFAR10_CONFIG
+from diffprune.models import load_model, CIFAR10_CONFIG
+from diffprune.diffusion import eps_loss
 from diffprune.data import get_dataset, take
 from diffprune.timesteps import analyze_timesteps
 from diffprune.importance import accumulate_gradients, taylor_gradients, stratified_timesteps, Importance, importance_criterion

@@ -16,11 +16,13 @@ import json, math, time, statistics, copy
 from pathlib import Path
 import torch
 from common import parser, write, table
-from diffprune.models import load_model, ddim_sample
+from diffprune.models import load_model
+from diffprune.diffusion import ddim_sample
 from diffprune.importance import score_model
 from diffprune.prune import prune_model
 from diffprune.finetuning import finetune
-from diffprune.evaluation import fid_score, consistency
+from diffprune.metrics import fid_score
+from diffprune.evaluation import consistency
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086}
 

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import profile, ProfilerActivity
 from common import parser, write, table, pruned_digits
 from diffprune.prune import count_macs
-from diffprune.models import sample_shape
+from diffprune.diffusion import sample_shape
 
 KINDS = [  # (kind, substrings of aten op names), first match wins
     ('conv', ('conv', 'mkldnn_convolution')), ('attention', ('scaled_dot_product', 'softmax', 'bmm', 'baddbmm')),

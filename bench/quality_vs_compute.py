@@ -9,11 +9,12 @@ import time, torch
 import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
 from pathlib import Path
 from common import parser, write, table
-from diffprune.models import load_model, ddim_sample
+from diffprune.models import load_model
+from diffprune.diffusion import ddim_sample
 from diffprune.importance import score_model
 from diffprune.prune import prune_model
 from diffprune.finetuning import finetune
-from diffprune.evaluation import fid_score
+from diffprune.metrics import fid_score
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])

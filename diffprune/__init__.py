@@ -8,10 +8,10 @@ __all__ = []
 
 # %% ../nbs/index.ipynb #5e55c969
 _API = {  # `dp.NAME`: the one call per step, and what a notebook needs around them
-    'load_model': 'models', 'save_model': 'models', 'ddim_sample': 'models', 'tiny_unet': 'models',
+    'load_model': 'models', 'save_model': 'models', 'ddim_sample': 'diffusion', 'tiny_unet': 'models',
     'show_images': 'data', 'get_dataset': 'data', 'InputError': 'data',
     'analyze_timesteps': 'timesteps', 'score_model': 'importance', 'prune_model': 'prune', 'finetune': 'finetuning',
-    'evaluate': 'evaluation', 'prune_pipeline': 'latent', 'load_pipeline': 'latent', 'run_pipeline': 'report'}
+    'evaluate': 'evaluation', 'fid_score': 'metrics', 'prune_pipeline': 'latent', 'load_pipeline': 'latent', 'run_pipeline': 'report'}
 
 def __getattr__(name):
     "`import diffprune as dp; dp.score_model(...)`: the module is imported on first use, so importing diffprune is free."

@@ -7,7 +7,7 @@ __all__ = ['SUBCOMMANDS', 'METHODS', 'UsageError', 'check_out', 'cmd_sample', 'c
            'cmd_evaluate', 'cmd_run', 'subcommand', 'parser', 'main', 'cli']
 
 # %% ../nbs/09_cli.ipynb #1a995a5b
-import argparse, contextlib, sys, json, time, os, shutil, tempfile, warnings
+import argparse, contextlib, sys, time, os, shutil, tempfile, warnings
 from pathlib import Path
 
 # %% ../nbs/09_cli.ipynb #5c3501e9
@@ -44,7 +44,8 @@ def cmd_sample(a):
     if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
     out = check_out(a.out, a.overwrite)
     from diffprune.data import show_images
-    from diffprune.models import load_model, ddim_sample, ddpm_sample
+    from diffprune.models import load_model
+    from diffprune.diffusion import ddim_sample, ddpm_sample
     from diffprune.latent import latent_folder
     if (lat := latent_folder(a.model)) is not None: return _sample_latent(a, out, lat)
     _no_conditioning(a)

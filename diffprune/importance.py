@@ -8,11 +8,11 @@ __all__ = ['METHODS', 'default_images_per_pass', 'accumulate_gradients', 'per_ti
 
 # %% ../nbs/03_importance.ipynb #5ae26efc
 import copy, time
-import torch, torch.nn as nn, numpy as np
+import torch, numpy as np
 import torch_pruning as tp
-import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .models import eps_loss, load_model, tiny_unet, cond_to, prediction_type, sample_shape
+from .models import load_model
+from .diffusion import eps_loss, cond_to, prediction_type, sample_shape
 from .data import get_dataset, take, image_hw, InputError
 from .timesteps import analyze_timesteps, TimestepAnalysis, stacked_losses, first_rejected
 

@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 from diffusers import (AutoencoderKL, VQModel, UNet2DModel, UNet2DConditionModel, DDIMScheduler, DiffusionPipeline,
                        LDMPipeline, ImagePipelineOutput)
 from .data import InputError, get_dataset, take
-from .models import (load_unet, unet_output, index_cond, cond_to, initial_noise, ddim_timesteps, sample_shape,
-                              x0_and_eps, atomic_dir, commit_dir, unet_structure, ModelError, check_unet_pipeline)
+from .models import load_unet, atomic_dir, commit_dir, unet_structure, ModelError, check_unet_pipeline
+from .diffusion import (unet_output, index_cond, cond_to, initial_noise, ddim_timesteps, sample_shape, x0_and_eps)
 from .importance import score_model
 from .finetuning import finetune
-from .prune import prune_model, count_macs, count_params, layer_macs
+from .prune import prune_model, count_macs, layer_macs
 
 # %% ../nbs/07_latent.ipynb #b60b38d8
 def tiny_clip_tokenizer(folder):

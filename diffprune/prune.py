@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import torch, torch.nn as nn, numpy as np, pandas as pd
 import torch_pruning as tp
 import matplotlib.pyplot as plt
-from diffusers import UNet2DModel, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.downsampling import Downsample2D
 from .data import InputError
-from .models import (load_model, save_model, tiny_unet, CIFAR10_CONFIG, ddim_sample, sample_shape,
-                              match_attention_scale)
-from .importance import Importance, score_model, importance_criterion
+from .models import save_model, match_attention_scale
+from .diffusion import sample_shape
+from .importance import Importance
 
 # %% ../nbs/04_prune.ipynb #9d6baea9
 def example_inputs(unet, batch:int=1) -> dict:

@@ -6,11 +6,10 @@
 __all__ = ['PipelineSettings', 'PipelineResult', 'run_pipeline', 'summary_text', 'model_card', 'write_report']
 
 # %% ../nbs/08_report.ipynb #ea901adf
-import json, shutil, time
+import shutil, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch, pandas as pd
-import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .models import load_model, save_model, atomic_dir, commit_dir, write_json
 from .data import save_fig

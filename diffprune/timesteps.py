@@ -8,11 +8,11 @@ __all__ = ['stacked_losses', 'timestep_losses', 'threshold_t_prime', 'first_reje
 
 # %% ../nbs/02_timesteps.ipynb #b01df221
 from dataclasses import dataclass
-import json
 import torch, numpy as np
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
-from .models import eps_loss, load_model, tiny_unet, repeat_cond, cond_to, prediction_type, sample_shape
+from .models import load_model
+from .diffusion import eps_loss, repeat_cond, cond_to, prediction_type, sample_shape
 from .data import get_dataset, take, InputError
 
 # %% ../nbs/02_timesteps.ipynb #01dc2d62

@@ -1,9 +1,11 @@
 "Evaluation sanity: FID calibration, SSIM of a model with itself, bad input."
 import json
 import pytest, torch
-from diffprune.evaluation import fid_score, consistency, evaluate
+from diffprune.metrics import fid_score
+from diffprune.evaluation import consistency, evaluate
 from diffprune.data import get_dataset
-from diffprune.models import load_model, ddim_sample, tiny_unet
+from diffprune.models import load_model, tiny_unet
+from diffprune.diffusion import ddim_sample
 
 def test_fid_of_digits_against_a_disjoint_part_is_small_and_against_noise_large():
     held = (get_dataset('digits:heldout').x + 1) / 2

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest, torch, torch.nn as nn
 from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler, DDIMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-from diffprune.models import (PREDICTION_TYPES, denoising_loss, ddim_sample, ddpm_sample, save_model, load_model, tiny_unet,
-                              sample_shape)
+from diffprune.models import save_model, load_model, tiny_unet
+from diffprune.diffusion import PREDICTION_TYPES, denoising_loss, ddim_sample, ddpm_sample, sample_shape
 from diffprune.importance import score_model, Importance, importance_criterion
 from diffprune.prune import prune_model, kept_channels, count_macs, example_inputs
 from diffprune.finetuning import finetune

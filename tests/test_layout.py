@@ -24,10 +24,16 @@ def library_imports(path:Path) -> set:
 
 def test_imports_only_point_forward_in_notebook_order():
     order = notebook_order(); rank = {m: i for i, m in enumerate(order)}
-    assert {'data', 'models', 'prune', 'latent', 'report', 'cli'} <= set(order)
+    assert {'data', 'models', 'diffusion', 'metrics', 'prune', 'latent', 'report', 'cli'} <= set(order)
     backward = [f'{m} ({order[m]}) imports {d} ({order[d]})' for m in order
                 for d in library_imports(ROOT/'diffprune'/f'{m}.py') if d in rank and rank[d] >= rank[m] and d != m]
     assert not backward, backward
+
+def test_fid_is_computed_in_one_module():
+    "Every FID goes through `metrics`: no other module builds a torchmetrics FID or updates its statistics."
+    users = sorted(p.stem for p in (ROOT/'diffprune').glob('*.py')
+                   if 'FrechetInceptionDistance' in p.read_text() or 'real=True' in p.read_text())
+    assert users == ['metrics'], users
 
 PRIVATE_TP = ('_is_atten_group', '_downstream_node_as_root_if_attention', '_get_channel_groups')
 

@@ -2,7 +2,8 @@
 import json, copy
 import pytest, torch
 from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler, DDIMPipeline, DDIMScheduler
-from diffprune.models import load_model, save_model, ddim_sample, tiny_unet, CIFAR10_CONFIG
+from diffprune.models import load_model, save_model, tiny_unet, CIFAR10_CONFIG
+from diffprune.diffusion import ddim_sample
 from diffprune.importance import (Importance, importance_criterion, score_model, accumulate_gradients,
                                   per_timestep_gradients)
 from diffprune.prune import prune_model, example_inputs, kept_channels, jaccard, count_macs, UNetPruner

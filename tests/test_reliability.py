@@ -77,7 +77,7 @@ def test_pickle_as_checkpoint_is_refused_and_never_unpickled(pruned, tmp_path):
         assert not marker.exists()
 
 def test_pickle_in_the_fid_cache_is_never_unpickled(tmp_path, monkeypatch):
-    import diffprune.evaluation as ev
+    import diffprune.metrics as ev
     monkeypatch.setattr(ev, 'CACHE', tmp_path/'cache')
     x = (torch.rand(16, 1, 16, 16))
     f1 = ev.fid_score(x, 'digits:heldout')
