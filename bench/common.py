@@ -43,7 +43,7 @@ def pruned_digits(targets, round_to=(), device='cpu', seed:int=0) -> dict:
     from diffprune.models import load_model
     from diffprune.importance import score_model
     from diffprune.prune import prune_model
-    imp = score_model('digits', stride=5, num_images=32, seed=seed, progress=False)
+    imp = score_model('digits', stride=5, calibration_size=32, seed=seed, progress=False)
     models = {'teacher': load_model('digits', device)}
     for t in targets:
         for n in (None, *round_to):

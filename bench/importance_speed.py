@@ -18,7 +18,8 @@ from diffprune.models import load_model, CIFAR10_CONFIG
 from diffprune.diffusion import eps_loss
 from diffprune.data import get_dataset, take
 from diffprune.timesteps import analyze_timesteps
-from diffprune.importance import accumulate_gradients, taylor_gradients, stratified_timesteps, Importance, importance_criterion
+from diffprune.importance import accumulate_gradients, taylor_gradients, stratified_timesteps, ScoredModel,
+                                  importance_criterion, take_gradients
 from diffprune.prune import kept_channels, jaccard
 
 def paper_loop(unet, sched, x0, noise, thr, max_t=None):
@@ -32,7 +33,8 @@ def paper_loop(unet, sched, x0, noise, thr, max_t=None):
     return t_prime
 
 def kept(unet, sched):
-    return kept_channels(Importance(unet, sched, 'diff-pruning', importance_criterion('diff-pruning')), target_macs=0.5)
+    crit = importance_criterion('diff-pruning')
+    return kept_channels(ScoredModel(unet, sched, 'diff-pruning', crit, take_gradients(unet)), target_macs=0.5)
 
 def bench(name, unet, sched, x0, thr, ks, ipps, max_t=None, seed=0):
     "Baseline, exact and fast modes on one model, side by side; rows of seconds, speedups and kept-channel agreement."

@@ -42,9 +42,8 @@ ROWS = {  # name: (method, threshold, alpha, reinit, stride)
 def run(name, seed, a, teacher, real_samples):
     method, thr, alpha, reinit, stride = ROWS[name]
     t0 = time.time()
-    imp = score_model(teacher, 'digits', method, thr, num_images=a.calib, stride=stride, seed=seed, progress=False)
+    imp = score_model(teacher, 'digits', method, thr, calibration_size=a.calib, stride=stride, seed=seed, progress=False)
     pr = prune_model(imp, target_macs=a.target)
-    teacher[0].zero_grad(set_to_none=True)
     if reinit:
         torch.manual_seed(seed)
         for m in pr.unet.modules():

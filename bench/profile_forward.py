@@ -1,6 +1,6 @@
 """Where the time of a forward goes: the digits teacher against copies pruned to several MACs targets, per kind of op.
 
-The speedup benchmark measures the pruned digits UNets at well under their MACs ratio on a CPU. This script asks
+The speedup benchmark measures the pruned digits UNets at well under their MACs reduction on a CPU. This script asks
 torch's profiler which ops take the time, grouped into convolutions, linear layers, attention (the matmuls and
 softmax), GroupNorm, element-wise ops (SiLU, adds, scaling, copies) and the rest, and how much each group shrinks
 with the MACs. Ops whose time does not shrink with the channel count explain the gap. Each target is also profiled
@@ -53,9 +53,9 @@ if __name__ == '__main__':
     m0, rows = count_macs(teacher), []
     for k, u in models.items():
         r = prof[k]; mr = m0 / count_macs(u)
-        rows.append(dict(model=k, macs_ratio=mr, **{c: r[c] for c in r}, speedup=prof['teacher']['total'] / r['total'],
+        rows.append(dict(model=k, macs_reduction=mr, **{c: r[c] for c in r}, speedup=prof['teacher']['total'] / r['total'],
                          **{f'{c}_speedup': prof['teacher'][c] / r[c] for c in ('conv', 'linear', 'attention', 'groupnorm', 'elementwise') if r[c] > 0}))
-    cols = ['model', 'macs_ratio', 'total', 'speedup', 'conv', 'conv_speedup', 'linear', 'attention', 'groupnorm', 'elementwise',
+    cols = ['model', 'macs_reduction', 'total', 'speedup', 'conv', 'conv_speedup', 'linear', 'attention', 'groupnorm', 'elementwise',
             'elementwise_speedup', 'other', 'ops_per_forward']
     print(table(rows, cols))
     write(a.out, f'profile_forward_{a.device}', dict(rows=rows, args=vars(a)))

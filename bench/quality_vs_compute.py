@@ -22,7 +22,7 @@ if __name__ == '__main__':
     p.add_argument('--steps', type=int, nargs='+', default=[10, 20, 50, 100])
     a = p.parse_args(); torch.manual_seed(a.seed)
     teacher = load_model('digits')
-    pr = prune_model(score_model(teacher, 'digits', stride=2, seed=a.seed, progress=False), target_macs=0.5); teacher[0].zero_grad(set_to_none=True)
+    pr = prune_model(score_model(teacher, 'digits', stride=2, seed=a.seed, progress=False), target_macs=0.5)
     ft = finetune((pr.unet, pr.scheduler), 'digits', a.finetune_steps, seed=a.seed, progress=False)
     models = {'teacher': teacher, 'pruned (0.5 MACs)': (ft.unet, ft.scheduler)}
     rows = []

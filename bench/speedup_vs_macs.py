@@ -1,7 +1,7 @@
 """Speedup against MACs: the digits teacher and copies pruned (Diff-Pruning) to several MACs targets.
 
 Throughput of a UNet forward and of DDIM sampling at batch 64, teacher and pruned models interleaved, medians; the
-measured speedup is printed next to the MACs ratio (teacher MACs / pruned MACs). Target: speedup >= 0.9 x MACs ratio.
+measured speedup is printed next to the MACs reduction (teacher MACs / pruned MACs). Target: speedup >= 0.9 x MACs reduction.
 Each target is also pruned with `round_to=16`, every pruned width a multiple of 16: CPU convolution kernels work in
 blocks of 16 channels on AVX-512, and `bench/profile_forward.py` found the convolutions of the plain pruned models
 slow for their MACs.
@@ -26,8 +26,8 @@ if __name__ == '__main__':
     m0 = count_macs(teacher[0]); rows = []
     for k, (u, s) in models.items():
         mr = m0 / count_macs(u)
-        rows.append(dict(model=k, params=count_params(u), macs=count_macs(u), macs_ratio=mr, attn_share=(count_macs(u, True) - count_macs(u)) / count_macs(u, True),
+        rows.append(dict(model=k, params=count_params(u), macs=count_macs(u), macs_reduction=mr, attn_share=(count_macs(u, True) - count_macs(u)) / count_macs(u, True),
                          forward_ms=fwd[k], forward_speedup=fwd['teacher'] / fwd[k], sampling_ms=smp[k], sampling_speedup=smp['teacher'] / smp[k],
                          forward_vs_macs=fwd['teacher'] / fwd[k] / mr, sampling_vs_macs=smp['teacher'] / smp[k] / mr))
-    print(table(rows, ['model', 'params', 'macs_ratio', 'attn_share', 'forward_ms', 'forward_speedup', 'forward_vs_macs', 'sampling_speedup', 'sampling_vs_macs']))
+    print(table(rows, ['model', 'params', 'macs_reduction', 'attn_share', 'forward_ms', 'forward_speedup', 'forward_vs_macs', 'sampling_speedup', 'sampling_vs_macs']))
     write(a.out, f'speedup_vs_macs_{a.device}', dict(rows=rows, args=vars(a)))

@@ -23,7 +23,7 @@ if __name__ == '__main__':
     kept, tprime, seeds = {}, {}, range(a.seed, a.seed + a.seeds)
     for seed in seeds:
         for thr in a.thresholds:
-            imp = score_model('digits', 'digits', 'diff-pruning', thr, num_images=a.calib, stride=a.stride, seed=seed, progress=False)
+            imp = score_model('digits', 'digits', 'diff-pruning', thr, calibration_size=a.calib, stride=a.stride, seed=seed, progress=False)
             kept[thr, seed] = kept_channels(imp, target_macs=a.target)
             tprime[thr, seed] = (imp.analysis.t_prime, len(imp.analysis.kept_timesteps))
             print(f'thr {thr}, seed {seed}: T\' = {tprime[thr, seed][0]}', flush=True)

@@ -83,18 +83,18 @@ def cmd_analyze(a):
     _check_threshold(a.threshold); out = check_out(a.out, a.overwrite)
     from diffprune.timesteps import analyze_timesteps
     a.data = a.data or 'digits'
-    ana = analyze_timesteps(a.model, a.data, a.threshold, num_images=a.batch_size, stride=1 if a.stride is None else a.stride, seed=a.seed, device=a.device)
+    ana = analyze_timesteps(a.model, a.data, a.threshold, calibration_size=a.calibration_size, stride=1 if a.stride is None else a.stride, seed=a.seed, device=a.device)
     _write_run(out, {'losses.png': ana.plot()}, dict(model=str(a.model), data=str(a.data), seed=a.seed, **ana.to_dict()))
     print(f"T' = {ana.t_prime}: {len(ana.kept_timesteps)} of {len(ana.timesteps)} analysed timesteps kept (threshold {a.threshold}); wrote {out}")
 
 # %% ../nbs/09_cli.ipynb #21546a16
 def cmd_prune(a):
-    "Prune a model with a method to a ratio or a MACs target."
+    "Prune a model with a method to a pruning ratio or a MACs target."
     _check_threshold(a.threshold)
-    if (a.ratio is None) == (a.target_macs is None): raise UsageError("give one of --ratio and --target-macs")
-    if a.ratio is not None and not 0 <= a.ratio < 1: raise UsageError(f"--ratio must be in [0, 1), not {a.ratio}")
+    if (a.pruning_ratio is None) == (a.target_macs is None): raise UsageError("give one of --pruning-ratio and --target-macs")
+    if a.pruning_ratio is not None and not 0 <= a.pruning_ratio < 1: raise UsageError(f"--pruning-ratio must be in [0, 1), not {a.pruning_ratio}")
     if a.target_macs is not None and not 0 < a.target_macs < 1: raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
-    if a.fast is not None and a.fast < 1: raise UsageError(f"--fast must be at least 1 timestep, not {a.fast}")
+    if a.sampled_timesteps is not None and a.sampled_timesteps < 1: raise UsageError(f"--sampled-timesteps must be at least 1 timestep, not {a.sampled_timesteps}")
     if a.round_to is not None and a.round_to < 1: raise UsageError(f"--round-to must be at least 1, not {a.round_to}")
     if a.data is not None and a.method in ('magnitude', 'random'):  # it would be recorded as if it had been used
         raise UsageError(f"--method {a.method} scores the weights, not data: drop --data (diff-pruning and taylor use it)")
@@ -109,8 +109,8 @@ def cmd_prune(a):
     if (lat := latent_folder(a.model)) is not None: return _prune_latent(a, out, lat)
     _no_conditioning(a)
     if a.method in ('diff-pruning', 'taylor'): a.data = str(a.data or 'digits')  # recorded only where it is used
-    imp = score_model(a.model, a.data, a.method, a.threshold, num_images=a.batch_size, fast=a.fast, stride=a.stride, seed=a.seed, device=a.device)
-    res = prune_model(imp, ratio=a.ratio, target_macs=a.target_macs, round_to=a.round_to)
+    imp = score_model(a.model, a.data, a.method, a.threshold, calibration_size=a.calibration_size, sampled_timesteps=a.sampled_timesteps, stride=a.stride, seed=a.seed, device=a.device)
+    res = prune_model(imp, pruning_ratio=a.pruning_ratio, target_macs=a.target_macs, round_to=a.round_to)
     tmp = atomic_dir(out)
     try:
         res.save(tmp, extra=dict(source=str(a.model), data=a.data, seed=a.seed))
@@ -128,17 +128,17 @@ def _prune_latent(a, out, folder):
     from diffprune.data import save_fig
     from diffprune.models import atomic_dir, commit_dir, write_json
     from diffprune.latent import load_pipeline, prune_pipeline, pipeline_macs, write_pipeline, latent_images
-    if a.calib_steps < 1: raise UsageError(f"--calib-steps must be at least 1, not {a.calib_steps}")
+    if a.calibration_steps < 1: raise UsageError(f"--calibration-steps must be at least 1, not {a.calibration_steps}")
     pipe = load_pipeline(folder, a.device)
-    images = latent_images(pipe, a.data, a.batch_size, a.seed)
-    pruned, res, _ = prune_pipeline(pipe, images, a.batch_size, a.prompt, a.class_labels, a.method, a.threshold, a.fast, a.stride,
-                                    a.target_macs, a.ratio, a.calib_steps, a.seed, round_to=a.round_to)
+    images = latent_images(pipe, a.data, a.calibration_size, a.seed)
+    pruned, res, _ = prune_pipeline(pipe, images, a.calibration_size, a.prompt, a.class_labels, a.method, a.threshold, a.sampled_timesteps, a.stride,
+                                    a.target_macs, a.pruning_ratio, a.calibration_steps, a.seed, round_to=a.round_to)
     macs = {'teacher': pipeline_macs(pipe), 'pruned': pipeline_macs(pruned)}
     tmp = atomic_dir(out)
     try:
         write_pipeline(pruned, tmp, dict(source=str(a.model), seed=a.seed))
         figs = {'widths.png': res.plot_widths()}
-        if res.importance is not None and res.importance.analysis is not None: figs['losses.png'] = res.importance.analysis.plot()
+        if res.scored is not None and res.scored.analysis is not None: figs['losses.png'] = res.scored.analysis.plot()
         for name, fig in figs.items(): save_fig(fig, tmp/name)
         write_json(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, prompt=a.prompt, class_labels=a.class_labels,
                         seed=a.seed, pipeline_macs=macs, **res.summary()), tmp/'result.json')
@@ -216,7 +216,7 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
     src = latent_folder(teacher or _teacher_of(a.model) or '')  # the pipeline it was pruned from makes latents and teaches
     images = latent_images(pipe, a.data, a.num_latents, a.seed)
     tuned, r, z = finetune_pipeline(pipe, load_pipeline(src, a.device) if src is not None else None, images, a.num_latents,
-                                    a.prompt, a.class_labels, a.calib_steps, a.seed, alpha=a.alpha if a.distill else 0.,
+                                    a.prompt, a.class_labels, a.calibration_steps, a.seed, alpha=a.alpha if a.distill else 0.,
                                     steps=a.steps, batch_size=a.batch_size, lr=a.lr, grad_accum=a.grad_accum, ema=a.ema,
                                     use_ema=not a.raw, checkpoint_dir=ck, checkpoint_every=ckpt_every, resume=a.resume,
                                     mixed_precision=a.mixed_precision, device=a.device)
@@ -245,20 +245,20 @@ def cmd_evaluate(a):
 
 # %% ../nbs/09_cli.ipynb #b6ec3079
 def _settings(a):
-    "The `PipelineSettings` of `diffprune run` and `diffprune demo`."
-    from diffprune.report import PipelineSettings
+    "The `RecipeSettings` of `diffprune run` and `diffprune demo`."
+    from diffprune.report import RecipeSettings
     if a.target_macs is not None and not 0 < a.target_macs < 1: raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
     _check_threshold(a.threshold)
     if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
-    return PipelineSettings(model=a.model, data=a.data, method=a.method, threshold=a.threshold, target_macs=a.target_macs,
-                            calib_images=a.batch_size, stride=a.stride, fast=a.fast, steps=a.steps, batch_size=a.train_batch_size,
+    return RecipeSettings(model=a.model, data=a.data, method=a.method, threshold=a.threshold, target_macs=a.target_macs,
+                            calibration_size=a.calibration_size, stride=a.stride, sampled_timesteps=a.sampled_timesteps, steps=a.steps, batch_size=a.batch_size,
                             lr=a.lr, alpha=a.alpha, num_samples=a.num_samples, sample_steps=a.sample_steps, seed=a.seed, device=a.device)
 
 def cmd_run(a):
     "Run the whole pipeline and write the report folder."
-    from diffprune.report import run_pipeline, write_report, summary_text
+    from diffprune.report import run_recipe, write_report, summary_text
     s = _settings(a); out = check_out(a.out, a.overwrite)
-    r = run_pipeline(s); write_report(r, out)
+    r = run_recipe(s); write_report(r, out)
     print(); print(summary_text(r.to_dict())); print(f"\nreport: {out/'report.md'}; pruned model: {out/'model'}")
 
 # %% ../nbs/09_cli.ipynb #d80a1459
@@ -294,13 +294,13 @@ def _conditioning(p):
     p.add_argument('--prompt', help="text prompt (text-conditioned latent pipelines; default: the empty prompt)")
     p.add_argument('--class-labels', type=int, nargs='+', metavar='LABEL', help="class labels (class-conditional latent pipelines)")
 
-def _model_data(p, batch=64):
+def _model_data(p, calibration_size=64):
     p.add_argument('--model', default='digits', help="'digits', a model folder or a hub id")
     p.add_argument('--data', help="'digits' (the default for pixel models), a hub dataset or a folder of images; "
                                   "latent pipelines calibrate on the teacher's own latents without it")
     p.add_argument('--threshold', type=float, default=0.05, help="Diff-Pruning's thr in [0, 1] (0 keeps all timesteps)")
-    p.add_argument('--batch-size', type=int, default=batch, help="calibration images")
-    p.add_argument('--stride', type=int, help="analyse every stride-th timestep (default: 1; T/50 with --fast)")
+    p.add_argument('--calibration-size', type=int, default=calibration_size, help="calibration images")
+    p.add_argument('--stride', type=int, help="analyse every stride-th timestep (default: 1; T/50 with --sampled-timesteps)")
 
 @subcommand('analyze', 'per-timestep loss and the timesteps Diff-Pruning keeps')
 def _analyze_args(p):
@@ -310,13 +310,13 @@ def _analyze_args(p):
 def _prune_args(p):
     _model_data(p)
     p.add_argument('--method', choices=METHODS, default='diff-pruning')
-    p.add_argument('--ratio', type=float, help="channel ratio to remove, in [0, 1)")
+    p.add_argument('--pruning-ratio', type=float, help="fraction of channels to remove per group, in [0, 1)")
     p.add_argument('--target-macs', type=float, help="fraction of the MACs to keep, in (0, 1)")
-    p.add_argument('--fast', type=int, nargs='?', const=16, default=None, metavar='K',
+    p.add_argument('--sampled-timesteps', type=int, nargs='?', const=16, default=None, metavar='K',
                    help="fast mode: K stratified timesteps instead of all kept ones (default K: 16)")
     p.add_argument('--round-to', type=int, metavar='N', help="keep pruned widths multiples of N (16 suits AVX-512 CPUs, 8 GPU tensor cores)")
     _conditioning(p)
-    p.add_argument('--calib-steps', type=int, default=20, help="DDIM steps of the teacher's calibration latents (latent pipelines without --data)")
+    p.add_argument('--calibration-steps', type=int, default=20, help="DDIM steps of the teacher's calibration latents (latent pipelines without --data)")
     _common(p); p.set_defaults(cmd=cmd_prune)
 
 @subcommand('finetune', 'finetune a pruned model (EMA, checkpoints, optional distillation)')
@@ -333,7 +333,7 @@ def _finetune_args(p):
     p.add_argument('--raw', action='store_true', help="write the raw weights instead of the EMA")
     _conditioning(p)
     p.add_argument('--num-latents', type=int, default=256, help="latent pipelines: images to encode, or teacher latents to sample")
-    p.add_argument('--calib-steps', type=int, default=20, help="latent pipelines without --data: DDIM steps of the teacher's latents")
+    p.add_argument('--calibration-steps', type=int, default=20, help="latent pipelines without --data: DDIM steps of the teacher's latents")
     _common(p); p.set_defaults(cmd=cmd_finetune)
 
 @subcommand('evaluate', 'FID, SSIM consistency with a teacher, params, MACs and latency')
@@ -344,25 +344,25 @@ def _evaluate_args(p):
     p.add_argument('--feature', choices=['digits', 'inception'], help="FID features (default: digits for 1x16x16 models)")
     _common(p); p.set_defaults(cmd=cmd_evaluate)
 
-def _pipeline_args(p, model='digits', data='digits'):
+def _recipe_args(p, model='digits', data='digits'):
     p.add_argument('--model', default=model); p.add_argument('--data', default=data)
     p.add_argument('--method', choices=METHODS, default='diff-pruning')
     p.add_argument('--threshold', type=float, default=0.05); p.add_argument('--target-macs', type=float, default=0.5)
-    p.add_argument('--batch-size', type=int, default=64, help="calibration images")
-    p.add_argument('--stride', type=int, default=1); p.add_argument('--fast', type=int, nargs='?', const=16, default=None, metavar='K')
-    p.add_argument('--steps', type=int, default=500, help="finetune steps"); p.add_argument('--train-batch-size', type=int, default=64)
+    p.add_argument('--calibration-size', type=int, default=64, help="calibration images")
+    p.add_argument('--stride', type=int, default=1); p.add_argument('--sampled-timesteps', type=int, nargs='?', const=16, default=None, metavar='K')
+    p.add_argument('--steps', type=int, default=500, help="finetune steps"); p.add_argument('--batch-size', type=int, default=64, help="finetune batch")
     p.add_argument('--lr', type=float, default=2e-4); p.add_argument('--alpha', type=float, default=0., help="distillation weight")
     p.add_argument('--num-samples', type=int, default=512); p.add_argument('--sample-steps', type=int, default=50)
     _common(p); p.set_defaults(cmd=cmd_run)
 
 @subcommand('demo', 'the whole pipeline on the shipped digits teacher, offline, in minutes')
 def _demo_args(p):
-    _pipeline_args(p); p.set_defaults(out='diffprune-demo', batch_size=32)  # 32 calibration images keep it under 5 minutes on 2 cores
+    _recipe_args(p); p.set_defaults(out='diffprune-demo', calibration_size=32)  # 32 calibration images keep it under 5 minutes on 2 cores
     for act in p._actions:
         if act.dest == 'out': act.required = False
 
 @subcommand('run', 'the whole pipeline on any model and data (e.g. google/ddpm-cifar10-32 on a GPU)')
-def _run_args(p): _pipeline_args(p)
+def _run_args(p): _recipe_args(p)
 
 def parser() -> argparse.ArgumentParser:
     "The `diffprune` argument parser with every registered subcommand."

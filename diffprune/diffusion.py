@@ -99,8 +99,8 @@ def eps_loss(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tenso
 def ddim_timesteps(num_train:int, steps:int) -> list:
     "Evenly spaced ('leading') DDIM timesteps, from most to least noisy."
     if not 1 <= steps <= num_train: raise InputError(f"steps must be in [1, {num_train}], not {steps}")
-    ratio = num_train // steps
-    return [i * ratio for i in range(steps)][::-1]
+    gap = num_train // steps
+    return [i * gap for i in range(steps)][::-1]
 
 def sample_shape(unet) -> tuple:
     "`(channels, height, width)` of the UNet's samples; diffusers records `sample_size` as an int or `(height, width)`."
@@ -119,13 +119,13 @@ def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, batch_size:
     device = device or next(unet.parameters()).device
     shape = sample_shape(unet)
     abar = scheduler.alphas_cumprod.to(torch.float32)
-    ts = ddim_timesteps(len(abar), steps); ratio = len(abar) // steps
+    ts = ddim_timesteps(len(abar), steps); gap = len(abar) // steps
     xs = initial_noise(n, shape, seed)
     out = []
     for i in tqdm(range(0, n, batch_size), desc=f'DDIM-{steps}', disable=not progress, leave=False):
         x = xs[i:i + batch_size].to(device)
         for t in ts:
-            a, a_prev = abar[t], (abar[t - ratio] if t - ratio >= 0 else torch.tensor(1.))
+            a, a_prev = abar[t], (abar[t - gap] if t - gap >= 0 else torch.tensor(1.))
             x0 = x0_and_eps(scheduler, x, unet_output(unet, x, torch.full((len(x),), t, device=device), cond), t)[0].clamp(-1, 1)
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps

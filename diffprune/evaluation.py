@@ -9,6 +9,7 @@ __all__ = ['consistency', 'latency_runs', 'latency', 'paired_speedup', 'Evaluati
 import time, statistics
 from dataclasses import dataclass, field
 import torch, pandas as pd
+from fastcore.basics import patch
 import matplotlib.pyplot as plt
 from .data import show_images, InputError
 from .models import load_model
@@ -55,70 +56,98 @@ def paired_speedup(runs:dict, base:str='teacher', other:str='model') -> dict:
 # %% ../nbs/06_evaluation.ipynb #852eab29
 @dataclass
 class Evaluation:
-    "Metrics of a model (and of its teacher) with the samples they were computed from."
-    model: dict; teacher: dict = None; consistency: dict = None; calibration: dict = None
-    samples: torch.Tensor = None; teacher_samples: torch.Tensor = None; settings: dict = field(default_factory=dict)
-    speed: dict = None # `paired_speedup` of the forward pass against the teacher
+    "What `evaluate` measured: the model's metrics (and its teacher's), with the samples behind them."
+    metrics: dict # fid, params, macs, attn_macs, latency_ms, sampling_ms of the model
+    teacher_metrics: dict = None # the same for the teacher
+    consistency: dict = None # SSIM and MSE between teacher and model samples from the same noise
+    calibration: dict = None # `fid_calibration` (digits only)
+    samples: torch.Tensor = None # the model's samples, (N, C, H, W) in [0, 1]
+    teacher_samples: torch.Tensor = None
+    settings: dict = field(default_factory=dict)
+    speed: dict = None # `paired_speedup` of the forward pass, teacher / model
 
     def to_dict(self) -> dict:
-        d = dict(self.model, **(self.consistency or {}), settings=self.settings)
-        if self.teacher:
-            d['teacher'] = self.teacher
-            d.update(self.speed or dict(speedup=self.teacher['latency_ms'] / self.model['latency_ms']))
-            d['macs_ratio'] = self.teacher['macs'] / self.model['macs']
+        "JSON-ready: the model's metrics, the consistency, and with a teacher its metrics, speedup and MACs reduction."
+        d = dict(self.metrics, **(self.consistency or {}), settings=self.settings)
+        if self.teacher_metrics:
+            t, m = self.teacher_metrics, self.metrics
+            d['teacher'] = t
+            d.update(self.speed or dict(speedup=t['latency_ms'] / m['latency_ms']))
+            d['macs_reduction'] = t['macs'] / m['macs']
         if self.calibration: d['fid_calibration'] = self.calibration
         return d
 
     def table(self) -> pd.DataFrame:
-        cols = {'model': self.model, **({'teacher': self.teacher} if self.teacher else {})}
-        t = pd.DataFrame(cols)
-        if self.teacher is not None: t['ratio'] = t['model'] / t['teacher']
+        "Model and teacher side by side, with each row's model / teacher fraction."
+        t = pd.DataFrame({'model': self.metrics, **({'teacher': self.teacher_metrics} if self.teacher_metrics else {})})
+        if self.teacher_metrics: t['model / teacher'] = t['model'] / t['teacher']
         return t
 
-    def _repr_html_(self):
-        extra = ''.join(f'<p>{k}: {v:.4f}</p>' for k, v in (self.consistency or {}).items())
-        if self.speed: extra += f"<p>speedup {self.speed['speedup']:.2f}x (paired runs {self.speed['speedup_low']:.2f}-{self.speed['speedup_high']:.2f})</p>"
-        if self.calibration: extra += f"<p>FID calibration: train vs held-out {self.calibration['train_vs_heldout']:.2f}, real vs noise {self.calibration['real_vs_noise']:.1f}</p>"
-        return self.table()._repr_html_() + extra
-    def __repr__(self): return repr(self.table()) + ''.join(f'\n{k}: {v:.4f}' for k, v in (self.consistency or {}).items())
+# %% ../nbs/06_evaluation.ipynb #8e892c2e
+@patch
+def _repr_html_(self:Evaluation):
+    extra = ''.join(f'<p>{k}: {v:.4f}</p>' for k, v in (self.consistency or {}).items())
+    if self.speed:
+        lo, hi = self.speed['speedup_low'], self.speed['speedup_high']
+        extra += f"<p>speedup {self.speed['speedup']:.2f}x (paired runs {lo:.2f}-{hi:.2f})</p>"
+    if c := self.calibration:
+        extra += f"<p>FID calibration: train vs held-out {c['train_vs_heldout']:.2f}, real vs noise {c['real_vs_noise']:.1f}</p>"
+    return self.table()._repr_html_() + extra
 
-    def grid(self, n:int=32):
-        "Teacher and model samples from the same noise, side by side; returns the figure."
-        k = 2 if self.teacher_samples is not None else 1
-        fig, axs = plt.subplots(1, k, figsize=(6 * k, 3)); axs = [axs] if k == 1 else axs
-        if k == 2: show_images(self.teacher_samples[:n], nrow=8, ax=axs[0], title='teacher')
-        show_images(self.samples[:n], nrow=8, ax=axs[-1], title='model (same noise)')
-        return fig
+@patch
+def __repr__(self:Evaluation):
+    return repr(self.table()) + ''.join(f'\n{k}: {v:.4f}' for k, v in (self.consistency or {}).items())
 
-def _measure(unet, sched, data, n, steps, seed, feature, progress):
+@patch
+def grid(self:Evaluation, n:int=32):
+    "Teacher and model samples from the same noise, side by side; returns the figure."
+    k = 2 if self.teacher_samples is not None else 1
+    fig, axs = plt.subplots(1, k, figsize=(6 * k, 3), squeeze=False)
+    if k == 2: show_images(self.teacher_samples[:n], nrow=8, ax=axs[0, 0], title='teacher')
+    show_images(self.samples[:n], nrow=8, ax=axs[0, -1], title='model (same noise)')
+    return fig
+
+# %% ../nbs/06_evaluation.ipynb #a3819d6f
+def _measure(unet, sched, data, n, steps, seed, feature, progress) -> tuple:
+    "`(samples, metrics)`: DDIM samples from seed `seed`, their FID, and the UNet's size."
     x = ddim_sample(unet, sched, n, steps, seed, progress=progress)
-    return x, dict(fid=fid_score(x, data, feature), params=count_params(unet), macs=count_macs(unet),
-                   attn_macs=count_macs(unet, attention=True) - count_macs(unet))
+    macs = count_macs(unet)
+    return x, dict(fid=fid_score(x, data, feature), params=count_params(unet), macs=macs,
+                   attn_macs=count_macs(unet, attention=True) - macs)
 
-def evaluate(model, teacher=None, data='digits', num_samples:int=512, steps:int=50, seed:int=0,
+def _check_teacher(teacher, unet, device) -> tuple:
+    "Load the teacher and refuse one whose images differ in shape from the model's."
+    tu, ts = load_model(teacher, device)
+    if sample_shape(tu) != sample_shape(unet):
+        shapes = ['x'.join(map(str, sample_shape(m))) for m in (tu, unet)]
+        raise InputError(f"the teacher's images ({shapes[0]}) differ from the model's ({shapes[1]})")
+    return tu, ts
+
+# %% ../nbs/06_evaluation.ipynb #582cee2d
+def evaluate(model, # 'digits', a model folder, a hub id or a `(unet, scheduler)` pair
+             teacher=None, # the same kinds; adds SSIM consistency, speedup and MACs reduction
+             data='digits', # real images for FID: a dataset name or an image folder
+             num_samples:int=512, steps:int=50, seed:int=0,
              feature:str=None, # 'digits' or 'inception' (default: digits for 1x16x16 models)
              latency_batch:int=64, repeats:int=5, device='cpu', progress:bool=True) -> Evaluation:
-    "FID, size and measured latency of `model`, and with `teacher` also SSIM consistency, speedup and MACs ratio."
+    "FID, size and measured latency of `model`; with `teacher` also SSIM consistency, speedup and MACs reduction."
     if num_samples < 2: raise InputError(f"num-samples must be at least 2 for FID, not {num_samples}")
     unet, sched = load_model(model, device)
-    feature = feature or ('digits' if sample_shape(unet) == (1, 16, 16) else 'inception')
-    check_feature(feature, sample_shape(unet)[0], sample_shape(unet)[1:])  # every check before minutes of sampling
-    if teacher is not None:
-        tu, ts = load_model(teacher, device)
-        if sample_shape(tu) != sample_shape(unet):
-            shapes = ['x'.join(map(str, sample_shape(m))) for m in (tu, unet)]
-            raise InputError(f"the teacher's images ({shapes[0]}) differ from the model's ({shapes[1]})")
-    x, m = _measure(unet, sched, data, num_samples, steps, seed, feature, progress)
+    shape = sample_shape(unet)
+    feature = feature or ('digits' if shape == (1, 16, 16) else 'inception')
+    check_feature(feature, shape[0], shape[1:])  # every check before minutes of sampling
     models = {'model': (unet, sched)}
-    ev = Evaluation(m, samples=x, settings=dict(data=str(data), num_samples=num_samples, steps=steps, seed=seed, feature=feature))
+    if teacher is not None: models['teacher'] = _check_teacher(teacher, unet, device)
+    settings = dict(data=str(data), num_samples=num_samples, steps=steps, seed=seed, feature=feature)
+    measured = {k: _measure(u, s, data, num_samples, steps, seed, feature, progress) for k, (u, s) in models.items()}
+    runs = latency_runs(models, latency_batch, repeats)
+    sampling = latency(models, min(latency_batch, 16), max(1, repeats // 2), warmup=1, sampling_steps=steps)
+    for k, (_, m) in measured.items(): m.update(latency_ms=statistics.median(runs[k]), sampling_ms=sampling[k])
+    ev = Evaluation(measured['model'][1], samples=measured['model'][0], settings=settings)
     if teacher is not None:
-        ev.teacher_samples, ev.teacher = _measure(tu, ts, data, num_samples, steps, seed, feature, progress)
-        ev.consistency = consistency(ev.teacher_samples, x); models['teacher'] = (tu, ts)
-    runs = latency_runs(models, latency_batch, repeats); lat = {k: statistics.median(v) for k, v in runs.items()}
-    slat = latency(models, min(latency_batch, 16), max(1, repeats // 2), warmup=1, sampling_steps=steps)
-    ev.model.update(latency_ms=lat['model'], sampling_ms=slat['model'])
-    if teacher is not None:
-        ev.teacher.update(latency_ms=lat['teacher'], sampling_ms=slat['teacher']); ev.speed = paired_speedup(runs)
+        ev.teacher_samples, ev.teacher_metrics = measured['teacher']
+        ev.consistency = consistency(ev.teacher_samples, ev.samples)
+        ev.speed = paired_speedup(runs)
     if feature == 'digits' and str(data).startswith('digits'): ev.calibration = fid_calibration()
     return ev
 

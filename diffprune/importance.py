@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['METHODS', 'default_images_per_pass', 'accumulate_gradients', 'per_timestep_gradients', 'taylor_gradients',
-           'stratified_timesteps', 'importance_criterion', 'Importance', 'score_model']
+           'stratified_timesteps', 'importance_criterion', 'take_gradients', 'ScoredModel', 'score_model']
 
 # %% ../nbs/03_importance.ipynb #5ae26efc
-import copy, time
+import contextlib, copy, time
 import torch, numpy as np
 import torch_pruning as tp
 from tqdm.auto import tqdm
@@ -103,55 +103,94 @@ def importance_criterion(method:str) -> tp.importance.Importance:
     raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
 
 # %% ../nbs/03_importance.ipynb #aa6f6a38
-class Importance:
-    "A model with gradients in place and the criterion to score its channel groups."
-    def __init__(self, unet, scheduler, method:str, criterion, analysis:TimestepAnalysis=None,
-                 timesteps=None, passes:int=0, seconds:float=0.):
+def take_gradients(unet) -> dict:
+    "`{parameter name: .grad}` of `unet`, its `.grad` cleared: the gradients are handed over, not left on the model."
+    grads = {n: p.grad for n, p in unet.named_parameters() if p.grad is not None}
+    unet.zero_grad(set_to_none=True)
+    return grads
+
+class ScoredModel:
+    "A model and what its channel groups are scored by: the method, torch-pruning's criterion and the gradients."
+    def __init__(self, unet, scheduler, method:str, criterion,
+                 gradients:dict=None, # {parameter name: sum_t w_t dL_t/dw}, for the Taylor criteria
+                 analysis:TimestepAnalysis=None, timesteps=None, passes:int=0, seconds:float=0.):
         self.unet, self.scheduler, self.method, self.criterion = unet, scheduler, method, criterion
+        self.gradients = gradients or {}
         self.analysis, self.timesteps, self.passes, self.seconds = analysis, timesteps, passes, seconds
 
+    @contextlib.contextmanager
+    def gradients_on(self, unet=None):
+        "`unet` (default: the scored UNet) trainable, with `.grad` from `gradients`, until the block ends."
+        unet = self.unet if unet is None else unet
+        frozen = [p for p in unet.parameters() if not p.requires_grad]  # torch-pruning skips frozen layers
+        for n, p in unet.named_parameters():  # a parameter the loss does not reach scores zero
+            g = self.gradients.get(n)
+            p.requires_grad_(True)
+            p.grad = g.clone() if g is not None else torch.zeros_like(p) if self.gradients else None
+        try: yield unet
+        finally:
+            unet.zero_grad(set_to_none=True)
+            for p in frozen: p.requires_grad_(False)
+
     def summary(self) -> dict:
-        d = dict(method=self.method, gradient_timesteps=len(self.timesteps or []), backward_passes=self.passes, seconds=round(self.seconds, 2))
+        d = dict(method=self.method, gradient_timesteps=len(self.timesteps or []), backward_passes=self.passes,
+                 seconds=round(self.seconds, 2))
         if self.analysis: d.update(threshold=self.analysis.threshold, t_prime=self.analysis.t_prime)
         return d
-    def __repr__(self): return f'Importance({", ".join(f"{k}={v}" for k, v in self.summary().items())})'
+    def __repr__(self): return f'ScoredModel({", ".join(f"{k}={v}" for k, v in self.summary().items())})'
 
+# %% ../nbs/03_importance.ipynb #3f9a7a00
+def _calibration_batch(data, unet, n:int, seed:int) -> torch.Tensor:
+    "`n` images of `data` (a tensor is used as it is) at the UNet's sample shape, in [-1, 1]."
+    if torch.is_tensor(data): return data
+    return take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), n, seed)
+
+def _accumulate(unet, sched, x0, noise, method:str, threshold:float, k:int, stride:int, analysis, seed:int,
+                images_per_pass:int, cond, progress:bool) -> tuple:
+    "`(analysis, timesteps, backward passes)` of the gradients `score_model` asks for, left in `unet`'s `.grad`."
+    T = sched.config.num_train_timesteps
+    if method == 'diff-pruning' and not k and analysis is None:  # exact: analysis and gradients in one sweep
+        ana, passes = taylor_gradients(unet, sched, x0, noise, threshold, range(0, T, stride), images_per_pass,
+                                       cond, progress)
+        return ana, ana.kept_timesteps, passes
+    ana = None
+    if method == 'diff-pruning':
+        ana = analysis or analyze_timesteps((unet, sched), x0, threshold, stride=stride, until_threshold=True,
+                                            cond=cond, seed=seed, progress=progress)
+        kept = list(range(ana.t_prime + 1)) if k else ana.kept_timesteps  # fast mode draws from all of [0, T']
+    else: kept = list(range(0, T, stride))
+    ts, w = stratified_timesteps(kept, k, seed) if k else (kept, None)
+    passes = accumulate_gradients(unet, sched, x0, noise, ts, w, max(1, images_per_pass // len(x0)), cond, progress)
+    return ana, ts, passes
+
+# %% ../nbs/03_importance.ipynb #902f4c2c
 def score_model(model, # 'digits', a folder, a hub id or a `(unet, scheduler)` pair
-                data='digits', method:str='diff-pruning',
+                data='digits', # calibration images: a dataset name or folder, or a tensor (e.g. latents)
+                method:str='diff-pruning', # one of `METHODS`
                 threshold:float=0.05, # Diff-Pruning's thr (0 keeps every timestep)
-                num_images:int=64, # calibration batch size
-                fast:int=None, # fast mode: number of stratified timesteps (None: exact)
-                stride:int=None, # analyse every `stride`-th timestep (default: 1 exact, T/50 fast); exact mode also accumulates only those
+                calibration_size:int=64, # calibration images drawn from `data`
+                sampled_timesteps:int=None, # fast mode: K stratified timesteps of [0, T'] (None: exact mode)
+                stride:int=None, # analyse every `stride`-th timestep (default: 1 exact, T/50 fast)
                 analysis:TimestepAnalysis=None, # a precomputed analysis to reuse
                 seed:int=0, device='cpu', progress:bool=True,
                 images_per_pass:int=None, # images per forward/backward pass (default: `default_images_per_pass`)
-                cond=None, # conditioning of the calibration batch (conditional UNets; `data` is then a tensor, e.g. latents)
-               ) -> Importance:
-    "Prepare `method`'s importance on `model`: timestep analysis and gradient accumulation where needed."
+                cond=None, # conditioning of the calibration batch (conditional UNets; `data` is then a tensor)
+               ) -> ScoredModel:
+    "The gradients `method` scores `model`'s channels by (Diff-Pruning: Sec. 3.3, summed over [0, T'])."
     crit = importance_criterion(method)
-    if fast is not None and fast < 1: raise InputError(f"fast must be at least 1 timestep, not {fast}")
+    if sampled_timesteps is not None and sampled_timesteps < 1:
+        raise InputError(f"sampled_timesteps must be at least 1, not {sampled_timesteps}")
     unet, sched = load_model(model, device)
     prediction_type(sched)  # an objective diffprune cannot compute the loss of is refused before any work
-    # training scripts often leave a model frozen: it is scored on an unfrozen copy and comes back as it went in (a
-    # trainable model is scored in place, as a second copy of an SD-sized UNet would cost gigabytes)
-    if any(not p.requires_grad for p in unet.parameters()): unet = copy.deepcopy(unet).requires_grad_(True)
-    T = sched.config.num_train_timesteps
-    if stride is None: stride = max(1, T // 50) if fast else 1
+    if stride is None: stride = max(1, sched.config.num_train_timesteps // 50) if sampled_timesteps else 1
     if stride < 1: raise InputError(f"stride must be at least 1, not {stride}")
+    if method in ('magnitude', 'random'): return ScoredModel(unet, sched, method, crit)
     t0 = time.time()
-    if method in ('magnitude', 'random'): return Importance(unet, sched, method, crit, seconds=time.time() - t0)
-    x0 = data if torch.is_tensor(data) else take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), num_images, seed)
+    # a frozen model (training scripts often leave one) is scored on an unfrozen copy; a trainable one in place,
+    # as a second copy of an SD-sized UNet would cost gigabytes. Either way no `.grad` is left on it.
+    work = copy.deepcopy(unet).requires_grad_(True) if any(not p.requires_grad for p in unet.parameters()) else unet
+    x0 = _calibration_batch(data, work, calibration_size, seed)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    ipp = images_per_pass or default_images_per_pass(unet)
-    if method == 'diff-pruning' and not fast and analysis is None:  # exact: analysis and gradients in one sweep
-        ana, passes = taylor_gradients(unet, sched, x0, noise, threshold, range(0, T, stride), ipp, cond, progress)
-        return Importance(unet, sched, method, crit, ana, ana.kept_timesteps, passes, time.time() - t0)
-    ana = None
-    if method == 'diff-pruning':
-        ana = analysis or analyze_timesteps((unet, sched), x0, threshold, stride=stride, until_threshold=True, cond=cond, seed=seed, progress=progress)
-        # fast mode draws from every timestep in [0, T'], not only the analysed ones
-        kept = list(range(ana.t_prime + 1)) if fast else ana.kept_timesteps
-    else: kept = list(range(0, T, stride))
-    ts, w = stratified_timesteps(kept, fast, seed) if fast else (kept, None)
-    passes = accumulate_gradients(unet, sched, x0, noise, ts, w, timesteps_per_pass=max(1, ipp // len(x0)), cond=cond, progress=progress)
-    return Importance(unet, sched, method, crit, ana, ts, passes, time.time() - t0)
+    ana, ts, passes = _accumulate(work, sched, x0, noise, method, threshold, sampled_timesteps, stride, analysis,
+                                  seed, images_per_pass or default_images_per_pass(work), cond, progress)
+    return ScoredModel(unet, sched, method, crit, take_gradients(work), ana, ts, passes, time.time() - t0)

@@ -141,10 +141,10 @@ def image_size(pipe) -> tuple:
 def sample_latents(unet, scheduler, n:int, steps:int=20, seed:int=0, cond=None, progress:bool=True) -> torch.Tensor:
     "`n` latents sampled by `unet` with DDIM (eta 0) from the seeded noise of `initial_noise`."
     dev = next(unet.parameters()).device
-    abar = scheduler.alphas_cumprod.to(torch.float32); ratio = len(abar) // steps
+    abar = scheduler.alphas_cumprod.to(torch.float32); gap = len(abar) // steps
     z = initial_noise(n, sample_shape(unet), seed).to(dev); cond = cond_to(cond, dev)
     for t in tqdm(ddim_timesteps(len(abar), steps), desc='teacher latents', disable=not progress, leave=False):
-        a_prev = abar[t - ratio] if t - ratio >= 0 else torch.tensor(1.)
+        a_prev = abar[t - gap] if t - gap >= 0 else torch.tensor(1.)
         z0, eps = x0_and_eps(scheduler, z, unet_output(unet, z, torch.full((n,), t, device=dev), cond), t)
         z = a_prev.sqrt() * z0 + (1 - a_prev).sqrt() * eps
     return z.cpu()
@@ -191,15 +191,18 @@ def pipeline_macs(pipe) -> dict:
         d['text encoder (once)'] = module_macs(pipe.text_encoder, lambda: pipe.text_encoder(ids))
     return d
 
-def prune_pipeline(pipe, images:torch.Tensor=None, n:int=32, prompts=None, class_labels=None,
-                   method:str='diff-pruning', threshold:float=0.05, fast:int=None, stride:int=None,
-                   target_macs:float=None, ratio:float=None, calib_steps:int=20, seed:int=0, progress:bool=True,
-                   round_to:int=None) -> tuple:
+def prune_pipeline(pipe, # a latent diffusers pipeline (its UNet is pruned)
+                   images:torch.Tensor=None, # calibration images in [-1, 1]; None: the teacher generates latents
+                   calibration_size:int=32, prompts=None, class_labels=None,
+                   method:str='diff-pruning', threshold:float=0.05, sampled_timesteps:int=None, stride:int=None,
+                   target_macs:float=None, pruning_ratio:float=None,
+                   calibration_steps:int=20, # DDIM steps of the teacher's calibration latents
+                   seed:int=0, progress:bool=True, round_to:int=None) -> tuple:
     "Diff-Pruning on the UNet of a latent pipeline: `(pruned pipeline, PruneResult, (latents, cond))`."
-    z, cond = calibration(pipe, images, n, prompts, class_labels, calib_steps, seed, progress)
-    imp = score_model((pipe.unet, pipe.scheduler), z, method, threshold, fast=fast, stride=stride, cond=cond, seed=seed, progress=progress)
-    res = prune_model(imp, ratio=ratio, target_macs=target_macs, round_to=round_to)
-    pipe.unet.zero_grad(set_to_none=True)  # scored in place: the teacher's gradients are not needed any more
+    z, cond = calibration(pipe, images, calibration_size, prompts, class_labels, calibration_steps, seed, progress)
+    scored = score_model((pipe.unet, pipe.scheduler), z, method, threshold, sampled_timesteps=sampled_timesteps,
+                         stride=stride, cond=cond, seed=seed, progress=progress)
+    res = prune_model(scored, pruning_ratio=pruning_ratio, target_macs=target_macs, round_to=round_to)
     return with_unet(pipe, res.unet), res, (z, cond)
 
 # %% ../nbs/07_latent.ipynb #3c463c4a
@@ -218,12 +221,12 @@ def latent_images(pipe, data, n:int, seed:int=0):
 
 def finetune_pipeline(pipe, teacher=None, # the pipeline `pipe` was pruned from: it samples the latents (and teaches, with `alpha`)
                       images=None, # images in [-1, 1] to encode instead (see `latent_images`)
-                      num_latents:int=256, prompts=None, class_labels=None, calib_steps:int=20, seed:int=0,
+                      num_latents:int=256, prompts=None, class_labels=None, calibration_steps:int=20, seed:int=0,
                       alpha:float=0., # distillation weight (05)
                       **kw) -> tuple: # `finetune`'s settings: steps, batch_size, lr, checkpoint_dir, ...
     "Finetune the UNet of a (pruned) latent pipeline on its latents: `(tuned pipeline, FinetuneResult, latents)`."
     maker = teacher or pipe
-    z, cond = calibration(maker, images, num_latents, prompts, class_labels, calib_steps, seed)
+    z, cond = calibration(maker, images, num_latents, prompts, class_labels, calibration_steps, seed)
     r = finetune((pipe.unet, pipe.scheduler), LatentData(z, cond), teacher=(maker.unet, maker.scheduler) if alpha else None,
                  alpha=alpha, seed=seed, **kw)
     return with_unet(pipe, r.unet), r, z

@@ -110,7 +110,7 @@ class TimestepAnalysis:
 
 def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, scheduler)` pair
                       data='digits', # dataset name or folder (see `get_dataset`), or an image tensor in [-1, 1]
-                      threshold:float=0.05, num_images:int=64, # calibration batch size
+                      threshold:float=0.05, calibration_size:int=64, # calibration batch size
                       stride:int=1, # analyse every `stride`-th timestep
                       until_threshold:bool=False, # stop once the rule has found T' (the curve beyond it is not computed)
                       cond=None, # conditioning of the calibration batch (conditional UNets; `data` must then be a tensor)
@@ -120,7 +120,7 @@ def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, 
     if stride < 1: raise InputError(f"stride must be at least 1, not {stride}")
     unet, sched = load_model(model, device)
     prediction_type(sched)  # the loss needs the model's objective: an unknown one is refused before any work
-    x0 = data if torch.is_tensor(data) else take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), num_images, seed)
+    x0 = data if torch.is_tensor(data) else take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), calibration_size, seed)
     ts = list(range(0, sched.config.num_train_timesteps, stride))
     losses = timestep_losses(unet, sched, x0, timesteps=ts, batch_size=batch_size, stop_threshold=threshold if until_threshold else None,
                              cond=cond, seed=seed, progress=progress)

@@ -40,11 +40,11 @@ def console():
 
 @pytest.fixture(scope='session')
 def pruned(tmp_path_factory):
-    "A model folder: the digits teacher pruned by magnitude at ratio 0.3 (no gradients: quick), built once per session."
+    "A model folder: the digits teacher pruned by magnitude at pruning ratio 0.3 (no gradients: quick), built once per session."
     from diffprune.importance import score_model
     from diffprune.prune import prune_model
     d = tmp_path_factory.mktemp('pruned')/'m'
-    prune_model(score_model('digits', method='magnitude', progress=False), ratio=0.3).save(d)
+    prune_model(score_model('digits', method='magnitude', progress=False), pruning_ratio=0.3).save(d)
     return d
 
 def pytest_configure(config):

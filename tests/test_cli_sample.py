@@ -16,7 +16,7 @@ def test_console_help_lists_the_subcommands(console):
 
 def test_help_and_argument_checks_import_no_torch():
     "`diffprune --help` and refused arguments answer before torch, diffusers or matplotlib load."
-    probe = ("import sys; from diffprune.cli import main; codes = [main(['--help']), main(['prune', '--ratio', '2', '--out', 'x'])]; "
+    probe = ("import sys; from diffprune.cli import main; codes = [main(['--help']), main(['prune', '--pruning-ratio', '2', '--out', 'x'])]; "
              "print(codes, [m for m in ('torch', 'diffusers', 'matplotlib') if m in sys.modules])")
     r = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip().splitlines()[-1] == '[0, 2] []', r.stdout + r.stderr

@@ -18,8 +18,8 @@ def same_weights(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[
 
 def test_every_subcommand_twice_with_one_seed_gives_the_same_outputs(cli, tmp_path):
     runs = {
-        'analyze': ['analyze', '--stride', '25', '--batch-size', '8', '--seed', '5'],
-        'prune': ['prune', '--method', 'diff-pruning', '--target-macs', '0.5', '--stride', '25', '--batch-size', '8', '--seed', '5'],
+        'analyze': ['analyze', '--stride', '25', '--calibration-size', '8', '--seed', '5'],
+        'prune': ['prune', '--method', 'diff-pruning', '--target-macs', '0.5', '--stride', '25', '--calibration-size', '8', '--seed', '5'],
     }
     for name, args in runs.items():
         for i in (1, 2): assert cli(*args, '--out', tmp_path/f'{name}{i}').returncode == 0

@@ -9,7 +9,7 @@ from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler, DDIMSche
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffprune.models import save_model, load_model, tiny_unet
 from diffprune.diffusion import PREDICTION_TYPES, denoising_loss, ddim_sample, ddpm_sample, sample_shape
-from diffprune.importance import score_model, Importance, importance_criterion
+from diffprune.importance import score_model, ScoredModel, importance_criterion
 from diffprune.prune import prune_model, kept_channels, count_macs, example_inputs
 from diffprune.finetuning import finetune
 from diffprune.data import digits_split
@@ -64,7 +64,7 @@ def test_an_objective_diffprune_does_not_know_is_one_line(cli, tmp_path):
     save_model(tiny_unet(), DDPMScheduler(num_train_timesteps=1000), tmp_path/'m')
     cfg = tmp_path/'m'/'scheduler'/'scheduler_config.json'
     cfg.write_text(json.dumps(dict(json.loads(cfg.read_text()), prediction_type='flow')))
-    for args in (['analyze', '--stride', '100'], ['prune', '--ratio', '0.3', '--stride', '100'], ['finetune', '--steps', '2']):
+    for args in (['analyze', '--stride', '100'], ['prune', '--pruning-ratio', '0.3', '--stride', '100'], ['finetune', '--steps', '2']):
         one_line_exit_2(cli(*args, '--model', tmp_path/'m', '--out', tmp_path/'o'), "prediction_type 'flow' is not supported")
         assert not (tmp_path/'o').exists()
 
@@ -78,7 +78,7 @@ def test_a_non_square_model_samples_prunes_and_finetunes(cli, tmp_path):
     r = cli('sample', '--model', tmp_path/'wide', '--num', '2', '--steps', '3', '--out', tmp_path/'s')
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path/'s'/'result.json').read_text())['shape'] == [1, 16, 32]
-    r = cli('prune', '--model', tmp_path/'wide', '--target-macs', '0.6', '--stride', '100', '--batch-size', '4', '--out', tmp_path/'p')
+    r = cli('prune', '--model', tmp_path/'wide', '--target-macs', '0.6', '--stride', '100', '--calibration-size', '4', '--out', tmp_path/'p')
     assert r.returncode == 0, r.stderr
     pruned = load_model(tmp_path/'p')[0]
     assert sample_shape(pruned) == (1, 16, 32) and pruned(**example_inputs(pruned)).sample.shape == (1, 1, 16, 32)
@@ -94,7 +94,7 @@ def test_scale_shift_time_embedding_prunes_both_halves_with_the_same_channels(cl
                     resnet_time_scale_shift='scale_shift', down_block_types=('DownBlock2D', 'AttnDownBlock2D'),
                     up_block_types=('AttnUpBlock2D', 'UpBlock2D'), layers_per_block=1)
     save_model(u, DDPMScheduler(num_train_timesteps=1000), tmp_path/'ss')
-    r = cli('prune', '--model', tmp_path/'ss', '--method', 'magnitude', '--ratio', '0.4', '--out', tmp_path/'p')
+    r = cli('prune', '--model', tmp_path/'ss', '--method', 'magnitude', '--pruning-ratio', '0.4', '--out', tmp_path/'p')
     assert r.returncode == 0, r.stderr
     p = load_model(tmp_path/'p')[0]
     assert p(**example_inputs(p)).sample.shape == (1, 1, 16, 16)
@@ -114,7 +114,7 @@ def test_scale_shift_time_embedding_prunes_both_halves_with_the_same_channels(cl
 
 def test_pruned_heads_compute_the_same_under_every_attention_processor(tmp_path):
     u = tiny_unet(head_dim=8)
-    res = prune_model(Importance(u, DDPMScheduler(), 'magnitude', importance_criterion('magnitude')), ratio=0.5)
+    res = prune_model(ScoredModel(u, DDPMScheduler(), 'magnitude', importance_criterion('magnitude')), pruning_ratio=0.5)
     res.save(tmp_path/'m')
     for unet in (res.unet, load_model(tmp_path/'m')[0]):
         x = example_inputs(unet, 2)
@@ -131,12 +131,12 @@ def test_pruned_heads_compute_the_same_under_every_attention_processor(tmp_path)
 @pytest.mark.parametrize('method', ['diff-pruning', 'taylor', 'magnitude'])
 def test_a_frozen_model_prunes_as_an_unfrozen_one_and_stays_frozen(method):
     sched = DDPMScheduler(num_train_timesteps=1000)
-    kw = dict(method=method, num_images=8, stride=100, progress=False)
-    free = kept_channels(score_model((tiny_unet(), sched), **kw), ratio=0.3)
+    kw = dict(method=method, calibration_size=8, stride=100, progress=False)
+    free = kept_channels(score_model((tiny_unet(), sched), **kw), pruning_ratio=0.3)
     frozen = tiny_unet().requires_grad_(False)
     imp = score_model((frozen, sched), **kw)
-    assert kept_channels(imp, ratio=0.3) == free
-    res = prune_model(imp, ratio=0.3)
+    assert kept_channels(imp, pruning_ratio=0.3) == free
+    res = prune_model(imp, pruning_ratio=0.3)
     assert res.params_after < res.params_before
     assert not any(p.requires_grad or p.grad is not None for p in frozen.parameters())  # the caller's model is untouched
 
@@ -162,7 +162,7 @@ def test_sdxl_style_added_conditioning_scores_prunes_and_finetunes():
     cond = {'encoder_hidden_states': torch.randn(6, 5, 24),
             'added_cond_kwargs': {'text_embeds': torch.randn(6, 16), 'time_ids': torch.rand(6, 6) * 64}}
     macs = count_macs(u)
-    res = prune_model(score_model((u, sched), z, 'diff-pruning', num_images=6, stride=100, cond=cond, progress=False), target_macs=0.6)
+    res = prune_model(score_model((u, sched), z, 'diff-pruning', calibration_size=6, stride=100, cond=cond, progress=False), target_macs=0.6)
     assert res.macs_after <= 0.62 * macs and res.macs_after == count_macs(res.unet)
     r = finetune((res.unet, sched), LatentData(z, cond), steps=2, batch_size=2, progress=False)
     assert len(r.history) == 2
@@ -182,7 +182,7 @@ def test_added_conditioning_diffprune_cannot_build_is_refused_in_one_line():
 def test_a_transformer_pipeline_folder_is_named_not_called_damaged(cli, tmp_path, index):
     (tmp_path/'pipe'/'transformer').mkdir(parents=True)
     (tmp_path/'pipe'/'model_index.json').write_text(json.dumps(index))
-    for cmd in (['prune', '--ratio', '0.3'], ['sample']):
+    for cmd in (['prune', '--pruning-ratio', '0.3'], ['sample']):
         r = cli(*cmd, '--model', tmp_path/'pipe', '--out', tmp_path/'o')
         one_line_exit_2(r, f"is a {index['_class_name']} folder and its denoiser is transformer/ ({index['transformer'][1]})")
         assert 'damaged' not in r.stderr
@@ -219,7 +219,7 @@ def test_the_threshold_rule_finds_the_same_t_prime_for_a_v_model_and_its_eps_twi
     from diffprune.timesteps import analyze_timesteps
     teacher, eps_sched = load_model('digits')
     v_sched = DDPMScheduler.from_config(eps_sched.config, prediction_type='v_prediction')
-    kw = dict(threshold=0.05, num_images=8, stride=50, progress=False)
+    kw = dict(threshold=0.05, calibration_size=8, stride=50, progress=False)
     a_eps = analyze_timesteps((teacher, eps_sched), **kw)
     a_v = analyze_timesteps((AsV(teacher, v_sched), v_sched), **kw)
     assert a_v.t_prime == a_eps.t_prime < 900
@@ -229,16 +229,16 @@ def test_the_threshold_rule_finds_the_same_t_prime_for_a_v_model_and_its_eps_twi
 def test_a_sample_size_that_is_not_one_or_two_whole_numbers_is_one_line(cli, tmp_path, size):
     u = tiny_unet(); u.register_to_config(sample_size=size)
     save_model(u, DDPMScheduler(num_train_timesteps=1000), tmp_path/'m')
-    for cmd in (['analyze', '--stride', '100'], ['prune', '--ratio', '0.3', '--method', 'taylor', '--stride', '100'], ['sample']):
+    for cmd in (['analyze', '--stride', '100'], ['prune', '--pruning-ratio', '0.3', '--method', 'taylor', '--stride', '100'], ['sample']):
         r = cli(*cmd, '--model', tmp_path/'m', '--out', tmp_path/'o')
         one_line_exit_2(r, 'sample_size')
 
 def test_a_data_free_method_records_no_data(cli, tmp_path):
-    assert cli('prune', '--method', 'magnitude', '--ratio', '0.3', '--out', tmp_path/'p').returncode == 0
+    assert cli('prune', '--method', 'magnitude', '--pruning-ratio', '0.3', '--out', tmp_path/'p').returncode == 0
     assert json.loads((tmp_path/'p'/'result.json').read_text())['data'] is None
 
 def test_a_folder_pruned_with_the_old_scale_loads_with_the_scale_of_its_heads(tmp_path):
-    res = prune_model(Importance(tiny_unet(head_dim=8), DDPMScheduler(), 'magnitude', importance_criterion('magnitude')), ratio=0.5)
+    res = prune_model(ScoredModel(tiny_unet(head_dim=8), DDPMScheduler(), 'magnitude', importance_criterion('magnitude')), pruning_ratio=0.5)
     res.save(tmp_path/'m')
     j = tmp_path/'m'/'unet'/'diffprune.json'; d = json.loads(j.read_text())
     for a in d['structure'].values():

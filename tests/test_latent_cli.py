@@ -11,7 +11,7 @@ def pipes(tmp_path_factory):
 
 def test_prune_and_sample_text_pipeline(cli, pipes, tmp_path):
     r = cli('prune', '--model', pipes['text'], '--prompt', 'a digit', '--target-macs', '0.5', '--stride', '50',
-            '--batch-size', '8', '--calib-steps', '3', '--out', tmp_path/'pruned')
+            '--calibration-size', '8', '--calibration-steps', '3', '--out', tmp_path/'pruned')
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path/'pruned'/'result.json').read_text())
     assert res['pipeline'] == 'StableDiffusionPipeline' and res['macs_after'] <= 0.5 * res['macs_before'] * 1.02
@@ -22,7 +22,7 @@ def test_prune_and_sample_text_pipeline(cli, pipes, tmp_path):
     assert count_params(back.unet) == res['params_after'] and count_params(back.unet) < count_params(load_pipeline(pipes['text']).unet)
     # finetune on the teacher pipeline's latents (the folder records where it was pruned from), then sample through it
     r = cli('finetune', '--model', tmp_path/'pruned', '--prompt', 'a digit', '--steps', '3', '--batch-size', '4', '--num-latents', '8',
-            '--calib-steps', '3', '--out', tmp_path/'ft')
+            '--calibration-steps', '3', '--out', tmp_path/'ft')
     assert r.returncode == 0, r.stderr
     ft = json.loads((tmp_path/'ft'/'result.json').read_text())
     assert ft['latents'] == 'teacher samples' and ft['num_latents'] == 8 and len(ft['history']) == 3
@@ -36,18 +36,18 @@ def test_prune_and_sample_text_pipeline(cli, pipes, tmp_path):
     assert json.loads((tmp_path/'s'/'result.json').read_text())['shape'] == list(pipeline_images(tuned, 2, 3, prompt='a digit').shape[1:])
 
 def test_class_pipeline_from_teacher_latents(cli, pipes, tmp_path):
-    r = cli('prune', '--model', pipes['class'], '--class-labels', '3', '7', '--ratio', '0.3', '--stride', '50', '--batch-size', '8',
-            '--calib-steps', '3', '--out', tmp_path/'pruned')
+    r = cli('prune', '--model', pipes['class'], '--class-labels', '3', '7', '--pruning-ratio', '0.3', '--stride', '50', '--calibration-size', '8',
+            '--calibration-steps', '3', '--out', tmp_path/'pruned')
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path/'pruned'/'result.json').read_text())['pipeline'] == 'ClassLatentPipeline'
     r = cli('sample', '--model', tmp_path/'pruned', '--class-labels', '1', '--num', '2', '--steps', '3', '--out', tmp_path/'s')
     assert r.returncode == 0, r.stderr
 
 @pytest.mark.parametrize('args, message', [
-    (['prune', '--model', 'CLASS', '--class-labels', '12', '--ratio', '0.3'], 'class labels must be'),
-    (['prune', '--model', 'TEXT', '--class-labels', '1', '--ratio', '0.3'], 'drop the class labels'),
-    (['prune', '--model', 'TEXT', '--ratio', '0.3', '--calib-steps', '0'], '--calib-steps must be at least 1'),
-    (['prune', '--model', 'digits', '--prompt', 'x', '--ratio', '0.3'], 'pixel-space UNet'),
+    (['prune', '--model', 'CLASS', '--class-labels', '12', '--pruning-ratio', '0.3'], 'class labels must be'),
+    (['prune', '--model', 'TEXT', '--class-labels', '1', '--pruning-ratio', '0.3'], 'drop the class labels'),
+    (['prune', '--model', 'TEXT', '--pruning-ratio', '0.3', '--calibration-steps', '0'], '--calibration-steps must be at least 1'),
+    (['prune', '--model', 'digits', '--prompt', 'x', '--pruning-ratio', '0.3'], 'pixel-space UNet'),
     (['sample', '--model', 'CLASS', '--prompt', 'x'], 'drop the prompt'),
 ])
 def test_bad_conditioning_is_one_line_exit_2(cli, pipes, tmp_path, args, message):

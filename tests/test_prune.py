@@ -4,14 +4,14 @@ import pytest, torch
 from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler, DDIMPipeline, DDIMScheduler
 from diffprune.models import load_model, save_model, tiny_unet, CIFAR10_CONFIG
 from diffprune.diffusion import ddim_sample
-from diffprune.importance import (Importance, importance_criterion, score_model, accumulate_gradients,
+from diffprune.importance import (ScoredModel, take_gradients, importance_criterion, score_model, accumulate_gradients,
                                   per_timestep_gradients)
 from diffprune.prune import prune_model, example_inputs, kept_channels, jaccard, count_macs, UNetPruner
 from diffprune.data import take, get_dataset
 
 SCHED = DDPMScheduler(num_train_timesteps=1000)
 
-def magnitude(u): return Importance(u, SCHED, 'magnitude', importance_criterion('magnitude'))
+def magnitude(u): return ScoredModel(u, SCHED, 'magnitude', importance_criterion('magnitude'))
 
 def tiny_cond():
     torch.manual_seed(0)
@@ -28,7 +28,7 @@ def roundtrip(res, tmp_path):
     return u2, s2
 
 def test_digits_teacher_diff_pruning_prunes_samples_and_reloads_identically(tmp_path):
-    res = prune_model(score_model('digits', method='diff-pruning', stride=20, num_images=16, progress=False), target_macs=0.5)
+    res = prune_model(score_model('digits', method='diff-pruning', stride=20, calibration_size=16, progress=False), target_macs=0.5)
     assert res.params_after < res.params_before and abs(res.macs_after / res.macs_before - 0.5) < 0.03
     u2, s2 = roundtrip(res, tmp_path)
     a = ddim_sample(res.unet, res.scheduler, 4, steps=5, seed=3, progress=False)
@@ -42,7 +42,7 @@ def test_digits_teacher_diff_pruning_prunes_samples_and_reloads_identically(tmp_
 def test_multihead_attention_is_pruned_per_head_and_reloads(tmp_path):
     u = tiny_unet(head_dim=8)
     heads = {n: m.heads for n, m in u.named_modules() if type(m).__name__ == 'Attention'}
-    res = prune_model(magnitude(u), ratio=0.5)
+    res = prune_model(magnitude(u), pruning_ratio=0.5)
     for n, m in res.unet.named_modules():
         if n in heads:
             assert m.heads == heads[n] and m.to_q.out_features % m.heads == 0 and m.to_q.out_features < 32
@@ -56,7 +56,7 @@ def test_cifar10_config_target_macs_within_3_percent_and_reloads(tmp_path):
     roundtrip(res, tmp_path)
 
 def test_conditional_unet_keeps_cross_attention_inputs_and_reloads(tmp_path):
-    res = prune_model(magnitude(tiny_cond()), ratio=0.3)
+    res = prune_model(magnitude(tiny_cond()), pruning_ratio=0.3)
     for m in res.unet.modules():
         if type(m).__name__ == 'Attention' and m.is_cross_attention: assert m.to_k.in_features == 24 and m.to_v.in_features == 24
     assert res.macs_after < res.macs_before
@@ -68,28 +68,28 @@ def test_exact_mode_keeps_the_channels_of_the_per_timestep_loop():
     ts = list(range(0, 120, 3))
     crit = importance_criterion('diff-pruning')
     per_timestep_gradients(teacher, sched, x0, noise, ts, progress=False)
-    loop = kept_channels(Importance(teacher, sched, 'diff-pruning', crit), target_macs=0.5)
+    loop = kept_channels(ScoredModel(teacher, sched, 'diff-pruning', crit, take_gradients(teacher)), target_macs=0.5)
     passes = accumulate_gradients(teacher, sched, x0, noise, ts, progress=False)
-    exact = kept_channels(Importance(teacher, sched, 'diff-pruning', crit), target_macs=0.5)
+    exact = kept_channels(ScoredModel(teacher, sched, 'diff-pruning', crit, take_gradients(teacher)), target_macs=0.5)
     assert passes < len(ts)
     # identical except where float summation order flips a near-tie
     assert jaccard(loop, exact) >= 0.99
 
 def test_same_seed_keeps_the_same_channels():
-    a = kept_channels(score_model('digits', stride=25, num_images=8, seed=4, progress=False), ratio=0.3)
-    b = kept_channels(score_model('digits', stride=25, num_images=8, seed=4, progress=False), ratio=0.3)
+    a = kept_channels(score_model('digits', stride=25, calibration_size=8, seed=4, progress=False), pruning_ratio=0.3)
+    b = kept_channels(score_model('digits', stride=25, calibration_size=8, seed=4, progress=False), pruning_ratio=0.3)
     assert a == b
 
 @pytest.mark.parametrize('method', ['random', 'magnitude', 'taylor'])
 def test_baselines_prune_to_the_same_target(method):
-    imp = score_model('digits', method=method, stride=50, num_images=8, progress=False)
+    imp = score_model('digits', method=method, stride=50, calibration_size=8, progress=False)
     res = prune_model(imp, target_macs=0.5)
     assert abs(res.macs_after / res.macs_before - 0.5) < 0.03
 
 def test_unreachable_target_and_bad_ratio_are_value_errors():
     imp = magnitude(tiny_unet())
-    with pytest.raises(ValueError, match='no ratio reaches'): prune_model(imp, target_macs=0.0001)
-    with pytest.raises(ValueError, match='ratio'): prune_model(imp, ratio=1.0)
+    with pytest.raises(ValueError, match='no pruning ratio reaches'): prune_model(imp, target_macs=0.0001)
+    with pytest.raises(ValueError, match='ratio'): prune_model(imp, pruning_ratio=1.0)
 
 def test_model_with_nothing_prunable_is_refused():
     u = tiny_unet()

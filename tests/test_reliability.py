@@ -94,16 +94,16 @@ def test_data_the_model_cannot_take(cli, tmp_path):
     from diffprune.models import save_model, tiny_unet
     from diffusers import DDPMScheduler
     save_model(tiny_unet(channels=3), DDPMScheduler(num_train_timesteps=1000), tmp_path/'rgb')
-    one_line_exit_2(cli('prune', '--model', tmp_path/'rgb', '--data', 'digits', '--ratio', '0.3', '--out', tmp_path/'o'), '1-channel')
+    one_line_exit_2(cli('prune', '--model', tmp_path/'rgb', '--data', 'digits', '--pruning-ratio', '0.3', '--out', tmp_path/'o'), '1-channel')
 
 def test_unwritable_output_folder(cli, tmp_path):
     (tmp_path/'afile').write_text('x')
     one_line_exit_2(cli('analyze', '--stride', '100', '--out', tmp_path/'afile'/'out'), 'not writable')
 
 def test_output_folder_of_another_run_is_kept_without_overwrite(cli, tmp_path):
-    assert cli('analyze', '--stride', '200', '--batch-size', '4', '--out', tmp_path/'a').returncode == 0
+    assert cli('analyze', '--stride', '200', '--calibration-size', '4', '--out', tmp_path/'a').returncode == 0
     before = (tmp_path/'a'/'result.json').read_text()
-    one_line_exit_2(cli('analyze', '--stride', '100', '--batch-size', '4', '--out', tmp_path/'a'), '--overwrite')
+    one_line_exit_2(cli('analyze', '--stride', '100', '--calibration-size', '4', '--out', tmp_path/'a'), '--overwrite')
     assert (tmp_path/'a'/'result.json').read_text() == before
 
 def wait_for_progress(p, timeout=120) -> str:
@@ -114,7 +114,7 @@ def wait_for_progress(p, timeout=120) -> str:
         seen += os.read(p.stderr.fileno(), 4096).decode(errors='replace')
     return seen
 
-@pytest.mark.parametrize('cmd', [['demo'], ['prune', '--ratio', '0.3']])
+@pytest.mark.parametrize('cmd', [['demo'], ['prune', '--pruning-ratio', '0.3']])
 def test_ctrl_c_stops_with_one_line_exit_130_and_no_partial_output(tmp_path, cmd):
     # the child starts with Ctrl-C's default action even where the test runner was started in the background (nohup,
     # `&`), which makes a shell ignore SIGINT for it and for everything it starts
