@@ -7,16 +7,17 @@ __all__ = ['PIPELINES', 'tiny_clip_tokenizer', 'ClassLatentPipeline', 'tiny_late
            'text_conditioning', 'class_conditioning', 'pipeline_kind', 'check_conditioning', 'cycled_labels',
            'image_size', 'sample_latents', 'calibration', 'with_unet', 'module_macs', 'pipeline_macs', 'prune_pipeline',
            'LatentData', 'latent_images', 'finetune_pipeline', 'write_pipeline', 'save_pipeline', 'latent_folder',
-           'no_loading_bars', 'load_pipeline', 'pipeline_images']
+           'load_pipeline', 'pipeline_images']
 
 # %% ../nbs/07_latent.ipynb #94533a85
-import contextlib, json, math, shutil
+import json, math, shutil
 from pathlib import Path
 import torch, torch.nn as nn
 from tqdm.auto import tqdm
 from diffusers import (AutoencoderKL, VQModel, UNet2DModel, UNet2DConditionModel, DDIMScheduler, DiffusionPipeline,
                        LDMPipeline, ImagePipelineOutput)
 from .data import InputError, get_dataset, take
+from . import quiet_loading
 from .models import load_unet, atomic_dir, commit_dir, unet_structure, ModelError, check_unet_pipeline
 from .diffusion import (unet_output, index_cond, cond_to, initial_noise, ddim_timesteps, sample_shape, x0_and_eps)
 from .importance import score_model
@@ -261,21 +262,6 @@ def latent_folder(model):
     check_unet_pipeline(p, keys)  # a transformer pipeline (DiT, PixArt) is named, not taken for a damaged folder
     return p if ('vae' in keys or 'vqvae' in keys) else None
 
-@contextlib.contextmanager
-def no_loading_bars():
-    "diffusers' and transformers' loading bars off while a local folder loads (a bar before a one-line error breaks it)."
-    from diffusers.utils import logging as diffusers_logging
-    logs = [diffusers_logging]
-    try:
-        from transformers.utils import logging as transformers_logging; logs.append(transformers_logging)
-    except ImportError: pass  # pipelines without a text encoder need no transformers
-    on = [lg.is_progress_bar_enabled() for lg in logs]
-    for lg in logs: lg.disable_progress_bar()
-    try: yield
-    finally:
-        for lg, was in zip(logs, on):
-            if was: lg.enable_progress_bar()
-
 def load_pipeline(path, device='cpu'):
     "Load a latent pipeline folder, with a pruned UNet where `unet/diffprune.json` says so."
     path = Path(path)
@@ -283,7 +269,7 @@ def load_pipeline(path, device='cpu'):
     name = json.loads((path/'model_index.json').read_text()).get('_class_name')
     cls = PIPELINES.get(name, DiffusionPipeline)
     try:
-        with no_loading_bars(): pipe = cls.from_pretrained(path, unet=load_unet(path/'unet'))  # hub .bin: read weights_only
+        with quiet_loading(): pipe = cls.from_pretrained(path, unet=load_unet(path/'unet'))  # hub .bin: read weights_only
     except ModelError: raise
     except Exception as e: raise ModelError(f"cannot load pipeline {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
     pipe.set_progress_bar_config(disable=True)

@@ -31,7 +31,7 @@ class RecipeSettings:
 # %% ../nbs/08_report.ipynb #fe3c39e5
 @dataclass
 class RecipeResult:
-    "Everything one pipeline run produced."
+    "Everything one run of the recipe produced."
     settings: RecipeSettings; analysis: object; pruned: object; finetuned: object; evaluation: object; times: dict
 
     def to_dict(self) -> dict:
@@ -56,7 +56,7 @@ class RecipeResult:
 def run_recipe(s:RecipeSettings=None, progress:bool=True, **kw) -> RecipeResult:
     "Diff-Pruning end to end: analyse, score, prune, finetune, evaluate against the teacher."
     s = s or RecipeSettings(**kw); torch.manual_seed(s.seed); times = {}
-    with tqdm(total=5, desc='pipeline', disable=not progress) as steps:  # closed before an error or Ctrl-C is reported
+    with tqdm(total=5, desc='recipe', disable=not progress) as steps:  # closed before an error or Ctrl-C is reported
         def step(name, f):
             steps.set_postfix_str(name); t0 = time.time(); r = f(); times[name] = time.time() - t0; steps.update(); return r
         teacher = load_model(s.model, s.device)
@@ -73,7 +73,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True, **kw) -> RecipeResult:
 
 # %% ../nbs/08_report.ipynb #1cbc4aad
 def summary_text(d:dict) -> str:
-    "The pipeline's summary table as plain text."
+    "The recipe's summary table as plain text."
     rows = [('params', 'params', '{:,.0f}'), ('MACs (conv+linear)', 'macs', '{:,.0f}'), ('FID', 'fid', '{:.2f}'),
             ('forward latency ms (batch 64)', 'latency_ms', '{:.1f}'), ('sampling ms (DDIM)', 'sampling_ms', '{:.0f}')]
     w = max(len(r[0]) for r in rows) + 2

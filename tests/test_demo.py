@@ -1,5 +1,5 @@
 """The README's main job, `diffprune demo`, at its real settings through the console script (slow tier: about 4 minutes
-on two cores; `pytest -m slow`). The default tier runs the same pipeline CPU-sized in 08_report and 09_cli."""
+on two cores; `pytest -m slow`). The default tier runs the same recipe CPU-sized in 08_report and 09_cli."""
 import json
 import pytest
 from diffprune.models import load_model
