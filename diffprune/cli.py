@@ -24,7 +24,8 @@ def check_out(out, overwrite:bool=False) -> Path:
     try:  # a real probe: permission bits say nothing to root, and read-only file systems say it only here
         out.parent.mkdir(parents=True, exist_ok=True)
         os.rmdir(tempfile.mkdtemp(prefix=f'.{out.name}.probe', dir=out.parent))
-    except OSError as e: raise UsageError(f"--out {str(out)!r} is not writable ({e.strerror}): pass a folder you can write to") from e
+    except OSError as e:
+        raise UsageError(f"--out {str(out)!r} is not writable ({e.strerror}): pass a folder you can write to") from e
     return out
 
 # %% ../nbs/09_cli.ipynb #5205fea8
@@ -37,8 +38,11 @@ def _write_run(out, files:dict, result:dict):
         for name, fig in files.items(): save_fig(fig, tmp/name)
         write_json(result, tmp/'result.json')
         commit_dir(tmp, out)
-    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
+# %% ../nbs/09_cli.ipynb #3c2f2239
 def cmd_sample(a):
     "Sample a grid of images from a model."
     if a.num < 1: raise UsageError(f"--num must be at least 1, not {a.num}")
@@ -52,13 +56,17 @@ def cmd_sample(a):
     _no_conditioning(a)
     unet, sched = load_model(a.model, a.device)
     t0 = time.time()
-    x = ddpm_sample(unet, sched, a.num, a.seed) if a.sampler == 'ddpm' else ddim_sample(unet, sched, a.num, a.steps, a.seed)
+    x = (ddpm_sample(unet, sched, a.num, a.seed) if a.sampler == 'ddpm'
+         else ddim_sample(unet, sched, a.num, a.steps, a.seed))
     secs = time.time() - t0
-    _write_run(out, {'samples.png': show_images(x, nrow=min(16, a.num), title=f'{a.model}: {a.sampler.upper()}-{a.steps}, seed {a.seed}')},
-               dict(model=str(a.model), num=a.num, steps=a.steps, sampler=a.sampler, seed=a.seed, seconds=secs, shape=list(x.shape[1:])))
+    _write_run(out, {'samples.png': show_images(x, nrow=min(16, a.num),
+                                                title=f'{a.model}: {a.sampler.upper()}-{a.steps}, seed {a.seed}')},
+               dict(model=str(a.model), num=a.num, steps=a.steps, sampler=a.sampler, seed=a.seed, seconds=secs,
+                    shape=list(x.shape[1:])))
     print(f"wrote {a.num} samples to {out/'samples.png'} ({secs:.1f} s)")
     return out
 
+# %% ../nbs/09_cli.ipynb #326a4d43
 def _no_conditioning(a):
     if getattr(a, 'prompt', None) or getattr(a, 'class_labels', None) is not None:
         raise UsageError(f"--prompt and --class-labels are for latent pipelines; {a.model!r} is a pixel-space UNet")
@@ -68,10 +76,13 @@ def _sample_latent(a, out, folder):
     from diffprune.data import show_images
     from diffprune.latent import load_pipeline, pipeline_images
     pipe = load_pipeline(folder, a.device)
-    t0 = time.time(); x = pipeline_images(pipe, a.num, a.steps, a.seed, a.prompt, a.class_labels); secs = time.time() - t0
-    _write_run(out, {'samples.png': show_images(x, nrow=min(16, a.num), title=f'{a.model}: {a.steps} steps, seed {a.seed}')},
-               dict(model=str(a.model), pipeline=type(pipe).__name__, num=a.num, steps=a.steps, seed=a.seed, prompt=a.prompt,
-                    class_labels=a.class_labels, seconds=secs, shape=list(x.shape[1:])))
+    t0 = time.time()
+    x = pipeline_images(pipe, a.num, a.steps, a.seed, a.prompt, a.class_labels)
+    secs = time.time() - t0
+    _write_run(out, {'samples.png': show_images(x, nrow=min(16, a.num),
+                                                title=f'{a.model}: {a.steps} steps, seed {a.seed}')},
+               dict(model=str(a.model), pipeline=type(pipe).__name__, num=a.num, steps=a.steps, seed=a.seed,
+                    prompt=a.prompt, class_labels=a.class_labels, seconds=secs, shape=list(x.shape[1:])))
     print(f"wrote {a.num} samples of the {type(pipe).__name__} to {out/'samples.png'} ({secs:.1f} s)")
     return out
 
@@ -81,24 +92,33 @@ def _check_threshold(t):
 
 def cmd_analyze(a):
     "Per-timestep loss of a model and the kept timesteps."
-    _check_threshold(a.threshold); out = check_out(a.out, a.overwrite)
+    _check_threshold(a.threshold)
+    out = check_out(a.out, a.overwrite)
     from diffprune.timesteps import analyze_timesteps
     a.data = a.data or 'digits'
-    ana = analyze_timesteps(a.model, a.data, a.threshold, calibration_size=a.calibration_size, stride=1 if a.stride is None else a.stride, seed=a.seed, device=a.device)
-    _write_run(out, {'losses.png': ana.plot()}, dict(model=str(a.model), data=str(a.data), seed=a.seed, **ana.to_dict()))
-    print(f"T' = {ana.t_prime}: {len(ana.kept_timesteps)} of {len(ana.timesteps)} analysed timesteps kept (threshold {a.threshold}); wrote {out}")
+    ana = analyze_timesteps(a.model, a.data, a.threshold, calibration_size=a.calibration_size,
+                            stride=1 if a.stride is None else a.stride, seed=a.seed, device=a.device)
+    _write_run(out, {'losses.png': ana.plot()},
+               dict(model=str(a.model), data=str(a.data), seed=a.seed, **ana.to_dict()))
+    print(f"T' = {ana.t_prime}: {len(ana.kept_timesteps)} of {len(ana.timesteps)} analysed timesteps kept "
+          f"(threshold {a.threshold}); wrote {out}")
 
 # %% ../nbs/09_cli.ipynb #21546a16
 def cmd_prune(a):
     "Prune a model with a method to a pruning ratio or a MACs target."
     _check_threshold(a.threshold)
-    if (a.pruning_ratio is None) == (a.target_macs is None): raise UsageError("give one of --pruning-ratio and --target-macs")
-    if a.pruning_ratio is not None and not 0 <= a.pruning_ratio < 1: raise UsageError(f"--pruning-ratio must be in [0, 1), not {a.pruning_ratio}")
-    if a.target_macs is not None and not 0 < a.target_macs < 1: raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
-    if a.sampled_timesteps is not None and a.sampled_timesteps < 1: raise UsageError(f"--sampled-timesteps must be at least 1 timestep, not {a.sampled_timesteps}")
+    if (a.pruning_ratio is None) == (a.target_macs is None):
+        raise UsageError("give one of --pruning-ratio and --target-macs")
+    if a.pruning_ratio is not None and not 0 <= a.pruning_ratio < 1:
+        raise UsageError(f"--pruning-ratio must be in [0, 1), not {a.pruning_ratio}")
+    if a.target_macs is not None and not 0 < a.target_macs < 1:
+        raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
+    if a.sampled_timesteps is not None and a.sampled_timesteps < 1:
+        raise UsageError(f"--sampled-timesteps must be at least 1 timestep, not {a.sampled_timesteps}")
     if a.round_to is not None and a.round_to < 1: raise UsageError(f"--round-to must be at least 1, not {a.round_to}")
     if a.data is not None and a.method in ('magnitude', 'random'):  # it would be recorded as if it had been used
-        raise UsageError(f"--method {a.method} scores the weights, not data: drop --data (diff-pruning and taylor use it)")
+        raise UsageError(f"--method {a.method} scores the weights, not data: "
+                         "drop --data (diff-pruning and taylor use it)")
     out = check_out(a.out, a.overwrite)
     import torch
     from diffprune.data import save_fig
@@ -110,7 +130,8 @@ def cmd_prune(a):
     if (lat := latent_folder(a.model)) is not None: return _prune_latent(a, out, lat)
     _no_conditioning(a)
     if a.method in ('diff-pruning', 'taylor'): a.data = str(a.data or 'digits')  # recorded only where it is used
-    imp = score_model(a.model, a.data, a.method, a.threshold, calibration_size=a.calibration_size, sampled_timesteps=a.sampled_timesteps, stride=a.stride, seed=a.seed, device=a.device)
+    imp = score_model(a.model, a.data, a.method, a.threshold, calibration_size=a.calibration_size,
+                      sampled_timesteps=a.sampled_timesteps, stride=a.stride, seed=a.seed, device=a.device)
     res = prune_model(imp, pruning_ratio=a.pruning_ratio, target_macs=a.target_macs, round_to=a.round_to)
     tmp = atomic_dir(out)
     try:
@@ -121,19 +142,25 @@ def cmd_prune(a):
         write_json(dict(model=str(a.model), data=a.data, seed=a.seed, **res.summary()), tmp/'result.json')
         res.width_table().to_csv(tmp/'widths.csv')
         commit_dir(tmp, out)
-    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
-    print(res.table().to_string()); print(f"wrote the pruned model to {out}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(res.table().to_string())
+    print(f"wrote the pruned model to {out}")
 
+# %% ../nbs/09_cli.ipynb #4fa401b3
 def _prune_latent(a, out, folder):
-    "`diffprune prune` for a latent pipeline: calibrate on encoded images (--data) or the teacher's latents, prune the UNet."
+    "`diffprune prune` of a latent pipeline's UNet, calibrated on encoded images (--data) or the teacher's latents."
     from diffprune.data import save_fig
     from diffprune.models import atomic_dir, commit_dir, write_json
     from diffprune.latent import load_pipeline, prune_pipeline, pipeline_macs, write_pipeline, latent_images
-    if a.calibration_steps < 1: raise UsageError(f"--calibration-steps must be at least 1, not {a.calibration_steps}")
+    if a.calibration_steps < 1:
+        raise UsageError(f"--calibration-steps must be at least 1, not {a.calibration_steps}")
     pipe = load_pipeline(folder, a.device)
     images = latent_images(pipe, a.data, a.calibration_size, a.seed)
-    pruned, res, _ = prune_pipeline(pipe, images, a.calibration_size, a.prompt, a.class_labels, a.method, a.threshold, a.sampled_timesteps, a.stride,
-                                    a.target_macs, a.pruning_ratio, a.calibration_steps, a.seed, round_to=a.round_to)
+    pruned, res, _ = prune_pipeline(pipe, images, a.calibration_size, a.prompt, a.class_labels, a.method, a.threshold,
+                                    a.sampled_timesteps, a.stride, a.target_macs, a.pruning_ratio, a.calibration_steps,
+                                    a.seed, round_to=a.round_to)
     macs = {'teacher': pipeline_macs(pipe), 'pruned': pipeline_macs(pruned)}
     tmp = atomic_dir(out)
     try:
@@ -141,12 +168,16 @@ def _prune_latent(a, out, folder):
         figs = {'widths.png': res.plot_widths()}
         if res.scored is not None and res.scored.analysis is not None: figs['losses.png'] = res.scored.analysis.plot()
         for name, fig in figs.items(): save_fig(fig, tmp/name)
-        write_json(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, prompt=a.prompt, class_labels=a.class_labels,
-                        seed=a.seed, pipeline_macs=macs, **res.summary()), tmp/'result.json')
+        write_json(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, prompt=a.prompt,
+                        class_labels=a.class_labels, seed=a.seed, pipeline_macs=macs, **res.summary()),
+                   tmp/'result.json')
         commit_dir(tmp, out)
-    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(res.table().to_string())
-    print('MACs per image: ' + ', '.join(f"{k} {v / 1e6:.1f}M -> {macs['pruned'][k] / 1e6:.1f}M" for k, v in macs['teacher'].items()))
+    print('MACs per image: ' + ', '.join(f"{k} {v / 1e6:.1f}M -> {macs['pruned'][k] / 1e6:.1f}M"
+                                         for k, v in macs['teacher'].items()))
     print(f"wrote the pruned {type(pipe).__name__} to {out}")
 
 # %% ../nbs/09_cli.ipynb #7dd8c769
@@ -156,6 +187,7 @@ def _teacher_of(model):
     p = Path(str(model))/'unet'/'diffprune.json'
     return read_json(p).get('source') if p.exists() else None
 
+# %% ../nbs/09_cli.ipynb #c99e11d1
 def cmd_finetune(a):
     "Finetune a (pruned) model."
     from diffprune.finetuning import latest_checkpoint
@@ -163,7 +195,8 @@ def cmd_finetune(a):
     if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
     if a.lr <= 0: raise UsageError(f"--lr must be positive, not {a.lr}")
     if not 0 <= a.alpha <= 1: raise UsageError(f"--alpha must be in [0, 1], not {a.alpha}")
-    out = Path(a.out).expanduser(); ck = out/'checkpoints'
+    out = Path(a.out).expanduser()
+    ck = out/'checkpoints'
     if a.resume:
         if latest_checkpoint(ck) is None: raise UsageError(f"--resume: no checkpoint in {str(ck)!r}")
     else: check_out(out, a.overwrite)
@@ -171,7 +204,9 @@ def cmd_finetune(a):
     if a.distill and teacher is None: raise UsageError("--distill needs --teacher (the model folder records none)")
     ckpt_every = a.checkpoint_every if a.checkpoint_every is not None else max(1, a.steps // 10)
     lat = latent_folder(a.model)
-    if lat is None: _no_conditioning(a); a.data = a.data or 'digits'
+    if lat is None:
+        _no_conditioning(a)
+        a.data = a.data or 'digits'
     elif a.num_latents < 1: raise UsageError(f"--num-latents must be at least 1, not {a.num_latents}")
     if a.overwrite and out.exists() and not a.resume: shutil.rmtree(out)
     fresh = not out.exists()
@@ -186,6 +221,7 @@ def cmd_finetune(a):
             raise KeyboardInterrupt(f"the checkpoints in {str(ck)!r} are kept: add --resume to go on") from None
         raise
 
+# %% ../nbs/09_cli.ipynb #646d57da
 def _finetune_pixel(a, out, ck, teacher, ckpt_every):
     "`diffprune finetune` for a pixel-space model: checkpoints in `ck`, then the model, plot and result into `out`."
     from diffprune.data import save_fig
@@ -198,28 +234,33 @@ def _finetune_pixel(a, out, ck, teacher, ckpt_every):
     if not PartialState().is_main_process: return
     tmp = atomic_dir(out/'.final')
     try:
-        save_model(r.unet, r.scheduler, tmp/'model', meta=dict(finetune=r.summary(), source=_teacher_of(a.model) or str(a.model)))
+        save_model(r.unet, r.scheduler, tmp/'model',
+                   meta=dict(finetune=r.summary(), source=_teacher_of(a.model) or str(a.model)))
         for name in ('unet', 'scheduler', 'model_index.json'):
             if (out/name).exists(): shutil.rmtree(out/name) if (out/name).is_dir() else (out/name).unlink()
             os.replace(tmp/'model'/name, out/name)
         save_fig(r.plot(), out/'loss.png')
-        write_json(dict(model=str(a.model), data=str(a.data), weights='raw' if a.raw else 'ema', distill=bool(a.distill),
-                        teacher=teacher, alpha=a.alpha if a.distill else 0., history=r.history, **r.summary()), out/'result.json')
+        write_json(dict(model=str(a.model), data=str(a.data), weights='raw' if a.raw else 'ema',
+                        distill=bool(a.distill), teacher=teacher, alpha=a.alpha if a.distill else 0.,
+                        history=r.history, **r.summary()), out/'result.json')
     finally: shutil.rmtree(tmp, ignore_errors=True)
     print(f"finetuned {a.steps} steps, final loss {r.summary()['final_loss']:.4f}; wrote {out}")
 
+# %% ../nbs/09_cli.ipynb #eea2e8e0
 def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
     "`diffprune finetune` for a pruned latent pipeline, on encoded images (--data) or the teacher pipeline's latents."
     from diffprune.data import save_fig
     from diffprune.models import atomic_dir, write_json
     from diffprune.latent import finetune_pipeline, latent_images, latent_folder, load_pipeline, write_pipeline
     pipe = load_pipeline(folder, a.device)
-    src = latent_folder(teacher or _teacher_of(a.model) or '')  # the pipeline it was pruned from makes latents and teaches
+    # the pipeline it was pruned from makes latents and teaches
+    src = latent_folder(teacher or _teacher_of(a.model) or '')
     images = latent_images(pipe, a.data, a.num_latents, a.seed)
-    tuned, r, z = finetune_pipeline(pipe, load_pipeline(src, a.device) if src is not None else None, images, a.num_latents,
-                                    a.prompt, a.class_labels, a.calibration_steps, a.seed, alpha=a.alpha if a.distill else 0.,
-                                    steps=a.steps, batch_size=a.batch_size, lr=a.lr, grad_accum=a.grad_accum, ema=a.ema,
-                                    use_ema=not a.raw, checkpoint_dir=ck, checkpoint_every=ckpt_every, resume=a.resume,
+    tuned, r, z = finetune_pipeline(pipe, load_pipeline(src, a.device) if src is not None else None, images,
+                                    a.num_latents, a.prompt, a.class_labels, a.calibration_steps, a.seed,
+                                    alpha=a.alpha if a.distill else 0., steps=a.steps, batch_size=a.batch_size,
+                                    lr=a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
+                                    checkpoint_dir=ck, checkpoint_every=ckpt_every, resume=a.resume,
                                     mixed_precision=a.mixed_precision, device=a.device)
     tmp = atomic_dir(out/'.final')
     try:
@@ -228,10 +269,13 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
             if (out/p.name).exists(): shutil.rmtree(out/p.name) if (out/p.name).is_dir() else (out/p.name).unlink()
             os.replace(p, out/p.name)
         save_fig(r.plot(), out/'loss.png')
-        write_json(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, latents='encoded images' if images is not None else 'teacher samples',
-                        num_latents=len(z), weights='raw' if a.raw else 'ema', distill=bool(a.distill), history=r.history, **r.summary()), out/'result.json')
+        write_json(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data,
+                        latents='encoded images' if images is not None else 'teacher samples', num_latents=len(z),
+                        weights='raw' if a.raw else 'ema', distill=bool(a.distill), history=r.history, **r.summary()),
+                   out/'result.json')
     finally: shutil.rmtree(tmp, ignore_errors=True)
-    print(f"finetuned the {type(pipe).__name__}'s UNet {a.steps} steps on {len(z)} latents, final loss {r.summary()['final_loss']:.4f}; wrote {out}")
+    print(f"finetuned the {type(pipe).__name__}'s UNet {a.steps} steps on {len(z)} latents, "
+          f"final loss {r.summary()['final_loss']:.4f}; wrote {out}")
 
 # %% ../nbs/09_cli.ipynb #78deabde
 def cmd_evaluate(a):
@@ -242,71 +286,96 @@ def cmd_evaluate(a):
     from diffprune.evaluation import evaluate
     ev = evaluate(a.model, a.teacher, a.data, a.num_samples, a.steps, a.seed, a.feature, device=a.device)
     _write_run(out, {'samples.png': ev.grid()}, dict(model=str(a.model), **ev.to_dict()))
-    print(ev.table().to_string()); print(f"wrote {out}")
+    print(ev.table().to_string())
+    print(f"wrote {out}")
 
 # %% ../nbs/09_cli.ipynb #b6ec3079
 def _settings(a):
     "The `RecipeSettings` of `diffprune run` and `diffprune demo`."
     from diffprune.report import RecipeSettings
-    if a.target_macs is not None and not 0 < a.target_macs < 1: raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
+    if a.target_macs is not None and not 0 < a.target_macs < 1:
+        raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
     _check_threshold(a.threshold)
     if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
-    return RecipeSettings(model=a.model, data=a.data, method=a.method, threshold=a.threshold, target_macs=a.target_macs,
-                            calibration_size=a.calibration_size, stride=a.stride, sampled_timesteps=a.sampled_timesteps, steps=a.steps, batch_size=a.batch_size,
-                            lr=a.lr, alpha=a.alpha, num_samples=a.num_samples, sample_steps=a.sample_steps, seed=a.seed, device=a.device)
+    return RecipeSettings(model=a.model, data=a.data, method=a.method, threshold=a.threshold,
+                          target_macs=a.target_macs, calibration_size=a.calibration_size, stride=a.stride,
+                          sampled_timesteps=a.sampled_timesteps, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                          alpha=a.alpha, num_samples=a.num_samples, sample_steps=a.sample_steps, seed=a.seed,
+                          device=a.device)
 
+# %% ../nbs/09_cli.ipynb #73548f09
 def cmd_run(a):
     "Run the whole recipe and write the report folder."
     from diffprune.report import run_recipe, write_report, summary_text
-    s = _settings(a); out = check_out(a.out, a.overwrite)
-    r = run_recipe(s); write_report(r, out)
-    print(); print(summary_text(r.to_dict())); print(f"\nreport: {out/'report.md'}; pruned model: {out/'model'}")
+    s = _settings(a)
+    out = check_out(a.out, a.overwrite)
+    r = run_recipe(s)
+    write_report(r, out)
+    print()
+    print(summary_text(r.to_dict()))
+    print(f"\nreport: {out/'report.md'}; pruned model: {out/'model'}")
 
 # %% ../nbs/09_cli.ipynb #d80a1459
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message}\n"); sys.exit(2)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
 
 def _common(p, out=True):
     p.add_argument('--device', default='cpu', help="torch device, e.g. cpu or cuda")
-    p.add_argument('--debug', action='store_true', help="show the whole traceback of an error (also DIFFPRUNE_DEBUG=1)")
+    p.add_argument('--debug', action='store_true',
+                   help="show the whole traceback of an error (also DIFFPRUNE_DEBUG=1)")
     p.add_argument('--seed', type=int, default=0, help="seed of every random choice")
     if out:
         p.add_argument('--out', required=True, help="output folder (written atomically)")
         p.add_argument('--overwrite', action='store_true', help="replace an output folder that holds files")
 
+# %% ../nbs/09_cli.ipynb #62e77367
 SUBCOMMANDS = {}
-METHODS = ('diff-pruning', 'taylor', 'magnitude', 'random')  # importance.METHODS, named here so --help imports no torch
+# importance.METHODS, named here so --help imports no torch
+METHODS = ('diff-pruning', 'taylor', 'magnitude', 'random')
 
 def subcommand(name, help):
     "Register a subcommand: the decorated function adds its arguments; `cmd` runs it."
-    def deco(f): SUBCOMMANDS[name] = (help, f); return f
+    def deco(f):
+        SUBCOMMANDS[name] = (help, f)
+        return f
     return deco
 
+# %% ../nbs/09_cli.ipynb #6f4ed7a5
 @subcommand('sample', 'sample a grid of images from a model')
 def _sample_args(p):
     p.add_argument('--model', default='digits', help="'digits', a model folder or a hub id")
     p.add_argument('--num', type=int, default=64, help="number of images")
     p.add_argument('--steps', type=int, default=50, help="DDIM steps")
     p.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim')
-    _conditioning(p); _common(p); p.set_defaults(cmd=cmd_sample)
+    _conditioning(p)
+    _common(p)
+    p.set_defaults(cmd=cmd_sample)
 
 def _conditioning(p):
     p.add_argument('--prompt', help="text prompt (text-conditioned latent pipelines; default: the empty prompt)")
-    p.add_argument('--class-labels', type=int, nargs='+', metavar='LABEL', help="class labels (class-conditional latent pipelines)")
+    p.add_argument('--class-labels', type=int, nargs='+', metavar='LABEL',
+                   help="class labels (class-conditional latent pipelines)")
 
+# %% ../nbs/09_cli.ipynb #4bd6f5f9
 def _model_data(p, calibration_size=64):
     p.add_argument('--model', default='digits', help="'digits', a model folder or a hub id")
     p.add_argument('--data', help="'digits' (the default for pixel models), a hub dataset or a folder of images; "
                                   "latent pipelines calibrate on the teacher's own latents without it")
-    p.add_argument('--threshold', type=float, default=0.05, help="Diff-Pruning's thr in [0, 1] (0 keeps all timesteps)")
+    p.add_argument('--threshold', type=float, default=0.05,
+                   help="Diff-Pruning's thr in [0, 1] (0 keeps all timesteps)")
     p.add_argument('--calibration-size', type=int, default=calibration_size, help="calibration images")
-    p.add_argument('--stride', type=int, help="analyse every stride-th timestep (default: 1; T/50 with --sampled-timesteps)")
+    p.add_argument('--stride', type=int,
+                   help="analyse every stride-th timestep (default: 1; T/50 with --sampled-timesteps)")
 
 @subcommand('analyze', 'per-timestep loss and the timesteps Diff-Pruning keeps')
 def _analyze_args(p):
-    _model_data(p); _common(p); p.set_defaults(cmd=cmd_analyze)
+    _model_data(p)
+    _common(p)
+    p.set_defaults(cmd=cmd_analyze)
 
+# %% ../nbs/09_cli.ipynb #c490df7d
 @subcommand('prune', 'score channels and prune a model in one shot')
 def _prune_args(p):
     _model_data(p)
@@ -315,56 +384,85 @@ def _prune_args(p):
     p.add_argument('--target-macs', type=float, help="fraction of the MACs to keep, in (0, 1)")
     p.add_argument('--sampled-timesteps', type=int, nargs='?', const=16, default=None, metavar='K',
                    help="fast mode: K stratified timesteps instead of all kept ones (default K: 16)")
-    p.add_argument('--round-to', type=int, metavar='N', help="keep pruned widths multiples of N (16 suits AVX-512 CPUs, 8 GPU tensor cores)")
+    p.add_argument('--round-to', type=int, metavar='N',
+                   help="keep pruned widths multiples of N (16 suits AVX-512 CPUs, 8 GPU tensor cores)")
     _conditioning(p)
-    p.add_argument('--calibration-steps', type=int, default=20, help="DDIM steps of the teacher's calibration latents (latent pipelines without --data)")
-    _common(p); p.set_defaults(cmd=cmd_prune)
+    p.add_argument('--calibration-steps', type=int, default=20,
+                   help="DDIM steps of the teacher's calibration latents (latent pipelines without --data)")
+    _common(p)
+    p.set_defaults(cmd=cmd_prune)
 
+# %% ../nbs/09_cli.ipynb #bbad57c4
 @subcommand('finetune', 'finetune a pruned model (EMA, checkpoints, optional distillation)')
 def _finetune_args(p):
     p.add_argument('--model', required=True, help="a pruned model folder (or any model)")
-    p.add_argument('--data', help="training images: 'digits' (the default for pixel models), a folder or a hub dataset")
-    p.add_argument('--steps', type=int, default=500); p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--lr', type=float, default=2e-4); p.add_argument('--ema', type=float, default=0.999, help="long-run EMA decay (warmed up)")
-    p.add_argument('--grad-accum', type=int, default=1); p.add_argument('--mixed-precision', choices=['no', 'fp16', 'bf16'], default='no')
-    p.add_argument('--distill', action='store_true', help="distil from the teacher"); p.add_argument('--alpha', type=float, default=0.5)
+    p.add_argument('--data',
+                   help="training images: 'digits' (the default for pixel models), a folder or a hub dataset")
+    p.add_argument('--steps', type=int, default=500)
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--lr', type=float, default=2e-4)
+    p.add_argument('--ema', type=float, default=0.999, help="long-run EMA decay (warmed up)")
+    p.add_argument('--grad-accum', type=int, default=1)
+    p.add_argument('--mixed-precision', choices=['no', 'fp16', 'bf16'], default='no')
+    p.add_argument('--distill', action='store_true', help="distil from the teacher")
+    p.add_argument('--alpha', type=float, default=0.5)
     p.add_argument('--teacher', help="teacher for --distill (default: the model the folder was pruned from)")
     p.add_argument('--checkpoint-every', type=int, help="steps between checkpoints (default: steps / 10)")
     p.add_argument('--resume', action='store_true', help="continue from the latest checkpoint in --out")
     p.add_argument('--raw', action='store_true', help="write the raw weights instead of the EMA")
     _conditioning(p)
-    p.add_argument('--num-latents', type=int, default=256, help="latent pipelines: images to encode, or teacher latents to sample")
-    p.add_argument('--calibration-steps', type=int, default=20, help="latent pipelines without --data: DDIM steps of the teacher's latents")
-    _common(p); p.set_defaults(cmd=cmd_finetune)
+    p.add_argument('--num-latents', type=int, default=256,
+                   help="latent pipelines: images to encode, or teacher latents to sample")
+    p.add_argument('--calibration-steps', type=int, default=20,
+                   help="latent pipelines without --data: DDIM steps of the teacher's latents")
+    _common(p)
+    p.set_defaults(cmd=cmd_finetune)
 
+# %% ../nbs/09_cli.ipynb #6b687bc2
 @subcommand('evaluate', 'FID, SSIM consistency with a teacher, params, MACs and latency')
 def _evaluate_args(p):
-    p.add_argument('--model', required=True); p.add_argument('--teacher')
+    p.add_argument('--model', required=True)
+    p.add_argument('--teacher')
     p.add_argument('--data', default='digits:all', help="real images for FID")
-    p.add_argument('--num-samples', type=int, default=512); p.add_argument('--steps', type=int, default=50)
-    p.add_argument('--feature', choices=['digits', 'inception'], help="FID features (default: digits for 1x16x16 models)")
-    _common(p); p.set_defaults(cmd=cmd_evaluate)
+    p.add_argument('--num-samples', type=int, default=512)
+    p.add_argument('--steps', type=int, default=50)
+    p.add_argument('--feature', choices=['digits', 'inception'],
+                   help="FID features (default: digits for 1x16x16 models)")
+    _common(p)
+    p.set_defaults(cmd=cmd_evaluate)
 
+# %% ../nbs/09_cli.ipynb #845fe951
 def _recipe_args(p, model='digits', data='digits'):
-    p.add_argument('--model', default=model); p.add_argument('--data', default=data)
+    p.add_argument('--model', default=model)
+    p.add_argument('--data', default=data)
     p.add_argument('--method', choices=METHODS, default='diff-pruning')
-    p.add_argument('--threshold', type=float, default=0.05); p.add_argument('--target-macs', type=float, default=0.5)
+    p.add_argument('--threshold', type=float, default=0.05)
+    p.add_argument('--target-macs', type=float, default=0.5)
     p.add_argument('--calibration-size', type=int, default=64, help="calibration images")
-    p.add_argument('--stride', type=int, default=1); p.add_argument('--sampled-timesteps', type=int, nargs='?', const=16, default=None, metavar='K')
-    p.add_argument('--steps', type=int, default=500, help="finetune steps"); p.add_argument('--batch-size', type=int, default=64, help="finetune batch")
-    p.add_argument('--lr', type=float, default=2e-4); p.add_argument('--alpha', type=float, default=0., help="distillation weight")
-    p.add_argument('--num-samples', type=int, default=512); p.add_argument('--sample-steps', type=int, default=50)
-    _common(p); p.set_defaults(cmd=cmd_run)
+    p.add_argument('--stride', type=int, default=1)
+    p.add_argument('--sampled-timesteps', type=int, nargs='?', const=16, default=None, metavar='K')
+    p.add_argument('--steps', type=int, default=500, help="finetune steps")
+    p.add_argument('--batch-size', type=int, default=64, help="finetune batch")
+    p.add_argument('--lr', type=float, default=2e-4)
+    p.add_argument('--alpha', type=float, default=0., help="distillation weight")
+    p.add_argument('--num-samples', type=int, default=512)
+    p.add_argument('--sample-steps', type=int, default=50)
+    _common(p)
+    p.set_defaults(cmd=cmd_run)
 
+# %% ../nbs/09_cli.ipynb #17c34fb1
 @subcommand('demo', 'the whole recipe on the shipped digits teacher, offline, in minutes')
 def _demo_args(p):
-    _recipe_args(p); p.set_defaults(out='diffprune-demo', calibration_size=32)  # 32 calibration images keep it under 5 minutes on 2 cores
+    _recipe_args(p)
+    # 32 calibration images keep it under 5 minutes on 2 cores
+    p.set_defaults(out='diffprune-demo', calibration_size=32)
     for act in p._actions:
         if act.dest == 'out': act.required = False
 
 @subcommand('run', 'the whole recipe on any model and data (e.g. google/ddpm-cifar10-32 on a GPU)')
 def _run_args(p): _recipe_args(p)
 
+# %% ../nbs/09_cli.ipynb #47c3b53e
 def parser() -> argparse.ArgumentParser:
     "The `diffprune` argument parser with every registered subcommand."
     p = _Parser(prog='diffprune', description='Structural pruning of diffusion models (Diff-Pruning).')
@@ -372,6 +470,7 @@ def parser() -> argparse.ArgumentParser:
     for name, (help, add) in SUBCOMMANDS.items(): add(sub.add_parser(name, help=help, description=help))
     return p
 
+# %% ../nbs/09_cli.ipynb #e823cde3
 def _report(message:str):
     "Print the one-line `message` to stderr on a line of its own: progress bars an error cut short are closed first."
     if 'tqdm' in sys.modules:
@@ -380,19 +479,23 @@ def _report(message:str):
     print(message, file=sys.stderr)
 
 def _users_to_fix(e:Exception) -> bool:
-    "Whether `e` is the user's to fix: a `UsageError`, or the library's `InputError` (loaded by then, if it raised one)."
+    "Whether `e` is the user's to fix: a `UsageError` or the library's `InputError` (loaded by then if it raised one)."
     data = sys.modules.get('diffprune.data')
     return isinstance(e, UsageError) or (data is not None and isinstance(e, data.InputError))
 
+# %% ../nbs/09_cli.ipynb #83f0d9d4
 def main(argv=None) -> int:
     "Run `diffprune` with `argv`; returns the exit code (0, 2 for input to change, 130 for Ctrl-C)."
     p = parser()
     try: a = p.parse_args(argv)
     except SystemExit as e: return e.code  # --help (0) or an argument argparse refuses (2)
-    if a.command is None: p.print_help(); return 2
+    if a.command is None:
+        p.print_help()
+        return 2
     debug = a.debug or os.environ.get('DIFFPRUNE_DEBUG') == '1'  # every error with its whole traceback and causes
     try:
-        with warnings.catch_warnings():  # library warnings (torch, diffusers, torch-pruning) would bury the one-line errors
+        # library warnings (torch, diffusers, torch-pruning) would bury the one-line errors
+        with warnings.catch_warnings():
             if os.environ.get('DIFFPRUNE_WARNINGS'): a.cmd(a)
             else:
                 warnings.simplefilter('ignore')
@@ -400,14 +503,18 @@ def main(argv=None) -> int:
         return 0
     except KeyboardInterrupt as e:
         if debug: raise
-        _report(f"diffprune {a.command}: interrupted; {str(e) or 'no partial output was left'}"); return 130
+        _report(f"diffprune {a.command}: interrupted; {str(e) or 'no partial output was left'}")
+        return 130
     except OSError as e:  # the file system: a full disk, a missing permission
         if debug: raise
-        _report(f"diffprune {a.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(': ')); return 2
+        _report(f"diffprune {a.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(': '))
+        return 2
     except Exception as e:
         if debug or not _users_to_fix(e): raise  # a bug, ours or a library's, shows its traceback: report it with that
-        _report(f"diffprune {a.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"); return 2
+        _report(f"diffprune {a.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return 2
 
+# %% ../nbs/09_cli.ipynb #3ec27946
 def cli():
     "The console script: no display needed, figures go to files."
     import matplotlib
