@@ -13,10 +13,11 @@ _API = {  # `dp.NAME`: the one call per step, and what a notebook needs around t
     'load_model': 'models', 'save_model': 'models', 'ddim_sample': 'diffusion', 'tiny_unet': 'models',
     'show_images': 'data', 'get_dataset': 'data', 'InputError': 'data',
     'analyze_timesteps': 'timesteps', 'score_model': 'importance', 'prune_model': 'prune', 'finetune': 'finetuning',
-    'evaluate': 'evaluation', 'fid_score': 'metrics', 'prune_pipeline': 'latent', 'load_pipeline': 'latent', 'run_recipe': 'report'}
+    'evaluate': 'evaluation', 'fid_score': 'metrics', 'prune_pipeline': 'latent', 'load_pipeline': 'latent',
+    'run_recipe': 'report'}
 
 def __getattr__(name):
-    "`import diffprune as dp; dp.score_model(...)`: the module is imported on first use, so importing diffprune is free."
+    "`import diffprune as dp; dp.score_model(...)`: imports the module on first use, so importing diffprune is free."
     if name not in _API: raise AttributeError(f"module 'diffprune' has no attribute {name!r}")
     return getattr(importlib.import_module(f'diffprune.{_API[name]}'), name)
 

@@ -22,7 +22,8 @@ from .prune import count_macs, count_params, example_inputs
 def consistency(a:torch.Tensor, b:torch.Tensor) -> dict:
     "Mean SSIM and MSE between paired image sets in [0, 1]."
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-    if a.shape != b.shape: raise InputError(f"teacher and student images differ in shape: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
+    if a.shape != b.shape:
+        raise InputError(f"teacher and student images differ in shape: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
     return dict(ssim=ssim(b.float(), a.float(), data_range=1.0).item(), mse=(a - b).pow(2).mean().item())
 
 # %% ../nbs/06_evaluation.ipynb #ba9556fc
@@ -42,9 +43,11 @@ def latency_runs(models:dict, batch:int=64, repeats:int=7, warmup:int=2, samplin
             if r >= warmup: times[k].append((time.perf_counter() - t0) * 1000)
     return times
 
+# %% ../nbs/06_evaluation.ipynb #d3b7c24f
 def latency(models:dict, batch:int=64, repeats:int=7, warmup:int=2, sampling_steps:int=0, seed:int=0) -> dict:
     "Median ms per model of `latency_runs`."
-    return {k: statistics.median(v) for k, v in latency_runs(models, batch, repeats, warmup, sampling_steps, seed).items()}
+    return {k: statistics.median(v)
+            for k, v in latency_runs(models, batch, repeats, warmup, sampling_steps, seed).items()}
 
 def paired_speedup(runs:dict, base:str='teacher', other:str='model') -> dict:
     "Speedup of `other` over `base` from interleaved runs: the median of the per-run ratios, with their range."
@@ -66,22 +69,26 @@ class Evaluation:
     settings: dict = field(default_factory=dict)
     speed: dict = None # `paired_speedup` of the forward pass, teacher / model
 
-    def to_dict(self) -> dict:
-        "JSON-ready: the model's metrics, the consistency, and with a teacher its metrics, speedup and MACs reduction."
-        d = dict(self.metrics, **(self.consistency or {}), settings=self.settings)
-        if self.teacher_metrics:
-            t, m = self.teacher_metrics, self.metrics
-            d['teacher'] = t
-            d.update(self.speed or dict(speedup=t['latency_ms'] / m['latency_ms']))
-            d['macs_reduction'] = t['macs'] / m['macs']
-        if self.calibration: d['fid_calibration'] = self.calibration
-        return d
+# %% ../nbs/06_evaluation.ipynb #6b1ce6d2
+@patch
+def to_dict(self:Evaluation) -> dict:
+    "JSON-ready: the model's metrics, the consistency, and with a teacher its metrics, speedup and MACs reduction."
+    d = dict(self.metrics, **(self.consistency or {}), settings=self.settings)
+    if self.teacher_metrics:
+        t, m = self.teacher_metrics, self.metrics
+        d['teacher'] = t
+        d.update(self.speed or dict(speedup=t['latency_ms'] / m['latency_ms']))
+        d['macs_reduction'] = t['macs'] / m['macs']
+    if self.calibration: d['fid_calibration'] = self.calibration
+    return d
 
-    def table(self) -> pd.DataFrame:
-        "Model and teacher side by side, with each row's model / teacher fraction."
-        t = pd.DataFrame({'model': self.metrics, **({'teacher': self.teacher_metrics} if self.teacher_metrics else {})})
-        if self.teacher_metrics: t['model / teacher'] = t['model'] / t['teacher']
-        return t
+# %% ../nbs/06_evaluation.ipynb #6901d8aa
+@patch
+def table(self:Evaluation) -> pd.DataFrame:
+    "Model and teacher side by side, with each row's model / teacher fraction."
+    t = pd.DataFrame({'model': self.metrics, **({'teacher': self.teacher_metrics} if self.teacher_metrics else {})})
+    if self.teacher_metrics: t['model / teacher'] = t['model'] / t['teacher']
+    return t
 
 # %% ../nbs/06_evaluation.ipynb #8e892c2e
 @patch
@@ -91,13 +98,15 @@ def _repr_html_(self:Evaluation):
         lo, hi = self.speed['speedup_low'], self.speed['speedup_high']
         extra += f"<p>speedup {self.speed['speedup']:.2f}x (paired runs {lo:.2f}-{hi:.2f})</p>"
     if c := self.calibration:
-        extra += f"<p>FID calibration: train vs held-out {c['train_vs_heldout']:.2f}, real vs noise {c['real_vs_noise']:.1f}</p>"
+        extra += (f"<p>FID calibration: train vs held-out {c['train_vs_heldout']:.2f}, "
+                  f"real vs noise {c['real_vs_noise']:.1f}</p>")
     return self.table()._repr_html_() + extra
 
 @patch
 def __repr__(self:Evaluation):
     return repr(self.table()) + ''.join(f'\n{k}: {v:.4f}' for k, v in (self.consistency or {}).items())
 
+# %% ../nbs/06_evaluation.ipynb #e98dc115
 @patch
 def grid(self:Evaluation, n:int=32):
     "Teacher and model samples from the same noise, side by side; returns the figure."
@@ -160,20 +169,27 @@ class SampleExplorer:
         self.seed = W.IntSlider(value=0, min=0, max=100, description='seed', continuous_update=False)
         self.steps = W.IntSlider(value=20, min=2, max=100, description='DDIM steps', continuous_update=False)
         self.out, self.label = W.Output(), W.HTML()
-        for w in (self.seed, self.steps): w.observe(lambda ch: self.show(self.seed.value, self.steps.value), names='value')
+        for w in (self.seed, self.steps):
+            w.observe(lambda ch: self.show(self.seed.value, self.steps.value), names='value')
         self.box = W.VBox([W.HBox([self.seed, self.steps]), self.label, self.out])
         self.show(0, 20)
-
-    def show(self, seed:int, steps:int) -> dict:
-        "Sample both models from seed `seed` with `steps` DDIM steps; shows them and returns their consistency."
-        a = ddim_sample(*self.t, self.n, steps, seed, progress=False); b = ddim_sample(*self.s, self.n, steps, seed, progress=False)
-        c = consistency(a, b); self.label.value = f"SSIM {c['ssim']:.3f}, MSE {c['mse']:.4f}"
-        self.out.clear_output(wait=True)
-        with self.out:
-            fig, axs = plt.subplots(1, 2, figsize=(10, 2.5))
-            show_images(a, nrow=8, ax=axs[0], title='teacher'); show_images(b, nrow=8, ax=axs[1], title='student'); plt.show(fig)
-        return c
 
     def _ipython_display_(self):
         from IPython.display import display
         display(self.box)
+
+# %% ../nbs/06_evaluation.ipynb #693ff819
+@patch
+def show(self:SampleExplorer, seed:int, steps:int) -> dict:
+    "Sample both models from seed `seed` with `steps` DDIM steps; shows them and returns their consistency."
+    a = ddim_sample(*self.t, self.n, steps, seed, progress=False)
+    b = ddim_sample(*self.s, self.n, steps, seed, progress=False)
+    c = consistency(a, b)
+    self.label.value = f"SSIM {c['ssim']:.3f}, MSE {c['mse']:.4f}"
+    self.out.clear_output(wait=True)
+    with self.out:
+        fig, axs = plt.subplots(1, 2, figsize=(10, 2.5))
+        show_images(a, nrow=8, ax=axs[0], title='teacher')
+        show_images(b, nrow=8, ax=axs[1], title='student')
+        plt.show(fig)
+    return c

@@ -11,6 +11,7 @@ import copy, math, shutil, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch, torch.nn as nn
+from fastcore.basics import patch
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from safetensors.torch import save_file, load_file
@@ -30,9 +31,11 @@ def step_batch(ds, step:int, micro:int, batch_size:int, num_train_timesteps:int,
     items = [ds[int(i)] for i in idx]
     cond = None
     if isinstance(items[0], tuple):  # conditional data: (image or latent, {UNet keyword: tensor})
-        items, conds = zip(*items); cond = stack_cond(list(conds))
+        items, conds = zip(*items)
+        cond = stack_cond(list(conds))
     x0 = torch.stack(items)
-    return x0, torch.randn(x0.shape, generator=g), torch.randint(0, num_train_timesteps, (batch_size,), generator=g), cond
+    return (x0, torch.randn(x0.shape, generator=g),
+            torch.randint(0, num_train_timesteps, (batch_size,), generator=g), cond)
 
 # %% ../nbs/05_finetuning.ipynb #120837cf
 def finetune_loss(unet, scheduler, x0, noise, t, teacher=None, alpha:float=0., cond=None) -> torch.Tensor:
@@ -41,12 +44,14 @@ def finetune_loss(unet, scheduler, x0, noise, t, teacher=None, alpha:float=0., c
     xt = add_noise(scheduler, x0, noise, t)
     with torch.no_grad(): target_t = unet_output(teacher, xt, t, cond)
     pred = unet_output(unet, xt, t, cond)
-    return alpha * (pred - target_t).pow(2).mean() + (1 - alpha) * (pred - regression_target(scheduler, x0, noise, t)).pow(2).mean()
+    return (alpha * (pred - target_t).pow(2).mean()
+            + (1 - alpha) * (pred - regression_target(scheduler, x0, noise, t)).pow(2).mean())
 
 # %% ../nbs/05_finetuning.ipynb #642db296
 def _opt_tensors(opt) -> tuple:
     "An optimizer's state as `({name: tensor}, json-able param groups)`."
-    sd = opt.state_dict(); tensors = {}
+    sd = opt.state_dict()
+    tensors = {}
     for i, st in sd['state'].items():
         for k, v in st.items(): tensors[f'{i}.{k}'] = v if torch.is_tensor(v) else torch.tensor(v)
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd['param_groups']]
@@ -55,12 +60,17 @@ def _opt_tensors(opt) -> tuple:
 def _load_opt(opt, tensors:dict, groups:list):
     state = {}
     for k, v in tensors.items():
-        i, _, name = k.partition('.'); state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({'state': state, 'param_groups': [{**g, 'betas': tuple(g['betas'])} if 'betas' in g else g for g in groups]})
+        i, _, name = k.partition('.')
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({'state': state,
+                         'param_groups': [{**g, 'betas': tuple(g['betas'])} if 'betas' in g else g for g in groups]})
 
+# %% ../nbs/05_finetuning.ipynb #140468bf
 def save_checkpoint(folder, step:int, unet, ema, scheduler, opt, state:dict, keep:int=2) -> Path:
     "Write checkpoint `step_<step>` atomically into `folder`, keeping the `keep` newest."
-    folder = Path(folder); path = folder/f'step_{step:08d}'; tmp = atomic_dir(path)
+    folder = Path(folder)
+    path = folder/f'step_{step:08d}'
+    tmp = atomic_dir(path)
     try:
         save_model(unet, scheduler, tmp/'model')
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, tmp/'ema.safetensors')
@@ -68,14 +78,27 @@ def save_checkpoint(folder, step:int, unet, ema, scheduler, opt, state:dict, kee
         save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp/'optimizer.safetensors')
         write_json(dict(step=step, param_groups=groups, **state), tmp/'state.json')
         commit_dir(tmp, path)
-    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(folder.glob('step_*'))[:-keep]: shutil.rmtree(old, ignore_errors=True)
     return path
 
+# %% ../nbs/05_finetuning.ipynb #0b0ffe83
 def latest_checkpoint(folder) -> Path:
     "The newest complete checkpoint in `folder`, or None."
     cks = sorted(p for p in Path(folder).glob('step_*') if (p/'state.json').exists()) if folder else []
     return cks[-1] if cks else None
+
+# %% ../nbs/05_finetuning.ipynb #5498de30
+def _resume(checkpoint_dir, unet, ema_net, opt) -> tuple:
+    "Load the newest checkpoint in `checkpoint_dir` into `unet`, `ema_net` and `opt`; its `(step, history)`."
+    ck = latest_checkpoint(checkpoint_dir)
+    st = read_json(ck/'state.json')
+    unet.load_state_dict(load_model(ck/'model')[0].state_dict())
+    ema_net.load_state_dict(load_file(ck/'ema.safetensors'))
+    _load_opt(opt, load_file(ck/'optimizer.safetensors'), st['param_groups'])
+    return st['step'], st['history']
 
 # %% ../nbs/05_finetuning.ipynb #57db6a0b
 def ema_decay(step:int, decay:float=0.999) -> float:
@@ -90,28 +113,53 @@ def ema_update(ema:nn.Module, model:nn.Module, decay:float):
 
 # %% ../nbs/05_finetuning.ipynb #4f625a63
 class FinetuneError(InputError):
-    "Finetuning diverged (a non-finite loss): the settings are the cause; the message names the step and the last good checkpoint."
+    "Finetuning diverged (a non-finite loss): a settings error; the message names the step and last good checkpoint."
 
+# %% ../nbs/05_finetuning.ipynb #5363eb59
 @dataclass
 class FinetuneResult:
     "The finetuned model (EMA weights unless asked otherwise), the raw and EMA models, and the loss history."
-    unet: nn.Module; scheduler: object; raw: nn.Module; ema: nn.Module; history: list; steps: int; seconds: float
+    unet: nn.Module
+    scheduler: object
+    raw: nn.Module
+    ema: nn.Module
+    history: list
+    steps: int
+    seconds: float
     def summary(self) -> dict:
         tail = self.history[-max(1, min(50, len(self.history))):]
         return dict(steps=self.steps, final_loss=sum(tail) / len(tail), seconds=round(self.seconds, 2))
     def __repr__(self): return f'FinetuneResult({self.summary()})'
-    def plot(self, ax=None):
-        "The loss per step and its running mean; returns the figure."
-        return plot_losses(self.history, ax)
 
+# %% ../nbs/05_finetuning.ipynb #1b54b97f
 def plot_losses(history:list, ax=None, window:int=25):
     "Loss per step and its running mean."
     if ax is None: _, ax = plt.subplots(figsize=(5, 3))
     ax.plot(history, alpha=0.3, lw=0.8, label='loss')
     if len(history) >= window:
-        h = torch.tensor(history); ax.plot(range(window - 1, len(h)), h.unfold(0, window, 1).mean(1), label=f'mean of {window}')
-    ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.set_yscale('log'); ax.legend()
+        h = torch.tensor(history)
+        ax.plot(range(window - 1, len(h)), h.unfold(0, window, 1).mean(1), label=f'mean of {window}')
+    ax.set_xlabel('step')
+    ax.set_ylabel('loss')
+    ax.set_yscale('log')
+    ax.legend()
     return ax.figure
+
+# %% ../nbs/05_finetuning.ipynb #7f6c305c
+@patch
+def plot(self:FinetuneResult, ax=None):
+    "The loss per step and its running mean; returns the figure."
+    return plot_losses(self.history, ax)
+
+# %% ../nbs/05_finetuning.ipynb #6a203770
+def _check_finetune_args(steps, lr, alpha, teacher, resume, checkpoint_dir):
+    "Refuse settings `finetune` cannot run with, before any work is done."
+    if steps < 1: raise InputError(f"steps must be at least 1, not {steps}")
+    if lr <= 0: raise InputError(f"learning rate must be positive, not {lr}")
+    if not 0 <= alpha <= 1: raise InputError(f"alpha must be in [0, 1], not {alpha}")
+    if alpha > 0 and teacher is None: raise InputError("distillation (alpha > 0) needs a teacher")
+    if resume and latest_checkpoint(checkpoint_dir) is None:
+        raise InputError(f"nothing to resume: no checkpoint in {str(checkpoint_dir)!r}")
 
 # %% ../nbs/05_finetuning.ipynb #31361731
 def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `(unet, scheduler)` pair (copied)
@@ -126,52 +174,53 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
             ) -> FinetuneResult:
     "Finetune a (pruned) diffusion UNet with the eps loss, EMA and gradient clipping, on Accelerate."
     from accelerate import Accelerator
-    if steps < 1: raise InputError(f"steps must be at least 1, not {steps}")
-    if lr <= 0: raise InputError(f"learning rate must be positive, not {lr}")
-    if not 0 <= alpha <= 1: raise InputError(f"alpha must be in [0, 1], not {alpha}")
-    if alpha > 0 and teacher is None: raise InputError("distillation (alpha > 0) needs a teacher")
-    if resume and latest_checkpoint(checkpoint_dir) is None: raise InputError(f"nothing to resume: no checkpoint in {str(checkpoint_dir)!r}")
+    _check_finetune_args(steps, lr, alpha, teacher, resume, checkpoint_dir)
     acc = Accelerator(mixed_precision=mixed_precision, cpu=(device == 'cpu'))
     world, rank = acc.num_processes, acc.process_index
     if batch_size % world: raise InputError(f"batch size {batch_size} is not divisible by the {world} processes")
-    unet, sched = load_model(model); objective = prediction_type(sched)
-    unet = copy.deepcopy(unet).to(acc.device).train().requires_grad_(True)  # a copy: a frozen model trains like any other
+    unet, sched = load_model(model)
+    objective = prediction_type(sched)
+    # a copy: a frozen model trains like any other
+    unet = copy.deepcopy(unet).to(acc.device).train().requires_grad_(True)
     c, h, w = sample_shape(unet)
     ds = data if isinstance(data, torch.utils.data.Dataset) else get_dataset(data, (h, w), c)
     tnet = None
-    if alpha > 0:  # a copy: the caller's teacher keeps its requires_grad and mode (a shared teacher is scored again after this)
+    if alpha > 0:
         tnet, tsched = load_model(teacher)
         if prediction_type(tsched) != objective:
-            raise InputError(f"the teacher predicts {prediction_type(tsched)} and the student {objective}: distil between models of one objective")
+            raise InputError(f"the teacher predicts {prediction_type(tsched)} and the student {objective}: "
+                             "distil between models of one objective")
+        # a copy: the caller's teacher keeps its requires_grad and mode (a shared teacher is scored again after this)
         tnet = copy.deepcopy(tnet).to(acc.device).eval().requires_grad_(False)
     ema_net = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=weight_decay)
     start, history = 0, []
-    if resume:
-        ck = latest_checkpoint(checkpoint_dir); st = read_json(ck/'state.json')
-        unet.load_state_dict(load_model(ck/'model')[0].state_dict()); ema_net.load_state_dict(load_file(ck/'ema.safetensors'))
-        _load_opt(opt, load_file(ck/'optimizer.safetensors'), st['param_groups'])
-        start, history = st['step'], st['history']
+    if resume: start, history = _resume(checkpoint_dir, unet, ema_net, opt)
     unet, opt = acc.prepare(unet, opt)
     per, T, t0 = batch_size // world, sched.config.num_train_timesteps, time.time()
-    pbar = tqdm(range(start + 1, steps + 1), desc='finetune', disable=not (progress and acc.is_main_process), initial=start, total=steps)
+    pbar = tqdm(range(start + 1, steps + 1), desc='finetune', disable=not (progress and acc.is_main_process),
+                initial=start, total=steps)
     for step in pbar:
         total = 0.
         for micro in range(grad_accum):
             x0, noise, t, cond = step_batch(ds, step, micro, batch_size, T, seed)
             part = slice(rank * per, (rank + 1) * per)  # this process's share of the global batch
-            x0, noise, t, cond = x0[part].to(acc.device), noise[part].to(acc.device), t[part].to(acc.device), cond_to(index_cond(cond, part), acc.device)
+            x0, noise, t, cond = (x0[part].to(acc.device), noise[part].to(acc.device), t[part].to(acc.device),
+                                  cond_to(index_cond(cond, part), acc.device))
             with acc.autocast():
                 loss = finetune_loss(unet, sched, x0, noise, t, tnet, alpha, cond) / grad_accum
-            acc.backward(loss); total += loss.detach()
+            acc.backward(loss)
+            total += loss.detach()
         if grad_clip: acc.clip_grad_norm_(unet.parameters(), grad_clip)
-        opt.step(); opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         total = acc.reduce(total, 'mean').item()
         if not math.isfinite(total):
             ck = latest_checkpoint(checkpoint_dir)
             raise FinetuneError(f"the loss became {total} at step {step}: lower the learning rate; "
                                 + (f"the last good checkpoint is {ck}" if ck else "no checkpoint was written"))
-        ema_update(ema_net, acc.unwrap_model(unet), ema_decay(step, ema)); history.append(total)
+        ema_update(ema_net, acc.unwrap_model(unet), ema_decay(step, ema))
+        history.append(total)
         if step % 10 == 0: pbar.set_postfix(loss=f'{sum(history[-10:]) / 10:.4f}')
         if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
             if acc.is_main_process:
@@ -180,7 +229,8 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
             acc.wait_for_everyone()
         if callback and acc.is_main_process and step % callback_every == 0: callback(step, history)
     raw = acc.unwrap_model(unet).eval()
-    return FinetuneResult(ema_net if use_ema else raw, sched, raw, ema_net, history, steps, time.time() - t0)
+    return FinetuneResult(unet=ema_net if use_ema else raw, scheduler=sched, raw=raw, ema=ema_net, history=history,
+                          steps=steps, seconds=time.time() - t0)
 
 # %% ../nbs/05_finetuning.ipynb #89c92686
 class LossPlot:
@@ -190,7 +240,8 @@ class LossPlot:
         self.out, self.label = W.Output(), W.HTML('waiting for the first steps')
         self.box, self.last = W.VBox([self.label, self.out]), None
     def update(self, step:int, history:list):
-        self.last = step; self.label.value = f'step {step}: loss {sum(history[-10:]) / len(history[-10:]):.4f}'
+        self.last = step
+        self.label.value = f'step {step}: loss {sum(history[-10:]) / len(history[-10:]):.4f}'
         self.out.clear_output(wait=True)
         with self.out: plt.show(plot_losses(history))
     __call__ = update
