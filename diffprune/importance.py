@@ -11,6 +11,7 @@ import contextlib, copy, time
 import torch, numpy as np
 import torch_pruning as tp
 from tqdm.auto import tqdm
+from fastcore.basics import patch
 from .models import load_model
 from .diffusion import eps_loss, cond_to, prediction_type, sample_shape
 from .data import get_dataset, take, image_hw, InputError
@@ -31,21 +32,25 @@ def accumulate_gradients(unet, scheduler, x0:torch.Tensor, # calibration batch i
                          noise:torch.Tensor, # one noise tensor like `x0`, reused for every timestep
                          timesteps, # timesteps whose losses are summed
                          weights=None, # optional weight per timestep (fast mode's strata sizes)
-                         timesteps_per_pass:int=None, # timesteps stacked into one backward pass (default: `default_images_per_pass`)
+                         timesteps_per_pass:int=None, # timesteps stacked per pass (default: `default_images_per_pass`)
                          cond=None, # conditioning of `x0` (conditional UNets)
                          progress:bool=True) -> int:
     "Set `.grad` of `unet`'s parameters to `sum_t w_t dL_t/dw`; returns the number of backward passes."
     ts = [int(t) for t in timesteps]
     w = torch.ones(len(ts)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     per = timesteps_per_pass or max(1, default_images_per_pass(unet) // len(x0))
-    dev = next(unet.parameters()).device; x0, noise, cond = x0.to(dev), noise.to(dev), cond_to(cond, dev)
-    unet.zero_grad(set_to_none=True); passes = 0
+    dev = next(unet.parameters()).device
+    x0, noise, cond = x0.to(dev), noise.to(dev), cond_to(cond, dev)
+    unet.zero_grad(set_to_none=True)
+    passes = 0
     for i in tqdm(range(0, len(ts), per), desc='gradients', disable=not progress, leave=False):
-        (stacked_losses(unet, scheduler, x0, noise, ts[i:i + per], cond) * w[i:i + per].to(dev)).sum().backward(); passes += 1
+        (stacked_losses(unet, scheduler, x0, noise, ts[i:i + per], cond) * w[i:i + per].to(dev)).sum().backward()
+        passes += 1
     return passes
 
+# %% ../nbs/03_importance.ipynb #2a7772f7
 def per_timestep_gradients(unet, scheduler, x0, noise, timesteps, progress:bool=True) -> int:
-    "The paper's loop: one backward pass per timestep, gradients accumulated in `.grad` (the reference for exact mode)."
+    "The paper's loop: one backward pass per timestep, gradients accumulated in `.grad` (exact mode's reference)."
     unet.zero_grad(set_to_none=True)
     for t in tqdm(timesteps, desc='per-timestep', disable=not progress, leave=False):
         eps_loss(unet, scheduler, x0, noise, torch.full((len(x0),), int(t))).backward()
@@ -56,14 +61,15 @@ def taylor_gradients(unet, scheduler, x0:torch.Tensor, # calibration batch in [-
                      noise:torch.Tensor, # one noise tensor like `x0`, reused for every timestep
                      threshold:float=0.05, # Diff-Pruning's thr (0: every timestep is kept)
                      timesteps=None, # timesteps in increasing order (default: all)
-                     images_per_pass:int=None, # images (calibration copies x timesteps) per pass (default: `default_images_per_pass`)
+                     images_per_pass:int=None, # images per pass, `x0` x timesteps (default: `default_images_per_pass`)
                      cond=None, # conditioning of `x0` (conditional UNets)
                      progress:bool=True) -> tuple:
-    "Exact mode in one sweep: L_t with gradients from t=0 upward, stopping at the threshold rule. Returns `(analysis, passes)`."
+    "Exact mode in one sweep: L_t and gradients from t=0 until the threshold rule stops. Returns `(analysis, passes)`."
     if not 0 <= threshold <= 1: raise InputError(f"threshold must be in [0, 1], not {threshold}")
     ts = list(range(scheduler.config.num_train_timesteps)) if timesteps is None else [int(t) for t in timesteps]
     per = max(1, (images_per_pass or default_images_per_pass(unet)) // len(x0))
-    dev = next(unet.parameters()).device; x0, noise, cond = x0.to(dev), noise.to(dev), cond_to(cond, dev)
+    dev = next(unet.parameters()).device
+    x0, noise, cond = x0.to(dev), noise.to(dev), cond_to(cond, dev)
     unet.zero_grad(set_to_none=True)
     seen_t, seen_l, run_max, passes = [], [], -float('inf'), 0
     bar = tqdm(total=len(ts), desc="L_t and gradients up to T'", disable=not progress, leave=False)
@@ -73,8 +79,11 @@ def taylor_gradients(unet, scheduler, x0:torch.Tensor, # calibration batch in [-
         vals = l.detach().cpu().tolist()
         stop, run_max = first_rejected(vals, threshold, run_max)  # index in this pass, or None
         kept = len(tb) if stop is None else stop
-        seen_t += tb[:kept + 1]; seen_l += vals[:kept + 1]  # the rejected timestep too: it fixes T'
-        if kept: l[:kept].sum().backward(); passes += 1
+        seen_t += tb[:kept + 1]  # the rejected timestep too: it fixes T'
+        seen_l += vals[:kept + 1]
+        if kept:
+            l[:kept].sum().backward()
+            passes += 1
         bar.update(len(tb))
         if stop is not None: break
     bar.close()
@@ -109,6 +118,7 @@ def take_gradients(unet) -> dict:
     unet.zero_grad(set_to_none=True)
     return grads
 
+# %% ../nbs/03_importance.ipynb #0054ba92
 class ScoredModel:
     "A model and what its channel groups are scored by: the method, torch-pruning's criterion and the gradients."
     def __init__(self, unet, scheduler, method:str, criterion,
@@ -118,20 +128,6 @@ class ScoredModel:
         self.gradients = gradients or {}
         self.analysis, self.timesteps, self.passes, self.seconds = analysis, timesteps, passes, seconds
 
-    @contextlib.contextmanager
-    def gradients_on(self, unet=None):
-        "`unet` (default: the scored UNet) trainable, with `.grad` from `gradients`, until the block ends."
-        unet = self.unet if unet is None else unet
-        frozen = [p for p in unet.parameters() if not p.requires_grad]  # torch-pruning skips frozen layers
-        for n, p in unet.named_parameters():  # a parameter the loss does not reach scores zero
-            g = self.gradients.get(n)
-            p.requires_grad_(True)
-            p.grad = g.clone() if g is not None else torch.zeros_like(p) if self.gradients else None
-        try: yield unet
-        finally:
-            unet.zero_grad(set_to_none=True)
-            for p in frozen: p.requires_grad_(False)
-
     def summary(self) -> dict:
         d = dict(method=self.method, gradient_timesteps=len(self.timesteps or []), backward_passes=self.passes,
                  seconds=round(self.seconds, 2))
@@ -139,12 +135,29 @@ class ScoredModel:
         return d
     def __repr__(self): return f'ScoredModel({", ".join(f"{k}={v}" for k, v in self.summary().items())})'
 
+# %% ../nbs/03_importance.ipynb #4842415d
+@patch
+@contextlib.contextmanager
+def gradients_on(self:ScoredModel, unet=None):
+    "`unet` (default: the scored UNet) trainable, with `.grad` from `gradients`, until the block ends."
+    unet = self.unet if unet is None else unet
+    frozen = [p for p in unet.parameters() if not p.requires_grad]  # torch-pruning skips frozen layers
+    for n, p in unet.named_parameters():  # a parameter the loss does not reach scores zero
+        g = self.gradients.get(n)
+        p.requires_grad_(True)
+        p.grad = g.clone() if g is not None else torch.zeros_like(p) if self.gradients else None
+    try: yield unet
+    finally:
+        unet.zero_grad(set_to_none=True)
+        for p in frozen: p.requires_grad_(False)
+
 # %% ../nbs/03_importance.ipynb #3f9a7a00
 def _calibration_batch(data, unet, n:int, seed:int) -> torch.Tensor:
     "`n` images of `data` (a tensor is used as it is) at the UNet's sample shape, in [-1, 1]."
     if torch.is_tensor(data): return data
     return take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), n, seed)
 
+# %% ../nbs/03_importance.ipynb #68cddbd7
 def _accumulate(unet, sched, x0, noise, method:str, threshold:float, k:int, stride:int, analysis, seed:int,
                 images_per_pass:int, cond, progress:bool) -> tuple:
     "`(analysis, timesteps, backward passes)` of the gradients `score_model` asks for, left in `unet`'s `.grad`."

@@ -10,6 +10,7 @@ __all__ = ['example_inputs', 'added_cond_example', 'attention_heads', 'layer_mac
 # %% ../nbs/04_prune.ipynb #8eeeb82e
 import copy, math, time
 from dataclasses import dataclass
+from fastcore.basics import patch
 import torch, torch.nn as nn, numpy as np, pandas as pd
 import torch_pruning as tp
 import matplotlib.pyplot as plt
@@ -25,7 +26,8 @@ from .importance import ScoredModel
 # %% ../nbs/04_prune.ipynb #9d6baea9
 def example_inputs(unet, batch:int=1) -> dict:
     "Keyword inputs for one forward pass of `unet` (with text-like conditioning for conditional UNets)."
-    c = unet.config; dev = next(unet.parameters()).device
+    c = unet.config
+    dev = next(unet.parameters()).device
     d = dict(sample=torch.randn(batch, *sample_shape(unet), device=dev),
              timestep=torch.full((batch,), 10, dtype=torch.long, device=dev))
     if isinstance(unet, UNet2DConditionModel):
@@ -35,17 +37,24 @@ def example_inputs(unet, batch:int=1) -> dict:
     if (added := added_cond_example(unet, batch)) is not None: d['added_cond_kwargs'] = added
     return d
 
+# %% ../nbs/04_prune.ipynb #046ac0bb
 def added_cond_example(unet, batch:int=1) -> dict:
     "Example `added_cond_kwargs` for a UNet with an `addition_embed_type` (SDXL's 'text_time'), else None."
-    c = unet.config; kind = c.get('addition_embed_type'); dev = next(unet.parameters()).device
+    c = unet.config
+    kind = c.get('addition_embed_type')
+    dev = next(unet.parameters()).device
     if kind is None: return None
     if kind == 'text_time':  # pooled text embeddings and 6 time ids (original and target size, crop), as SDXL
         text_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        if text_dim < 1: raise InputError(f"addition_embed_type 'text_time' with {c.projection_class_embeddings_input_dim} inputs leaves no room for 6 time ids")
+        if text_dim < 1:
+            raise InputError(f"addition_embed_type 'text_time' with {c.projection_class_embeddings_input_dim} inputs "
+                             "leaves no room for 6 time ids")
         return dict(text_embeds=torch.randn(batch, text_dim, device=dev), time_ids=torch.zeros(batch, 6, device=dev))
-    raise InputError(f"this UNet takes added conditioning of addition_embed_type {kind!r}, which diffprune cannot build: "
+    raise InputError(f"this UNet takes added conditioning of addition_embed_type {kind!r}, "
+                     "which diffprune cannot build: "
                      "it supports 'text_time' (SDXL) and UNets without added conditioning")
 
+# %% ../nbs/04_prune.ipynb #86ac18c3
 def attention_heads(unet) -> dict:
     "`{q/k/v linear: number of heads}` for every diffusers `Attention` in `unet`."
     return {l: m.heads for m in unet.modules() if isinstance(m, Attention) for l in (m.to_q, m.to_k, m.to_v)}
@@ -53,7 +62,7 @@ def attention_heads(unet) -> dict:
 # %% ../nbs/04_prune.ipynb #5421aa27
 @torch.no_grad()
 def layer_macs(unet, call=None) -> tuple:
-    "`({conv/linear module: MACs}, {Attention module: matmul MACs})` for one image (`call()` runs it; default: the UNet's forward)."
+    "`({conv/linear module: MACs}, {Attention module: matmul MACs})` of one image, run by `call()` (default: forward)."
     convs, attns, hooks = {}, {}, []
     def conv_hook(m, i, o): convs[m] = o[0].numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
     def lin_hook(m, i, o): convs[m] = o[0].numel() * m.in_features
@@ -72,6 +81,7 @@ def layer_macs(unet, call=None) -> tuple:
         for h in hooks: h.remove()
     return convs, attns
 
+# %% ../nbs/04_prune.ipynb #39d8e3cb
 def count_macs(unet, attention:bool=False) -> int:
     "MACs of one forward pass of one image: convs and linears (+ attention matmuls if `attention`)."
     convs, attns = layer_macs(unet)
@@ -87,21 +97,29 @@ def _dims(m, side):
 @dataclass
 class GroupInfo:
     "One prunable dependency group: its root layer, how its channels are grouped, and the scores."
-    name: str; root: nn.Module; handler: object; ch_groups: int; size: int; scores: torch.Tensor
+    name: str
+    root: nn.Module
+    handler: object
+    ch_groups: int
+    size: int
+    scores: torch.Tensor
 
+# %% ../nbs/04_prune.ipynb #a43a5672
 class UNetPruner:
     "Dependency graph, scored groups and MACs model of a UNet; makes and applies pruning plans."
     def __init__(self, unet, criterion, # a torch-pruning importance (see `importance_criterion`)
                  ignored=(), # extra layers to keep whole
-                 round_to:int=None): # keep every pruned width a multiple of this (e.g. 16 for AVX-512 CPUs, 8 for tensor cores)
+                 round_to:int=None): # keep pruned widths multiples of this (e.g. 16 for AVX-512, 8 for tensor cores)
         if round_to is not None and round_to < 1: raise InputError(f"round_to must be at least 1, not {round_to}")
         self.unet = unet
         self.meta = tp.pruner.MetaPruner(unet, example_inputs(unet), importance=criterion, pruning_ratio=0.,
                                          ignored_layers=[unet.conv_out, *ignored], num_heads=attention_heads(unet),
-                                         prune_head_dims=True, prune_num_heads=False, output_transform=lambda o: o.sample)
+                                         prune_head_dims=True, prune_num_heads=False,
+                                         output_transform=lambda o: o.sample)
         self.DG, names = self.meta.DG, {m: n for n, m in unet.named_modules()}
         self.groups = []
-        for g in self.DG.get_all_groups(ignored_layers=self.meta.ignored_layers, root_module_types=self.meta.root_module_types):
+        for g in self.DG.get_all_groups(ignored_layers=self.meta.ignored_layers,
+                                        root_module_types=self.meta.root_module_types):
             g, chg = self._rooted(g)
             s = criterion(g)
             if s is None: continue
@@ -113,11 +131,13 @@ class UNetPruner:
         # a unit removes k channels per channel group from one group; with round_to, only widths it divides are steps
         self.units = sorted(((k - 0.5) / g.size, i, k) for i, g in enumerate(self.groups) for k in range(1, g.size)
                             if not round_to or g.ch_groups * (g.size - k) % round_to == 0)
-        if not self.units: raise InputError(f"no width of this model can be pruned to a multiple of {round_to}: use a smaller round_to (--round-to)")
+        if not self.units:
+            raise InputError(f"no width of this model can be pruned to a multiple of {round_to}: "
+                             "use a smaller round_to (--round-to)")
         self._cache = {}
 
     def _rooted(self, g) -> tuple:
-        "`(group, channel groups)`: an attention group rooted as torch-pruning roots it, any other at its narrowest layer."
+        "`(group, channel groups)`: an attention group rooted as torch-pruning does, any other at its narrowest layer."
         # diffprune's only calls into torch-pruning's private MetaPruner API: settings.ini bounds its version, and
         # tests/test_layout.py checks the installed one is in the bound and still has these methods
         m = self.meta
@@ -132,36 +152,45 @@ class UNetPruner:
         outs = [(d.target.module, d.handler) for d, _ in g if isinstance(d.target.module, (nn.Conv2d, nn.Linear))
                 and self.DG.is_out_channel_pruning_fn(d.handler)]
         m, handler = min(outs, key=lambda o: _dims(o[0], 'out'), default=(None, None))
-        if m is None or m is g[0].dep.target.module or _dims(m, 'out') == _dims(g[0].dep.target.module, 'out'): return g
+        if m is None or m is g[0].dep.target.module or _dims(m, 'out') == _dims(g[0].dep.target.module, 'out'):
+            return g
         return self.DG.get_pruning_group(m, handler, list(range(_dims(m, 'out'))))
 
-    def plan(self, pruning_ratio:float) -> dict:
-        "`{group index: channels removed per channel group}` for a pruning ratio (each group rounded to nearest)."
-        if not 0 <= pruning_ratio < 1: raise InputError(f"pruning_ratio must be in [0, 1), not {pruning_ratio}")
-        return self._prefix(sum(1 for u in self.units if u[0] < pruning_ratio))
+# %% ../nbs/04_prune.ipynb #a9ca8db6
+@patch
+def plan(self:UNetPruner, pruning_ratio:float) -> dict:
+    "`{group index: channels removed per channel group}` for a pruning ratio (each group rounded to nearest)."
+    if not 0 <= pruning_ratio < 1: raise InputError(f"pruning_ratio must be in [0, 1), not {pruning_ratio}")
+    return self._prefix(sum(1 for u in self.units if u[0] < pruning_ratio))
 
-    def _prefix(self, n:int) -> dict:
-        p = {}
-        for _, i, k in self.units[:n]: p[i] = max(p.get(i, 0), k)
-        return p
+@patch
+def _prefix(self:UNetPruner, n:int) -> dict:
+    p = {}
+    for _, i, k in self.units[:n]: p[i] = max(p.get(i, 0), k)
+    return p
 
-    def drop_indices(self, i:int, n:int) -> list:
-        "Channel positions of group `i` removed when `n` go per channel group: the lowest-scored, in every channel group."
-        g = self.groups[i]; drop = torch.argsort(g.scores)[:n]  # the n lowest-scored positions
-        return sorted(int(j) + c * g.size for c in range(g.ch_groups) for j in drop)
+# %% ../nbs/04_prune.ipynb #340179c8
+@patch
+def drop_indices(self:UNetPruner, i:int, n:int) -> list:
+    "Channel positions of group `i` removed when `n` go per channel group: the lowest-scored, in every channel group."
+    g = self.groups[i]
+    drop = torch.argsort(g.scores)[:n]  # the n lowest-scored positions
+    return sorted(int(j) + c * g.size for c in range(g.ch_groups) for j in drop)
 
 # %% ../nbs/04_prune.ipynb #b6875604
 def _removed(self, i:int, n:int) -> list:
     "`[(module, 'in'|'out', count)]` that removing `n` per channel group from group `i` touches."
     key = (i, n)
     if key not in self._cache:
-        g = self.groups[i]; seen = {}
+        g = self.groups[i]
+        seen = {}
         for dep, idxs in self.DG.get_pruning_group(g.root, g.handler, self.drop_indices(i, n)):
             side = 'out' if self.DG.is_out_channel_pruning_fn(dep.handler) else 'in'
             seen.setdefault((dep.target.module, side), set()).update(int(j) for j in idxs)
         self._cache[key] = [(m, s, len(ix)) for (m, s), ix in seen.items()]
     return self._cache[key]
 
+# %% ../nbs/04_prune.ipynb #a8b7d2b8
 def estimate(self, plan:dict, attention:bool=False) -> int:
     "Predicted MACs of `plan` (convs and linears, + attention matmuls if `attention`)."
     keep = {}
@@ -173,13 +202,16 @@ def estimate(self, plan:dict, attention:bool=False) -> int:
     if attention: macs += sum(v * keep.get((m.to_q, 'out'), 1.) for m, v in self.attns.items())
     return macs
 
+# %% ../nbs/04_prune.ipynb #b518afb1
 def plan_for_macs(self, target:float, # fraction of the original MACs to keep, in (0, 1)
                   tol:float=0.005) -> dict:
     "The shortest prefix of units whose predicted MACs reach `target` x the original."
     if not 0 < target < 1: raise InputError(f"target MACs fraction must be in (0, 1), not {target}")
-    base = sum(self.convs.values()); lo, hi = 0, len(self.units)
+    base = sum(self.convs.values())
+    lo, hi = 0, len(self.units)
     if self.estimate(self._prefix(hi)) > target * base:
-        raise InputError(f"no pruning ratio reaches {target:.0%} of the MACs (the smallest reachable is {self.estimate(self._prefix(hi)) / base:.0%}): ask for more")
+        raise InputError(f"no pruning ratio reaches {target:.0%} of the MACs "
+                         f"(the smallest reachable is {self.estimate(self._prefix(hi)) / base:.0%}): ask for more")
     while lo < hi:
         mid = (lo + hi) // 2
         if self.estimate(self._prefix(mid)) <= target * base: hi = mid
@@ -199,13 +231,15 @@ def sync_diffusers_attrs(unet):
             m.channels, m.out_channels = m.conv.in_channels, m.conv.out_channels
     return match_attention_scale(unet)  # the scale of the pruned head width: every attention processor then agrees
 
+# %% ../nbs/04_prune.ipynb #2eefb55b
 def apply(self, plan:dict):
     "Prune the UNet in place following `plan`; returns it."
     for i, n in sorted(plan.items()):
         if n == 0: continue
         g = self.groups[i]
         self.DG.get_pruning_group(g.root, g.handler, self.drop_indices(i, n)).prune()
-    sync_diffusers_attrs(self.unet); self.unet.zero_grad(set_to_none=True)
+    sync_diffusers_attrs(self.unet)
+    self.unet.zero_grad(set_to_none=True)
     return self.unet
 
 UNetPruner.apply = apply
@@ -216,13 +250,25 @@ def widths(unet) -> dict:
     return {n: (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
             for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
+# %% ../nbs/04_prune.ipynb #b43526b9
 @dataclass
 class PruneResult:
     "A pruned UNet with the numbers before and after."
-    unet: nn.Module; scheduler: object; method: str; pruning_ratio: float; target_macs: float
-    params_before: int; params_after: int; macs_before: int; macs_after: int
-    attn_macs_before: int; attn_macs_after: int; widths_before: dict; widths_after: dict
-    scored: ScoredModel = None; seconds: float = 0.
+    unet: nn.Module
+    scheduler: object
+    method: str
+    pruning_ratio: float
+    target_macs: float
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    attn_macs_before: int
+    attn_macs_after: int
+    widths_before: dict
+    widths_after: dict
+    scored: ScoredModel = None
+    seconds: float = 0.
     group_scores: dict = None # {group root layer: mean score of its channels}
 
     def summary(self) -> dict:
@@ -230,49 +276,72 @@ class PruneResult:
                  params_before=self.params_before, params_after=self.params_after,
                  macs_before=self.macs_before, macs_after=self.macs_after,
                  macs_fraction=round(self.macs_after / self.macs_before, 4),
-                 attn_macs_before=self.attn_macs_before, attn_macs_after=self.attn_macs_after, seconds=round(self.seconds, 2))
+                 attn_macs_before=self.attn_macs_before, attn_macs_after=self.attn_macs_after,
+                 seconds=round(self.seconds, 2))
         if (ana := self.scored and self.scored.analysis) is not None:
             d.update(threshold=ana.threshold, t_prime=ana.t_prime, kept_timesteps=ana.kept_timesteps)
         if self.scored is not None:
             d.update(backward_passes=self.scored.passes, gradient_timesteps=len(self.scored.timesteps or []))
         return d
 
-    def table(self) -> pd.DataFrame:
-        "Params and MACs before and after, as a table."
-        return pd.DataFrame({'before': [self.params_before, self.macs_before, self.attn_macs_before],
-                             'after': [self.params_after, self.macs_after, self.attn_macs_after]},
-                            index=['params', 'MACs (conv + linear)', 'MACs (attention matmuls)']).assign(
-                                kept=lambda d: (d.after / d.before).round(3))
+# %% ../nbs/04_prune.ipynb #94d712a2
+@patch
+def table(self:PruneResult) -> pd.DataFrame:
+    "Params and MACs before and after, as a table."
+    return pd.DataFrame({'before': [self.params_before, self.macs_before, self.attn_macs_before],
+                         'after': [self.params_after, self.macs_after, self.attn_macs_after]},
+                        index=['params', 'MACs (conv + linear)', 'MACs (attention matmuls)']).assign(
+                            kept=lambda d: (d.after / d.before).round(3))
 
-    def width_table(self) -> pd.DataFrame:
-        "Input and output width of every conv / linear layer, before and after."
-        return pd.DataFrame([dict(layer=k, in_before=a[0], in_after=self.widths_after[k][0], out_before=a[1], out_after=self.widths_after[k][1])
-                             for k, a in self.widths_before.items()]).set_index('layer')
+@patch
+def width_table(self:PruneResult) -> pd.DataFrame:
+    "Input and output width of every conv / linear layer, before and after."
+    return pd.DataFrame([dict(layer=k, in_before=a[0], in_after=self.widths_after[k][0],
+                              out_before=a[1], out_after=self.widths_after[k][1])
+                         for k, a in self.widths_before.items()]).set_index('layer')
 
-    def _repr_html_(self): return self.table()._repr_html_()
-    def __repr__(self): return repr(self.table())
+# %% ../nbs/04_prune.ipynb #1fdd90aa
+@patch
+def _repr_html_(self:PruneResult): return self.table()._repr_html_()
+@patch
+def __repr__(self:PruneResult): return repr(self.table())
 
-    def plot_widths(self, ax=None):
-        "Output width of every conv layer before and after, as bars; returns the figure."
-        t = self.width_table(); t = t[[isinstance(m, nn.Conv2d) for m in [self.unet.get_submodule(k) for k in t.index]]]
-        if ax is None: _, ax = plt.subplots(figsize=(max(6, len(t) * 0.18), 3))
-        x = np.arange(len(t))
-        ax.bar(x, t.out_before, color='lightgray', label='before'); ax.bar(x, t.out_after, color='C0', label='after')
-        ax.set_xticks(x); ax.set_xticklabels(t.index, rotation=90, fontsize=5); ax.set_ylabel('output channels'); ax.legend()
-        ax.set_title(f'{self.method}: {self.macs_after / self.macs_before:.0%} of the MACs, {self.params_after / self.params_before:.0%} of the params')
-        return ax.figure
+# %% ../nbs/04_prune.ipynb #77f95833
+@patch
+def plot_widths(self:PruneResult, ax=None):
+    "Output width of every conv layer before and after, as bars; returns the figure."
+    t = self.width_table()
+    t = t[[isinstance(m, nn.Conv2d) for m in [self.unet.get_submodule(k) for k in t.index]]]
+    if ax is None: _, ax = plt.subplots(figsize=(max(6, len(t) * 0.18), 3))
+    x = np.arange(len(t))
+    ax.bar(x, t.out_before, color='lightgray', label='before')
+    ax.bar(x, t.out_after, color='C0', label='after')
+    ax.set_xticks(x)
+    ax.set_xticklabels(t.index, rotation=90, fontsize=5)
+    ax.set_ylabel('output channels')
+    ax.legend()
+    ax.set_title(f'{self.method}: {self.macs_after / self.macs_before:.0%} of the MACs, '
+                 f'{self.params_after / self.params_before:.0%} of the params')
+    return ax.figure
 
-    def plot_importance(self, ax=None):
-        "Mean importance of every group's channels (normalised to the largest), by root layer; returns the figure."
-        names, v = list(self.group_scores), np.array(list(self.group_scores.values()))
-        if ax is None: _, ax = plt.subplots(figsize=(max(6, len(v) * 0.18), 3))
-        ax.bar(np.arange(len(v)), v / max(v.max(), 1e-30)); ax.set_xticks(np.arange(len(v)))
-        ax.set_xticklabels(names, rotation=90, fontsize=5); ax.set_ylabel('mean score (max = 1)'); ax.set_title(f'{self.method} importance per group')
-        return ax.figure
+# %% ../nbs/04_prune.ipynb #d9f5fb63
+@patch
+def plot_importance(self:PruneResult, ax=None):
+    "Mean importance of every group's channels (normalised to the largest), by root layer; returns the figure."
+    names, v = list(self.group_scores), np.array(list(self.group_scores.values()))
+    if ax is None: _, ax = plt.subplots(figsize=(max(6, len(v) * 0.18), 3))
+    ax.bar(np.arange(len(v)), v / max(v.max(), 1e-30))
+    ax.set_xticks(np.arange(len(v)))
+    ax.set_xticklabels(names, rotation=90, fontsize=5)
+    ax.set_ylabel('mean score (max = 1)')
+    ax.set_title(f'{self.method} importance per group')
+    return ax.figure
 
-    def save(self, path, extra:dict=None):
-        "Save the pruned model (safetensors + JSON) with this summary in its metadata."
-        return save_model(self.unet, self.scheduler, path, meta=dict(prune=self.summary(), **(extra or {})))
+# %% ../nbs/04_prune.ipynb #7ea91838
+@patch
+def save(self:PruneResult, path, extra:dict=None):
+    "Save the pruned model (safetensors + JSON) with this summary in its metadata."
+    return save_model(self.unet, self.scheduler, path, meta=dict(prune=self.summary(), **(extra or {})))
 
 # %% ../nbs/04_prune.ipynb #7b0a243a
 def prune_model(scored:ScoredModel, # from `score_model`: the model, its gradients and the criterion
@@ -293,9 +362,11 @@ def prune_model(scored:ScoredModel, # from `score_model`: the model, its gradien
         pr.apply(plan)
     unet.eval()
     macs, attn = [sum(d.values()) for d in layer_macs(unet)]
-    return PruneResult(unet, scored.scheduler, scored.method, pruning_ratio, target_macs, before[0], count_params(unet),
-                       before[1], macs, before[2], attn, before[3], widths(unet), scored,
-                       time.time() - t0 + scored.seconds, scores)
+    return PruneResult(unet=unet, scheduler=scored.scheduler, method=scored.method, pruning_ratio=pruning_ratio,
+                       target_macs=target_macs, params_before=before[0], params_after=count_params(unet),
+                       macs_before=before[1], macs_after=macs, attn_macs_before=before[2], attn_macs_after=attn,
+                       widths_before=before[3], widths_after=widths(unet), scored=scored,
+                       seconds=time.time() - t0 + scored.seconds, group_scores=scores)
 
 # %% ../nbs/04_prune.ipynb #8c23ef99
 def kept_channels(scored:ScoredModel, pruning_ratio:float=None, target_macs:float=None) -> set:
@@ -317,7 +388,8 @@ class PruneExplorer:
     def __init__(self, scored:ScoredModel, target:float=0.5):
         import ipywidgets as W
         self.scored = scored
-        self.slider = W.FloatSlider(value=target, min=0.1, max=0.95, step=0.05, description='MACs kept', continuous_update=False)
+        self.slider = W.FloatSlider(value=target, min=0.1, max=0.95, step=0.05, description='MACs kept',
+                                    continuous_update=False)
         self.out = W.Output()
         self.slider.observe(lambda ch: self.plan(ch['new']), names='value')
         self.box = W.VBox([self.slider, self.out])
@@ -329,9 +401,12 @@ class PruneExplorer:
         self.out.clear_output(wait=True)
         with self.out:
             from IPython.display import display
-            display(self.result.table()); plt.show(self.result.plot_widths())
+            display(self.result.table())
+            plt.show(self.result.plot_widths())
         return self.result
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.box)
+# %% ../nbs/04_prune.ipynb #0e3954b5
+@patch
+def _ipython_display_(self:PruneExplorer):
+    from IPython.display import display
+    display(self.box)
