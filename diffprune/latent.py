@@ -28,21 +28,26 @@ from .prune import prune_model, count_macs, layer_macs
 def tiny_clip_tokenizer(folder):
     "A CLIP tokenizer whose vocabulary is the 256 byte-level characters (no merges): works offline."
     from transformers import CLIPTokenizer
-    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    bs = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
+          + list(range(ord('®'), ord('ÿ') + 1)))
     chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]
     vocab = {t: i for i, t in enumerate(chars + [c + '</w>' for c in chars] + ['<|startoftext|>', '<|endoftext|>'])}
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    (folder/'vocab.json').write_text(json.dumps(vocab)); (folder/'merges.txt').write_text('#version: 0.2\n')
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder/'vocab.json').write_text(json.dumps(vocab))
+    (folder/'merges.txt').write_text('#version: 0.2\n')
     return CLIPTokenizer(str(folder/'vocab.json'), str(folder/'merges.txt'), model_max_length=16)
 
 # %% ../nbs/07_latent.ipynb #3fdfdb07
 class ClassLatentPipeline(DiffusionPipeline):
     "A class-conditional latent pipeline (KL VAE + class-embedding UNet), DDIM sampling; diffusers has no UNet one."
     def __init__(self, vae, unet, scheduler):
-        super().__init__(); self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
+        super().__init__()
+        self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
 
     @torch.no_grad()
-    def __call__(self, class_labels, num_inference_steps:int=50, generator=None, output_type:str='np', return_dict:bool=True):
+    def __call__(self, class_labels, num_inference_steps:int=50, generator=None, output_type:str='np',
+                 return_dict:bool=True):
         labels = torch.as_tensor(class_labels, dtype=torch.long).view(-1).to(self.device)
         z = torch.randn((len(labels), *sample_shape(self.unet)), generator=generator).to(self.device)
         z = z * self.scheduler.init_noise_sigma
@@ -61,28 +66,34 @@ def tiny_latent_pipeline(kind:str='text', # 'unconditional', 'class' or 'text'
                          image_size:int=16, seed:int=0, tokenizer_dir=None):
     "A small random latent pipeline of `kind`, built offline (for lessons and tests)."
     torch.manual_seed(seed)
-    ae = dict(in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2,
-              block_out_channels=[16, 32], norm_num_groups=8, sample_size=image_size)
+    ae = dict(in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D'] * 2,
+              up_block_types=['UpDecoderBlock2D'] * 2, block_out_channels=[16, 32], norm_num_groups=8,
+              sample_size=image_size)
     u = dict(sample_size=image_size // 2, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
     if kind == 'unconditional':
         unet = UNet2DModel(in_channels=3, out_channels=3, down_block_types=('DownBlock2D', 'AttnDownBlock2D'),
                            up_block_types=('AttnUpBlock2D', 'UpBlock2D'), attention_head_dim=8, **u)
-        return LDMPipeline(vqvae=VQModel(latent_channels=3, num_vq_embeddings=64, **ae), unet=unet, scheduler=_scheduler())
+        return LDMPipeline(vqvae=VQModel(latent_channels=3, num_vq_embeddings=64, **ae), unet=unet,
+                           scheduler=_scheduler())
     vae = AutoencoderKL(latent_channels=4, **ae)
     if kind == 'class':
         unet = UNet2DModel(in_channels=4, out_channels=4, down_block_types=('DownBlock2D', 'AttnDownBlock2D'),
-                           up_block_types=('AttnUpBlock2D', 'UpBlock2D'), attention_head_dim=8, num_class_embeds=10, **u)
+                           up_block_types=('AttnUpBlock2D', 'UpBlock2D'), attention_head_dim=8, num_class_embeds=10,
+                           **u)
         return ClassLatentPipeline(vae=vae, unet=unet, scheduler=_scheduler())
     if kind != 'text': raise InputError(f"kind must be 'unconditional', 'class' or 'text', not {kind!r}")
     from transformers import CLIPTextModel, CLIPTextConfig
     from diffusers import StableDiffusionPipeline
     import tempfile
     tok = tiny_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix='diffprune-tok-'))
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                      max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=16,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id)).eval()
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
-                                up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), cross_attention_dim=32, attention_head_dim=8, **u)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4,
+                                down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+                                up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), cross_attention_dim=32,
+                                attention_head_dim=8, **u)
     return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -92,7 +103,9 @@ def autoencoder(pipe): return getattr(pipe, 'vqvae', None) or pipe.vae
 @torch.no_grad()
 def encode_images(pipe, images:torch.Tensor, batch_size:int=64) -> torch.Tensor:
     "Scaled latents `scaling_factor * E(x)` of `images` (in [-1, 1]), as the pipeline's UNet sees them."
-    ae = autoencoder(pipe); dev = next(ae.parameters()).device; out = []
+    ae = autoencoder(pipe)
+    dev = next(ae.parameters()).device
+    out = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(dev)
         if x.shape[1] != ae.config.in_channels: x = x.expand(-1, ae.config.in_channels, -1, -1)  # grey digits -> RGB
@@ -100,17 +113,21 @@ def encode_images(pipe, images:torch.Tensor, batch_size:int=64) -> torch.Tensor:
         out.append(z.cpu() * ae.config.scaling_factor)
     return torch.cat(out)
 
+# %% ../nbs/07_latent.ipynb #d4f46587
 @torch.no_grad()
 def text_conditioning(pipe, prompts) -> dict:
     "`{'encoder_hidden_states': ...}` from the pipeline's tokenizer and text encoder ('' for no prompt)."
     if (kind := pipe.unet.config.get('addition_embed_type')) is not None:
-        raise InputError(f"this pipeline's UNet also takes added conditioning (addition_embed_type {kind!r}: pooled text embeddings "
-                         "and time ids, as SDXL): calibrate it from Python with cond={'encoder_hidden_states': ..., 'added_cond_kwargs': ...}")
+        raise InputError(f"this pipeline's UNet also takes added conditioning (addition_embed_type {kind!r}: "
+                         "pooled text embeddings and time ids, as SDXL): calibrate it from Python with "
+                         "cond={'encoder_hidden_states': ..., 'added_cond_kwargs': ...}")
     prompts = [p or '' for p in ([prompts] if isinstance(prompts, str) or prompts is None else prompts)]
     tok = pipe.tokenizer
-    ids = tok(prompts, padding='max_length', max_length=tok.model_max_length, truncation=True, return_tensors='pt').input_ids
+    ids = tok(prompts, padding='max_length', max_length=tok.model_max_length, truncation=True,
+              return_tensors='pt').input_ids
     return {'encoder_hidden_states': pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].cpu()}
 
+# %% ../nbs/07_latent.ipynb #44844276
 def class_conditioning(labels) -> dict: return {'class_labels': torch.as_tensor(labels, dtype=torch.long).view(-1)}
 
 def pipeline_kind(pipe) -> str:
@@ -121,15 +138,19 @@ def pipeline_kind(pipe) -> str:
 def check_conditioning(pipe, prompts=None, class_labels=None) -> str:
     "The pipeline's kind, once the prompts / class labels given are checked to be what its UNet takes."
     kind = pipeline_kind(pipe)
-    if kind != 'text' and prompts is not None: raise InputError(f"this pipeline is {kind}, not text-conditioned: drop the prompt")
-    if kind != 'class' and class_labels is not None: raise InputError(f"this pipeline is {kind}, not class-conditional: drop the class labels")
+    if kind != 'text' and prompts is not None:
+        raise InputError(f"this pipeline is {kind}, not text-conditioned: drop the prompt")
+    if kind != 'class' and class_labels is not None:
+        raise InputError(f"this pipeline is {kind}, not class-conditional: drop the class labels")
     return kind
 
+# %% ../nbs/07_latent.ipynb #5da4f980
 def cycled_labels(pipe, n:int, class_labels=None) -> torch.Tensor:
     "`n` labels: `class_labels` (checked against the class embedding) or every class, cycled over the samples."
     k = pipe.unet.config.num_class_embeds
     labels = torch.arange(k) if class_labels is None else torch.as_tensor(class_labels).view(-1)
-    if len(labels) == 0 or labels.min() < 0 or labels.max() >= k: raise InputError(f"class labels must be in [0, {k}), not {labels.tolist()[:8]}")
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= k:
+        raise InputError(f"class labels must be in [0, {k}), not {labels.tolist()[:8]}")
     return labels.repeat(math.ceil(n / len(labels)))[:n]
 
 def image_size(pipe) -> tuple:
@@ -142,14 +163,17 @@ def image_size(pipe) -> tuple:
 def sample_latents(unet, scheduler, n:int, steps:int=20, seed:int=0, cond=None, progress:bool=True) -> torch.Tensor:
     "`n` latents sampled by `unet` with DDIM (eta 0) from the seeded noise of `initial_noise`."
     dev = next(unet.parameters()).device
-    abar = scheduler.alphas_cumprod.to(torch.float32); gap = len(abar) // steps
-    z = initial_noise(n, sample_shape(unet), seed).to(dev); cond = cond_to(cond, dev)
+    abar = scheduler.alphas_cumprod.to(torch.float32)
+    gap = len(abar) // steps
+    z = initial_noise(n, sample_shape(unet), seed).to(dev)
+    cond = cond_to(cond, dev)
     for t in tqdm(ddim_timesteps(len(abar), steps), desc='teacher latents', disable=not progress, leave=False):
         a_prev = abar[t - gap] if t - gap >= 0 else torch.tensor(1.)
         z0, eps = x0_and_eps(scheduler, z, unet_output(unet, z, torch.full((n,), t, device=dev), cond), t)
         z = a_prev.sqrt() * z0 + (1 - a_prev).sqrt() * eps
     return z.cpu()
 
+# %% ../nbs/07_latent.ipynb #9faa0e05
 def calibration(pipe, images:torch.Tensor=None, # images in [-1, 1]; None: the teacher generates latents
                 n:int=32, prompts=None, # one prompt, or one per sample (text pipelines); None: the empty prompt
                 class_labels=None, # labels, cycled over the samples (class pipelines); None: cycling over all classes
@@ -164,19 +188,22 @@ def calibration(pipe, images:torch.Tensor=None, # images in [-1, 1]; None: the t
         if len(ps) != n: raise InputError(f"{len(ps)} prompts for {n} samples: give one prompt or one per sample")
         cond = text_conditioning(pipe, ps)
     elif kind == 'class': cond = class_conditioning(cycled_labels(pipe, n, class_labels))
-    z = encode_images(pipe, images) if images is not None else sample_latents(pipe.unet, pipe.scheduler, n, steps, seed, cond, progress)
+    z = (encode_images(pipe, images) if images is not None
+         else sample_latents(pipe.unet, pipe.scheduler, n, steps, seed, cond, progress))
     return z, cond
 
 # %% ../nbs/07_latent.ipynb #b15fef3f
 def with_unet(pipe, unet):
     "A new pipeline of the same class sharing every component but the UNet."
     new = type(pipe)(**{**{k: v for k, v in pipe.components.items() if k in _init_names(pipe)}, 'unet': unet})
-    new.set_progress_bar_config(disable=True); return new
+    new.set_progress_bar_config(disable=True)
+    return new
 
 def _init_names(pipe):
     import inspect
     return set(inspect.signature(type(pipe).__init__).parameters) - {'self'}
 
+# %% ../nbs/07_latent.ipynb #98f745f7
 @torch.no_grad()
 def module_macs(module:nn.Module, call) -> int:
     "Conv and linear MACs of `module` (04's `layer_macs` hooks) during `call()`, run on one image."
@@ -192,6 +219,7 @@ def pipeline_macs(pipe) -> dict:
         d['text encoder (once)'] = module_macs(pipe.text_encoder, lambda: pipe.text_encoder(ids))
     return d
 
+# %% ../nbs/07_latent.ipynb #b7923d24
 def prune_pipeline(pipe, # a latent diffusers pipeline (its UNet is pruned)
                    images:torch.Tensor=None, # calibration images in [-1, 1]; None: the teacher generates latents
                    calibration_size:int=32, prompts=None, class_labels=None,
@@ -215,12 +243,14 @@ class LatentData(torch.utils.data.Dataset):
 
 # %% ../nbs/07_latent.ipynb #16a835bc
 def latent_images(pipe, data, n:int, seed:int=0):
-    "Up to `n` images of `data` (a dataset name or a folder) at the pipeline's image size and channels; None without data."
+    "Up to `n` images of `data` (dataset name or folder) at the pipeline's image size and channels; None without data."
     if data is None: return None
     ds = get_dataset(data, image_size(pipe), autoencoder(pipe).config.in_channels)
     return take(ds, min(n, len(ds)), seed)
 
-def finetune_pipeline(pipe, teacher=None, # the pipeline `pipe` was pruned from: it samples the latents (and teaches, with `alpha`)
+# %% ../nbs/07_latent.ipynb #f3d235e5
+def finetune_pipeline(pipe,
+                      teacher=None, # the pipeline pruned into `pipe`: it samples latents (and teaches, with `alpha`)
                       images=None, # images in [-1, 1] to encode instead (see `latent_images`)
                       num_latents:int=256, prompts=None, class_labels=None, calibration_steps:int=20, seed:int=0,
                       alpha:float=0., # distillation weight (05)
@@ -228,8 +258,8 @@ def finetune_pipeline(pipe, teacher=None, # the pipeline `pipe` was pruned from:
     "Finetune the UNet of a (pruned) latent pipeline on its latents: `(tuned pipeline, FinetuneResult, latents)`."
     maker = teacher or pipe
     z, cond = calibration(maker, images, num_latents, prompts, class_labels, calibration_steps, seed)
-    r = finetune((pipe.unet, pipe.scheduler), LatentData(z, cond), teacher=(maker.unet, maker.scheduler) if alpha else None,
-                 alpha=alpha, seed=seed, **kw)
+    r = finetune((pipe.unet, pipe.scheduler), LatentData(z, cond),
+                 teacher=(maker.unet, maker.scheduler) if alpha else None, alpha=alpha, seed=seed, **kw)
     return with_unet(pipe, r.unet), r, z
 
 # %% ../nbs/07_latent.ipynb #a311578c
@@ -237,22 +267,31 @@ PIPELINES = {'ClassLatentPipeline': ClassLatentPipeline}
 
 def write_pipeline(pipe, folder, meta:dict=None):
     "Write a (pruned) pipeline into `folder`: diffusers' components (safetensors) and the UNet's recorded structure."
-    folder = Path(folder); pipe.save_pretrained(folder, safe_serialization=True)
-    (folder/'unet'/'diffprune.json').write_text(json.dumps(dict(format=1, structure=unet_structure(pipe.unet), **(meta or {})), indent=1))
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (folder/'unet'/'diffprune.json').write_text(
+        json.dumps(dict(format=1, structure=unet_structure(pipe.unet), **(meta or {})), indent=1))
 
+# %% ../nbs/07_latent.ipynb #7bbccb27
 def save_pipeline(pipe, path, meta:dict=None) -> Path:
     "Save a (pruned) latent pipeline folder atomically (built under a temporary name, renamed into place)."
     tmp = atomic_dir(path)
-    try: write_pipeline(pipe, tmp, meta); commit_dir(tmp, path)
-    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+    try:
+        write_pipeline(pipe, tmp, meta)
+        commit_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return Path(path)
 
+# %% ../nbs/07_latent.ipynb #75c8f988
 def latent_folder(model):
     "The folder of `model` if it is a latent pipeline (its model_index.json names an autoencoder), else None."
     if isinstance(model, tuple) or model is None or str(model) == 'digits': return None
     p = Path(str(model)).expanduser()
     if not p.exists():
-        if str(model).startswith(('/', '.', '~')) or str(model).count('/') != 1: return None  # load_model says what is wrong
+        if str(model).startswith(('/', '.', '~')) or str(model).count('/') != 1:
+            return None  # load_model says what is wrong
         from diffprune.models import _hub_folder
         p = _hub_folder(str(model))
     idx = p/'model_index.json'
@@ -262,26 +301,33 @@ def latent_folder(model):
     check_unet_pipeline(p, keys)  # a transformer pipeline (DiT, PixArt) is named, not taken for a damaged folder
     return p if ('vae' in keys or 'vqvae' in keys) else None
 
+# %% ../nbs/07_latent.ipynb #4b83acf8
 def load_pipeline(path, device='cpu'):
     "Load a latent pipeline folder, with a pruned UNet where `unet/diffprune.json` says so."
     path = Path(path)
-    if not (path/'model_index.json').exists(): raise ModelError(f"{str(path)!r} is not a pipeline folder: no model_index.json")
+    if not (path/'model_index.json').exists():
+        raise ModelError(f"{str(path)!r} is not a pipeline folder: no model_index.json")
     name = json.loads((path/'model_index.json').read_text()).get('_class_name')
     cls = PIPELINES.get(name, DiffusionPipeline)
-    try:
-        with quiet_loading(): pipe = cls.from_pretrained(path, unet=load_unet(path/'unet'))  # hub .bin: read weights_only
+    try:  # hub .bin: read weights_only
+        with quiet_loading(): pipe = cls.from_pretrained(path, unet=load_unet(path/'unet'))
     except ModelError: raise
-    except Exception as e: raise ModelError(f"cannot load pipeline {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
+    except Exception as e:
+        raise ModelError(f"cannot load pipeline {str(path)!r}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 # %% ../nbs/07_latent.ipynb #0b6a9aca
 def pipeline_images(pipe, n:int=4, steps:int=10, seed:int=0, prompt=None, class_labels=None) -> torch.Tensor:
     "`(n, 3, H, W)` images in [0, 1] from the pipeline's own sampler, seeded."
-    g = torch.Generator().manual_seed(seed); kind = check_conditioning(pipe, prompt, class_labels)
+    g = torch.Generator().manual_seed(seed)
+    kind = check_conditioning(pipe, prompt, class_labels)
     if kind == 'text':
         h, w = image_size(pipe)
         out = pipe([prompt or ''] * n, num_inference_steps=steps, height=h, width=w, generator=g, output_type='np')
-    elif kind == 'class': out = pipe(cycled_labels(pipe, n, class_labels), num_inference_steps=steps, generator=g, output_type='np')
-    else: out = pipe(batch_size=n, num_inference_steps=steps, generator=g, output_type='np')
+    elif kind == 'class':
+        out = pipe(cycled_labels(pipe, n, class_labels), num_inference_steps=steps, generator=g, output_type='np')
+    else:
+        out = pipe(batch_size=n, num_inference_steps=steps, generator=g, output_type='np')
     return torch.as_tensor(out.images).permute(0, 3, 1, 2).float()

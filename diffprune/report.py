@@ -10,6 +10,7 @@ import shutil, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch, pandas as pd
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .models import load_model, save_model, atomic_dir, commit_dir, write_json
 from .data import save_fig
@@ -23,53 +24,101 @@ from .evaluation import evaluate
 @dataclass
 class RecipeSettings:
     "Every knob of `run_recipe`, recorded in the report."
-    model: str = 'digits'; data: str = 'digits'; method: str = 'diff-pruning'; threshold: float = 0.05
-    target_macs: float = 0.5; pruning_ratio: float = None; calibration_size: int = 64; stride: int = 1; sampled_timesteps: int = None
-    steps: int = 500; batch_size: int = 64; lr: float = 2e-4; ema: float = 0.999; alpha: float = 0.
-    num_samples: int = 512; sample_steps: int = 50; seed: int = 0; device: str = 'cpu'
+    model: str = 'digits'
+    data: str = 'digits'
+    method: str = 'diff-pruning'
+    threshold: float = 0.05
+
+    target_macs: float = 0.5
+    pruning_ratio: float = None
+    calibration_size: int = 64
+    stride: int = 1
+    sampled_timesteps: int = None
+
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 2e-4
+    ema: float = 0.999
+    alpha: float = 0.
+
+    num_samples: int = 512
+    sample_steps: int = 50
+    seed: int = 0
+    device: str = 'cpu'
 
 # %% ../nbs/08_report.ipynb #fe3c39e5
 @dataclass
 class RecipeResult:
     "Everything one run of the recipe produced."
-    settings: RecipeSettings; analysis: object; pruned: object; finetuned: object; evaluation: object; times: dict
+    settings: RecipeSettings
+    analysis: object
+    pruned: object
+    finetuned: object
+    evaluation: object
+    times: dict
 
-    def to_dict(self) -> dict:
-        ev = self.evaluation.to_dict(); keys = ('params', 'macs', 'attn_macs', 'fid', 'latency_ms', 'sampling_ms')
-        d = dict(teacher={k: ev['teacher'][k] for k in keys}, pruned={k: ev[k] for k in keys},
-                 ssim=ev['ssim'], mse=ev['mse'], speedup=ev['speedup'], macs_reduction=ev['macs_reduction'],
-                 speedup_range=[ev.get('speedup_low', ev['speedup']), ev.get('speedup_high', ev['speedup'])],
-                 seconds=sum(self.times.values()), step_seconds=self.times, settings=vars(self.settings),
-                 prune=self.pruned.summary(), finetune=self.finetuned.summary())
-        if self.analysis is not None: d.update(t_prime=self.analysis.t_prime, kept_timesteps=self.analysis.kept_timesteps)
-        if 'fid_calibration' in ev: d['fid_calibration'] = ev['fid_calibration']
-        return d
+# %% ../nbs/08_report.ipynb #628b7ac9
+@patch
+def to_dict(self:RecipeResult) -> dict:
+    ev = self.evaluation.to_dict()
+    keys = ('params', 'macs', 'attn_macs', 'fid', 'latency_ms', 'sampling_ms')
+    d = dict(teacher={k: ev['teacher'][k] for k in keys}, pruned={k: ev[k] for k in keys},
+             ssim=ev['ssim'], mse=ev['mse'], speedup=ev['speedup'], macs_reduction=ev['macs_reduction'],
+             speedup_range=[ev.get('speedup_low', ev['speedup']), ev.get('speedup_high', ev['speedup'])],
+             seconds=sum(self.times.values()), step_seconds=self.times, settings=vars(self.settings),
+             prune=self.pruned.summary(), finetune=self.finetuned.summary())
+    if self.analysis is not None:
+        d.update(t_prime=self.analysis.t_prime, kept_timesteps=self.analysis.kept_timesteps)
+    if 'fid_calibration' in ev: d['fid_calibration'] = ev['fid_calibration']
+    return d
 
-    def table(self) -> pd.DataFrame:
-        "Teacher and pruned model side by side."
-        d = self.to_dict(); t = pd.DataFrame({'teacher': d['teacher'], 'pruned': d['pruned']})
-        return t.assign(**{'pruned / teacher': t.pruned / t.teacher})
+# %% ../nbs/08_report.ipynb #43fbd9ad
+@patch
+def table(self:RecipeResult) -> pd.DataFrame:
+    "Teacher and pruned model side by side."
+    d = self.to_dict()
+    t = pd.DataFrame({'teacher': d['teacher'], 'pruned': d['pruned']})
+    return t.assign(**{'pruned / teacher': t.pruned / t.teacher})
 
-    def _repr_html_(self): return self.table()._repr_html_() + f"<p>SSIM {self.to_dict()['ssim']:.3f}, speedup {self.to_dict()['speedup']:.2f}x</p>"
-    def __repr__(self): return repr(self.table())
+@patch
+def _repr_html_(self:RecipeResult):
+    return (self.table()._repr_html_()
+            + f"<p>SSIM {self.to_dict()['ssim']:.3f}, speedup {self.to_dict()['speedup']:.2f}x</p>")
 
+@patch
+def __repr__(self:RecipeResult): return repr(self.table())
+
+# %% ../nbs/08_report.ipynb #425e4e68
 def run_recipe(s:RecipeSettings=None, progress:bool=True, **kw) -> RecipeResult:
     "Diff-Pruning end to end: analyse, score, prune, finetune, evaluate against the teacher."
-    s = s or RecipeSettings(**kw); torch.manual_seed(s.seed); times = {}
+    s = s or RecipeSettings(**kw)
+    torch.manual_seed(s.seed)
+    times = {}
     with tqdm(total=5, desc='recipe', disable=not progress) as steps:  # closed before an error or Ctrl-C is reported
         def step(name, f):
-            steps.set_postfix_str(name); t0 = time.time(); r = f(); times[name] = time.time() - t0; steps.update(); return r
+            steps.set_postfix_str(name)
+            t0 = time.time()
+            r = f()
+            times[name] = time.time() - t0
+            steps.update()
+            return r
         teacher = load_model(s.model, s.device)
-        ana = step('analyse', lambda: analyze_timesteps(teacher, s.data, s.threshold, s.calibration_size, s.stride, seed=s.seed, progress=progress)
+        ana = step('analyse', lambda: analyze_timesteps(teacher, s.data, s.threshold, s.calibration_size, s.stride,
+                                                        seed=s.seed, progress=progress)
                    if s.method == 'diff-pruning' else None)
-        imp = step('score', lambda: score_model(teacher, s.data, s.method, s.threshold, s.calibration_size, sampled_timesteps=s.sampled_timesteps, stride=s.stride, analysis=ana,
-                                                      seed=s.seed, device=s.device, progress=progress))
-        pr = step('prune', lambda: prune_model(imp, pruning_ratio=s.pruning_ratio, target_macs=None if s.pruning_ratio is not None else s.target_macs))
+        imp = step('score', lambda: score_model(teacher, s.data, s.method, s.threshold, s.calibration_size,
+                                                sampled_timesteps=s.sampled_timesteps, stride=s.stride, analysis=ana,
+                                                seed=s.seed, device=s.device, progress=progress))
+        pr = step('prune', lambda: prune_model(imp, pruning_ratio=s.pruning_ratio,
+                                               target_macs=None if s.pruning_ratio is not None else s.target_macs))
         ft = step('finetune', lambda: finetune((pr.unet, pr.scheduler), s.data, s.steps, s.batch_size, s.lr, ema=s.ema,
-                                               teacher=teacher if s.alpha > 0 else None, alpha=s.alpha, seed=s.seed, progress=progress))
-        ev = step('evaluate', lambda: evaluate((ft.unet, ft.scheduler), teacher, 'digits:all' if s.data == 'digits' else s.data,
-                                               s.num_samples, s.sample_steps, s.seed, device=s.device, progress=progress))
-    return RecipeResult(s, ana, pr, ft, ev, times)
+                                               teacher=teacher if s.alpha > 0 else None, alpha=s.alpha, seed=s.seed,
+                                               progress=progress))
+        ev = step('evaluate', lambda: evaluate((ft.unet, ft.scheduler), teacher,
+                                               'digits:all' if s.data == 'digits' else s.data,
+                                               s.num_samples, s.sample_steps, s.seed, device=s.device,
+                                               progress=progress))
+    return RecipeResult(settings=s, analysis=ana, pruned=pr, finetuned=ft, evaluation=ev, times=times)
 
 # %% ../nbs/08_report.ipynb #1cbc4aad
 def summary_text(d:dict) -> str:
@@ -84,9 +133,14 @@ def summary_text(d:dict) -> str:
     lo, hi = d.get('speedup_range', [d['speedup']] * 2)
     lines.append(f"SSIM vs teacher (same noise): {d['ssim']:.3f}   measured speedup: {d['speedup']:.2f}x "
                  f"(paired runs {lo:.2f}-{hi:.2f})   MACs reduction: {d['macs_reduction']:.2f}x")
-    if 'fid_calibration' in d: lines.append(f"FID calibration: train vs held-out digits {d['fid_calibration']['train_vs_heldout']:.2f}, digits vs noise {d['fid_calibration']['real_vs_noise']:.1f}")
-    if 't_prime' in d: lines.append(f"kept timesteps [0, {d['t_prime']}] ({len(d['kept_timesteps'])} of them), threshold {d['settings']['threshold']}")
-    lines.append('time per step: ' + ', '.join(f"{k} {v:.0f} s" for k, v in d['step_seconds'].items()) + f"; total {d['seconds']:.0f} s")
+    if 'fid_calibration' in d:
+        lines.append(f"FID calibration: train vs held-out digits {d['fid_calibration']['train_vs_heldout']:.2f}, "
+                     f"digits vs noise {d['fid_calibration']['real_vs_noise']:.1f}")
+    if 't_prime' in d:
+        lines.append(f"kept timesteps [0, {d['t_prime']}] ({len(d['kept_timesteps'])} of them), "
+                     f"threshold {d['settings']['threshold']}")
+    lines.append('time per step: ' + ', '.join(f"{k} {v:.0f} s" for k, v in d['step_seconds'].items())
+                 + f"; total {d['seconds']:.0f} s")
     return '\n'.join(lines)
 
 # %% ../nbs/08_report.ipynb #5dc7edc7
@@ -94,7 +148,18 @@ def model_card(d:dict, s:RecipeSettings) -> str:
     "report.md: what was pruned, how, and what came out."
     fid_cal = d.get('fid_calibration')
     table = '\n'.join('    ' + l for l in summary_text(d).splitlines()[:6])  # the size and speed rows, as a code block
-    kept = f"[0, {d['t_prime']}], {len(d['kept_timesteps'])} timesteps" if 't_prime' in d else 'not used by this method'
+    kept = (f"[0, {d['t_prime']}], {len(d['kept_timesteps'])} timesteps" if 't_prime' in d
+            else 'not used by this method')
+    speed_line = (f"- Measured forward speedup (batch 64, {s.device}): **{d['speedup']:.2f}x** (median of runs paired "
+                  f"with the teacher's, range {d['speedup_range'][0]:.2f}-{d['speedup_range'][1]:.2f}) "
+                  f"for a MACs reduction of {d['macs_reduction']:.2f}x")
+    fid_line = (f"- FID ({'digits features' if fid_cal else 'Inception'}; {s.num_samples} samples, "
+                f"DDIM-{s.sample_steps}): teacher {d['teacher']['fid']:.2f}, pruned {d['pruned']['fid']:.2f}")
+    cal_line = (f"- FID calibration, computed the same way: train vs held-out digits "
+                f"{fid_cal['train_vs_heldout']:.2f}, digits vs uniform noise {fid_cal['real_vs_noise']:.1f}"
+                if fid_cal else '')
+    macs_line = (f"- MACs count convolutions and linear layers; attention matmuls add {d['teacher']['attn_macs']:,} "
+                 f"(teacher) and {d['pruned']['attn_macs']:,} (pruned).")
     return f"""# Pruned model: {s.model} with {s.method}
 
 A structurally pruned copy of `{s.model}`, made with diffprune (Diff-Pruning, Fang et al., NeurIPS 2023) and finetuned
@@ -116,10 +181,10 @@ Kept timesteps for the importance gradients: {kept}.
 {table}
 
 - SSIM between teacher and pruned samples from the same noise: **{d['ssim']:.3f}** (MSE {d['mse']:.4f})
-- Measured forward speedup (batch 64, {s.device}): **{d['speedup']:.2f}x** (median of runs paired with the teacher's, range {d['speedup_range'][0]:.2f}-{d['speedup_range'][1]:.2f}) for a MACs reduction of {d['macs_reduction']:.2f}x
-- FID ({'digits features' if fid_cal else 'Inception'}; {s.num_samples} samples, DDIM-{s.sample_steps}): teacher {d['teacher']['fid']:.2f}, pruned {d['pruned']['fid']:.2f}
-{f"- FID calibration, computed the same way: train vs held-out digits {fid_cal['train_vs_heldout']:.2f}, digits vs uniform noise {fid_cal['real_vs_noise']:.1f}" if fid_cal else ''}
-- MACs count convolutions and linear layers; attention matmuls add {d['teacher']['attn_macs']:,} (teacher) and {d['pruned']['attn_macs']:,} (pruned).
+{speed_line}
+{fid_line}
+{cal_line}
+{macs_line}
 
 ![layer widths](widths.png)
 
@@ -136,13 +201,15 @@ Final loss {d['finetune']['final_loss']:.4f} after {d['finetune']['steps']} step
 ![finetune loss](finetune_loss.png)
 """
 
+# %% ../nbs/08_report.ipynb #b7c1e640
 def write_report(r:RecipeResult, out) -> Path:
     "Write the report folder for `r` into `out`, atomically."
     tmp = atomic_dir(out)
     try:
         d = r.to_dict()
         r.finetuned.unet.eval()
-        save_model(r.finetuned.unet, r.finetuned.scheduler, tmp/'model', meta=dict(prune=r.pruned.summary(), finetune=r.finetuned.summary()))
+        save_model(r.finetuned.unet, r.finetuned.scheduler, tmp/'model',
+                   meta=dict(prune=r.pruned.summary(), finetune=r.finetuned.summary()))
         figs = {'widths.png': r.pruned.plot_widths(), 'importance.png': r.pruned.plot_importance(),
                 'samples.png': r.evaluation.grid(), 'finetune_loss.png': r.finetuned.plot()}
         if r.analysis is not None: figs['losses.png'] = r.analysis.plot()
@@ -151,5 +218,7 @@ def write_report(r:RecipeResult, out) -> Path:
         r.pruned.width_table().to_csv(tmp/'widths.csv')
         write_json(d, tmp/'result.json')
         commit_dir(tmp, out)
-    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return Path(out)
