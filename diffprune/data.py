@@ -23,11 +23,12 @@ class DataError(InputError):
 
 # %% ../nbs/00_data.ipynb #a84e911d
 def image_hw(size) -> tuple:
-    "`(height, width)` of an image size given as one side or as `(height, width)` (diffusers' `sample_size` takes both)."
+    "`(height, width)` of an image size given as one side or as a pair (diffusers' `sample_size` takes both)."
     if isinstance(size, numbers.Integral): return int(size), int(size)
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, numbers.Integral) for s in size):
         return int(size[0]), int(size[1])
-    raise DataError(f"an image size is one side or (height, width) in whole pixels, not {size!r}: check the UNet's sample_size")
+    raise DataError(f"an image size is one side or (height, width) in whole pixels, not {size!r}: "
+                    "check the UNet's sample_size")
 
 def digits_images(size=16, # side of the square output images, or (height, width)
                  ) -> tuple: # (images `(1797, 1, H, W)` in [-1, 1], labels `(1797,)`)
@@ -47,7 +48,8 @@ def digits_split(split:str='train', # 'train', 'heldout' or 'all'
                  seed:int=0, # seed of the split's permutation
                 ) -> tuple: # (images, labels) of that part
     "One part of the digits, split once by a seeded permutation."
-    if split not in DIGITS_SPLITS: raise DataError(f"unknown digits split {split!r}: use one of {', '.join(DIGITS_SPLITS)}")
+    if split not in DIGITS_SPLITS:
+        raise DataError(f"unknown digits split {split!r}: use one of {', '.join(DIGITS_SPLITS)}")
     x, y = digits_images(size)
     if split == 'all': return x, y
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
@@ -59,13 +61,14 @@ def digits_split(split:str='train', # 'train', 'heldout' or 'all'
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 def pil_to_tensor(im, size, channels:int) -> torch.Tensor:
-    "A PIL image as a `(channels, H, W)` tensor in [-1, 1] (grey or RGB, resized bicubic to `size`, a side or `(H, W)`)."
+    "A PIL image as a `(channels, H, W)` tensor in [-1, 1]: grey or RGB, resized bicubic to `size` (side or `(H, W)`)."
     from PIL import Image
     h, w = image_hw(size)
     im = im.convert('L' if channels == 1 else 'RGB').resize((w, h), Image.BICUBIC)  # PIL sizes are (width, height)
     t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.)
     return (t[None] if channels == 1 else t.permute(2, 0, 1)) * 2 - 1
 
+# %% ../nbs/00_data.ipynb #9d065d81
 class ImageFolder(Dataset):
     "PNG/JPEG images under `path` (recursive) as `(channels, H, W)` tensors in [-1, 1]."
     def __init__(self, path, # folder holding the images, at any depth
@@ -73,7 +76,8 @@ class ImageFolder(Dataset):
                  channels:int=3, # 1 (grey) or 3 (RGB)
                 ):
         path = Path(path)
-        if not path.is_dir(): raise DataError(f"data folder {str(path)!r} does not exist: pass a folder of PNG/JPEG images")
+        if not path.is_dir():
+            raise DataError(f"data folder {str(path)!r} does not exist: pass a folder of PNG/JPEG images")
         if channels not in (1, 3): raise DataError(f"channels must be 1 or 3, not {channels}")
         self.files = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_EXTS and p.is_file())
         if not self.files: raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found under {str(path)!r}")
@@ -91,7 +95,8 @@ def save_images(x:torch.Tensor, # `(N, C, H, W)` images in [-1, 1]
                ):
     "Write images in [-1, 1] as PNG files (the format `ImageFolder` reads)."
     from PIL import Image
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     a = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i, im in enumerate(a):
         Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(path / f'{i:05d}.png')
@@ -101,9 +106,12 @@ class HubImages(Dataset):
     "Images of a HF `datasets` split as `(channels, H, W)` tensors in [-1, 1]."
     def __init__(self, name:str, size:int, channels:int=3, split:str='train'):
         try: import datasets
-        except ImportError as e: raise DataError(f"dataset {name!r} needs HF datasets: pip install 'diffprune[datasets]'") from e
+        except ImportError as e:
+            raise DataError(f"dataset {name!r} needs HF datasets: pip install 'diffprune[datasets]'") from e
         try: self.ds = datasets.load_dataset(name, split=split)
-        except Exception as e: raise DataError(f"cannot load dataset {name!r} ({type(e).__name__}): check the name and the network") from e
+        except Exception as e:
+            raise DataError(f"cannot load dataset {name!r} ({type(e).__name__}): "
+                            "check the name and the network") from e
         cols = [k for k, v in self.ds.features.items() if type(v).__name__ == 'Image']
         if not cols: raise DataError(f"dataset {name!r} has no image column")
         self.col, self.size, self.channels = cols[0], size, channels
@@ -119,6 +127,7 @@ class ImagesDataset(Dataset):
     def __len__(self): return len(self.x)
     def __getitem__(self, i): return self.x[i]
 
+# %% ../nbs/00_data.ipynb #9ab02534
 def get_dataset(data:str, # 'digits', 'digits:heldout', 'cifar10', a hub dataset name or a folder of images
                 size=16, # image side the model takes, or (height, width)
                 channels:int=1, # channels the model takes
@@ -126,11 +135,13 @@ def get_dataset(data:str, # 'digits', 'digits:heldout', 'cifar10', a hub dataset
                ) -> Dataset:
     "The dataset `data` names, yielding `(channels, H, W)` images in [-1, 1]."
     size = image_hw(size)  # one spelling, whatever the config held (an int, a list or a tuple)
-    if data is None or str(data) == '': raise DataError("no data given: pass 'digits', a hub dataset name or a folder of images")
+    if data is None or str(data) == '':
+        raise DataError("no data given: pass 'digits', a hub dataset name or a folder of images")
     data = str(data)
     if data.startswith('digits'):
         split = data.partition(':')[2] or split
-        if channels != 1: raise DataError(f"digits are 1-channel images but the model takes {channels} channels: use another --data")
+        if channels != 1:
+            raise DataError(f"digits are 1-channel images but the model takes {channels} channels: use another --data")
         return ImagesDataset(digits_split(split, size=size)[0])
     if Path(data).exists(): return ImageFolder(data, size=size, channels=channels)
     if data.startswith(('/', '.', '~')) or data.count('/') > 1:  # a path, not a hub name like 'user/name'
@@ -140,7 +151,8 @@ def get_dataset(data:str, # 'digits', 'digits:heldout', 'cifar10', a hub dataset
 # %% ../nbs/00_data.ipynb #35f6291c
 def get_loader(ds:Dataset, batch_size:int=64, shuffle:bool=True, seed:int=0, drop_last:bool=True) -> DataLoader:
     "A DataLoader over `ds` whose shuffling is fixed by `seed`."
-    if len(ds) < batch_size and drop_last: raise DataError(f"batch size {batch_size} is larger than the dataset ({len(ds)} images): lower --batch-size")
+    if len(ds) < batch_size and drop_last:
+        raise DataError(f"batch size {batch_size} is larger than the dataset ({len(ds)} images): lower --batch-size")
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       generator=torch.Generator().manual_seed(seed))
 
@@ -154,13 +166,15 @@ def image_grid(x:torch.Tensor, # `(N, C, H, W)` images in [0, 1]
                nrow:int=8, pad:int=1) -> torch.Tensor:
     "Tile images into one `(C, H', W')` grid."
     n, c, h, w = x.shape
-    ncol = min(nrow, n); nr = -(-n // ncol)
+    ncol = min(nrow, n)
+    nr = -(-n // ncol)
     g = torch.ones(c, nr * (h + pad) + pad, ncol * (w + pad) + pad)
     for i in range(n):
         r, k = divmod(i, ncol)
         g[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = x[i]
     return g
 
+# %% ../nbs/00_data.ipynb #68cbaf3a
 def show_images(x:torch.Tensor, # `(N, C, H, W)` images in [0, 1]
                 nrow:int=8, title:str=None, ax=None, scale:float=0.6):
     "Show images as one grid; returns the matplotlib figure."
@@ -173,4 +187,5 @@ def show_images(x:torch.Tensor, # `(N, C, H, W)` images in [0, 1]
 
 def save_fig(fig, path):
     "Save a matplotlib figure as PNG and close it."
-    fig.savefig(path, dpi=120, bbox_inches='tight'); plt.close(fig)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    plt.close(fig)

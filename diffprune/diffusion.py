@@ -14,24 +14,29 @@ from .data import image_hw, InputError
 
 # %% ../nbs/01a_diffusion.ipynb #5e48b1e6
 def alpha_bar(scheduler, t, like:torch.Tensor) -> torch.Tensor:
-    "`abar_t` of `scheduler` for timesteps `t`: a number gives a CPU scalar, one per sample a tensor broadcasting over `like`."
+    "`abar_t` of `scheduler` at `t`: a number gives a CPU scalar, one per sample a tensor broadcasting over `like`."
     if not torch.is_tensor(t): return scheduler.alphas_cumprod.to(torch.float32)[int(t)]  # samplers: no copy per step
-    return scheduler.alphas_cumprod.to(like.device, torch.float32)[t.to(like.device)].view(-1, *([1] * (like.ndim - 1)))
+    return (scheduler.alphas_cumprod.to(like.device, torch.float32)[t.to(like.device)]
+            .view(-1, *([1] * (like.ndim - 1))))
 
 def add_noise(scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tensor) -> torch.Tensor:
     "Forward diffusion: `sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`, per sample timestep `t`."
     abar = alpha_bar(scheduler, t, x0)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
+# %% ../nbs/01a_diffusion.ipynb #da241c95
 def unet_output(unet, x:torch.Tensor, t:torch.Tensor,
-             cond=None, # a dict of UNet keyword tensors (`encoder_hidden_states`, `class_labels`, `added_cond_kwargs`), one row per sample, or text embeddings
-            ) -> torch.Tensor:
+                # a dict of UNet keyword tensors (`encoder_hidden_states`, `class_labels`, `added_cond_kwargs`),
+                # one row per sample, or text embeddings
+                cond=None,
+               ) -> torch.Tensor:
     "The UNet's raw prediction (noise, v or x0: see `prediction_type`), with conditioning passed to conditional UNets."
     if cond is None: out = unet(x, t)
     elif isinstance(cond, dict): out = unet(x, t, **cond)
     else: out = unet(x, t, encoder_hidden_states=cond)
     return out.sample if hasattr(out, 'sample') else out
 
+# %% ../nbs/01a_diffusion.ipynb #5b3e1a44
 def map_cond(cond, f):
     "`f` applied to every tensor of `cond`: a tensor or a dict of them, nested as SDXL's `added_cond_kwargs` are."
     if cond is None: return None
@@ -59,9 +64,11 @@ def prediction_type(scheduler) -> str:
     "The objective the UNet was trained for, as its scheduler records it: one of `PREDICTION_TYPES`."
     p = scheduler.config.get('prediction_type', 'epsilon')
     if p not in PREDICTION_TYPES:
-        raise InputError(f"the scheduler's prediction_type {p!r} is not supported: diffprune handles {', '.join(PREDICTION_TYPES)}")
+        raise InputError(f"the scheduler's prediction_type {p!r} is not supported: "
+                         f"diffprune handles {', '.join(PREDICTION_TYPES)}")
     return p
 
+# %% ../nbs/01a_diffusion.ipynb #7307a10e
 def regression_target(scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tensor) -> torch.Tensor:
     "What the UNet regresses at `x_t`: the noise, `v` or `x0`, by `prediction_type(scheduler)`."
     kind = prediction_type(scheduler)
@@ -82,13 +89,15 @@ def denoising_loss(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch
                    reduction:str='mean', # 'mean', or 'none' for one loss per sample
                    cond=None) -> torch.Tensor:
     "The training loss of `unet` at timesteps `t`: MSE to the noise, v or x0 its scheduler's `prediction_type` names."
-    err = (unet_output(unet, add_noise(scheduler, x0, noise, t), t, cond) - regression_target(scheduler, x0, noise, t)).pow(2)
+    err = (unet_output(unet, add_noise(scheduler, x0, noise, t), t, cond)
+           - regression_target(scheduler, x0, noise, t)).pow(2)
     return err.mean() if reduction == 'mean' else err.flatten(1).mean(1)
 
+# %% ../nbs/01a_diffusion.ipynb #80181dcd
 def eps_loss(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tensor,
              reduction:str='mean', # 'mean', or 'none' for one loss per sample
              cond=None) -> torch.Tensor:
-    "Diff-Pruning's L_t (Sec. 3.3): MSE between the noise and the noise the UNet's output stands for, whatever its objective."
+    "Diff-Pruning's L_t (Sec. 3.3): MSE between the noise and the noise the output stands for, whatever the objective."
     # for epsilon models this is `denoising_loss`; a v or x0 model's own loss weighs t by 1/abar_t or (1 - abar_t)/abar_t,
     # which would move the threshold rule's T' (an x0 loss grows with t and never falls below thr x its running max)
     xt = add_noise(scheduler, x0, noise, t)
@@ -103,15 +112,18 @@ def ddim_timesteps(num_train:int, steps:int) -> list:
     return [i * gap for i in range(steps)][::-1]
 
 def sample_shape(unet) -> tuple:
-    "`(channels, height, width)` of the UNet's samples; diffusers records `sample_size` as an int or `(height, width)`."
-    c = unet.config; s = c.sample_size
-    if s is None: raise InputError("the UNet records no sample_size: set unet.config.sample_size (int or (height, width))")
+    "`(channels, height, width)` of `unet`'s samples; diffusers records `sample_size` as an int or `(height, width)`."
+    c = unet.config
+    s = c.sample_size
+    if s is None:
+        raise InputError("the UNet records no sample_size: set unet.config.sample_size (int or (height, width))")
     return (c.in_channels, *image_hw(s))
 
 def initial_noise(n:int, shape, seed:int=0) -> torch.Tensor:
     "The `(n, *shape)` starting noise of seed `seed` (the same on every model and device)."
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
+# %% ../nbs/01a_diffusion.ipynb #76324015
 @torch.no_grad()
 def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, batch_size:int=256,
                 device=None, progress:bool=True, cond=None) -> torch.Tensor:
@@ -119,14 +131,16 @@ def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, batch_size:
     device = device or next(unet.parameters()).device
     shape = sample_shape(unet)
     abar = scheduler.alphas_cumprod.to(torch.float32)
-    ts = ddim_timesteps(len(abar), steps); gap = len(abar) // steps
+    ts = ddim_timesteps(len(abar), steps)
+    gap = len(abar) // steps
     xs = initial_noise(n, shape, seed)
     out = []
     for i in tqdm(range(0, n, batch_size), desc=f'DDIM-{steps}', disable=not progress, leave=False):
         x = xs[i:i + batch_size].to(device)
         for t in ts:
             a, a_prev = abar[t], (abar[t - gap] if t - gap >= 0 else torch.tensor(1.))
-            x0 = x0_and_eps(scheduler, x, unet_output(unet, x, torch.full((len(x),), t, device=device), cond), t)[0].clamp(-1, 1)
+            x0 = x0_and_eps(scheduler, x,
+                            unet_output(unet, x, torch.full((len(x),), t, device=device), cond), t)[0].clamp(-1, 1)
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         out.append(x.float().cpu())
@@ -134,18 +148,22 @@ def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, batch_size:
 
 # %% ../nbs/01a_diffusion.ipynb #57bb28f1
 @torch.no_grad()
-def ddpm_sample(unet, scheduler, n:int=16, seed:int=0, batch_size:int=256, device=None, progress:bool=True) -> torch.Tensor:
+def ddpm_sample(unet, scheduler, n:int=16, seed:int=0, batch_size:int=256,
+                device=None, progress:bool=True) -> torch.Tensor:
     "Ancestral DDPM sampling over every training timestep; `(n, C, H, W)` images in [0, 1]."
     device = device or next(unet.parameters()).device
     shape = sample_shape(unet)
-    betas = scheduler.betas.to(torch.float32); alphas = 1 - betas; abar = torch.cumprod(alphas, 0)
+    betas = scheduler.betas.to(torch.float32)
+    alphas = 1 - betas
+    abar = torch.cumprod(alphas, 0)
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn((n, *shape), generator=g)
     out = []
     for i in range(0, n, batch_size):
         x = xs[i:i + batch_size].to(device)
         for t in tqdm(range(len(betas) - 1, -1, -1), desc='DDPM', disable=not progress, leave=False):
-            x0 = x0_and_eps(scheduler, x, unet_output(unet, x, torch.full((len(x),), t, device=device)), t)[0].clamp(-1, 1)
+            x0 = x0_and_eps(scheduler, x,
+                            unet_output(unet, x, torch.full((len(x),), t, device=device)), t)[0].clamp(-1, 1)
             a_prev = abar[t - 1] if t > 0 else torch.tensor(1.)
             mean = (a_prev.sqrt() * betas[t] * x0 + alphas[t].sqrt() * (1 - a_prev) * x) / (1 - abar[t])
             var = betas[t] * (1 - a_prev) / (1 - abar[t])

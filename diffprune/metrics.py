@@ -21,27 +21,36 @@ class DigitsFeatures(nn.Module):
     num_features = 128
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        self.body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                   nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                                   nn.Linear(64 * 16, 128), nn.ReLU())
         self.head = nn.Linear(128, 10)
     def forward(self, x): return self.body(x * 2 - 1)
     def logits(self, x): return self.head(self(x))
 
+# %% ../nbs/01b_metrics.ipynb #c299b732
 def train_digits_features(epochs:int=30, lr:float=2e-3, seed:int=0) -> DigitsFeatures:
     "Train the digits feature network on the train split (with small random shifts)."
     torch.manual_seed(seed)
-    x, y = digits_split('train'); x = (x + 1) / 2
-    net = DigitsFeatures(); opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
+    x, y = digits_split('train')
+    x = (x + 1) / 2
+    net = DigitsFeatures()
+    opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
     for ep in tqdm(range(epochs), desc='feature net'):
         for idx in torch.randperm(len(x)).split(64):
             xb = torch.roll(x[idx], shifts=tuple(torch.randint(-1, 2, (2,)).tolist()), dims=(2, 3))
-            loss = F.cross_entropy(net.logits(xb), y[idx]); opt.zero_grad(); loss.backward(); opt.step()
+            loss = F.cross_entropy(net.logits(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return net.eval()
 
+# %% ../nbs/01b_metrics.ipynb #0db89255
 def digits_feature_net() -> DigitsFeatures:
     "The shipped digits feature network (weights from safetensors)."
-    net = DigitsFeatures(); net.load_state_dict(load_file(ASSETS/'digits_features.safetensors'), strict=True)
+    net = DigitsFeatures()
+    net.load_state_dict(load_file(ASSETS/'digits_features.safetensors'), strict=True)
     return net.eval().requires_grad_(False)
 
 # %% ../nbs/01b_metrics.ipynb #0a47caa0
@@ -62,6 +71,7 @@ def check_feature(feature:str, channels:int, size):
             raise InputError("Inception FID needs torch-fidelity: pip install 'diffprune[fid]' "
                              "(where torchvision works)") from e
 
+# %% ../nbs/01b_metrics.ipynb #9490ac06
 def fid_metric(feature:str='digits', channels:int=1, size=16): # size: a side or (height, width)
     "A torchmetrics `FrechetInceptionDistance` on `feature`'s features, for images in [0, 1]."
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -85,6 +95,7 @@ def _data_key(data, n:int, feature:str, size, channels:int) -> str:
             h.update(f'{p}|{st.st_size}|{st.st_mtime_ns}'.encode())
     return h.hexdigest()[:16]
 
+# %% ../nbs/01b_metrics.ipynb #d958196e
 def _read_cache(metric, path:Path) -> bool:
     "Load cached real statistics into `metric`: False when absent or damaged (they are then recomputed)."
     try: st = load_file(path)
@@ -115,6 +126,7 @@ def real_statistics(metric, data, # a dataset name, an image folder, or real ima
     if cache: _write_cache(metric, path)
     return metric
 
+# %% ../nbs/01b_metrics.ipynb #421e79dc
 def fid_score(samples:torch.Tensor, # generated images (N, C, H, W) in [0, 1]
               data='digits', # a dataset name, an image folder, or real images (N, C, H, W) in [0, 1]
               feature:str='digits', # 'digits' (offline, 1x16x16) or 'inception' (needs torch-fidelity)
@@ -140,4 +152,5 @@ def digit_stats(samples:torch.Tensor, net=None) -> dict:
     "Share of confidently classified samples (p >= 0.9) and the class shares, by the digits network."
     p = (net or digits_feature_net()).logits(samples).softmax(1)
     share = torch.bincount(p.argmax(1), minlength=10).float() / len(p)
-    return dict(confident=(p.max(1).values >= 0.9).float().mean().item(), class_min=share.min().item(), class_max=share.max().item())
+    return dict(confident=(p.max(1).values >= 0.9).float().mean().item(),
+                class_min=share.min().item(), class_max=share.max().item())

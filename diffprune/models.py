@@ -36,8 +36,10 @@ def unet_config(size:int=16, # sample size
                 layers_per_block=layers_per_block, down_block_types=down, up_block_types=up,
                 norm_num_groups=norm_groups, attention_head_dim=head_dim)
 
+# %% ../nbs/01_models.ipynb #d7c70000
 DIGITS_CONFIG = unet_config(head_dim=16)
-CIFAR10_CONFIG = unet_config(32, 3, (128, 256, 256, 256), (False, True, False, False), layers_per_block=2, norm_groups=32)
+CIFAR10_CONFIG = unet_config(32, 3, (128, 256, 256, 256), (False, True, False, False),
+                             layers_per_block=2, norm_groups=32)
 
 def tiny_unet(channels:int=1, attention:bool=True, head_dim:int=None, seed:int=0) -> UNet2DModel:
     "A randomly initialised tiny 16x16 UNet for tests (two levels, optional attention)."
@@ -57,7 +59,8 @@ _STRUCT_ATTRS = {nn.Conv2d: ('in_channels', 'out_channels'), nn.Linear: ('in_fea
 def _attrs(m):
     for cls, names in _STRUCT_ATTRS.items():
         if isinstance(m, cls):
-            return {k: (list(v) if isinstance(v, tuple) else v) for k in names if isinstance(v := getattr(m, k, None), (int, float, tuple))}
+            return {k: (list(v) if isinstance(v, tuple) else v)
+                    for k in names if isinstance(v := getattr(m, k, None), (int, float, tuple))}
 
 def unet_structure(unet) -> dict:
     "The shape-bearing attributes of every layer: `{module name: {attr: value}}`."
@@ -67,7 +70,8 @@ def unet_structure(unet) -> dict:
 def _rebuilt(m, a:dict):
     "A copy of layer `m` with the recorded attributes `a` (new parameters, to be loaded)."
     if isinstance(m, nn.Conv2d):
-        return nn.Conv2d(a['in_channels'], a['out_channels'], m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.bias is not None)
+        return nn.Conv2d(a['in_channels'], a['out_channels'], m.kernel_size, m.stride, m.padding, m.dilation,
+                         m.groups, m.bias is not None)
     if isinstance(m, nn.Linear): return nn.Linear(a['in_features'], a['out_features'], m.bias is not None)
     if isinstance(m, nn.GroupNorm): return nn.GroupNorm(a['num_groups'], a['num_channels'], m.eps, m.affine)
     if isinstance(m, nn.LayerNorm): return nn.LayerNorm(a['normalized_shape'], m.eps, m.elementwise_affine)
@@ -75,11 +79,14 @@ def _rebuilt(m, a:dict):
     for k, v in a.items(): setattr(m, k, v)  # attention heads, Upsample2D/Downsample2D widths
     return m
 
+# %% ../nbs/01_models.ipynb #33d514fd
 def apply_structure(unet, structure:dict):
     "Reshape `unet` in place so that every layer has the attributes `structure` records."
     mods = dict(unet.named_modules())
     for name, a in structure.items():
-        if name not in mods: raise ModelError(f"the saved structure names a layer {name!r} this UNet does not have: the files do not belong together")
+        if name not in mods:
+            raise ModelError(f"the saved structure names a layer {name!r} this UNet does not have: "
+                             "the files do not belong together")
         if _attrs(mods[name]) == a: continue
         new = _rebuilt(mods[name], a)
         if new is not mods[name]:
@@ -87,8 +94,9 @@ def apply_structure(unet, structure:dict):
             setattr(mods[parent] if parent else unet, child, new)
     return match_attention_scale(unet)
 
+# %% ../nbs/01_models.ipynb #7931c62a
 def match_attention_scale(unet):
-    "Set every `Attention.scale` to `1/sqrt(head width)`, the scale PyTorch's SDPA derives, so that all processors agree."
+    "Set every `Attention.scale` to `1/sqrt(head width)`, the scale PyTorch's SDPA derives, so all processors agree."
     for m in unet.modules():  # pruning shrinks head widths; folders pruned before this was kept recorded the old scale
         if isinstance(m, Attention) and m.scale_qk: m.scale = (m.inner_dim // m.heads) ** -0.5
     return unet
@@ -98,54 +106,73 @@ UNET_CLASSES = {'UNet2DModel': UNet2DModel, 'UNet2DConditionModel': UNet2DCondit
 
 def write_json(obj, path):
     "Write JSON atomically (temporary file, then rename)."
-    path = Path(path); tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    tmp.write_text(json.dumps(obj, indent=2, default=str)); os.replace(tmp, path)
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
 
 def atomic_dir(path):
     "A temporary folder beside `path`, to be renamed onto it with `commit_dir`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp', dir=path.parent))
 
+# %% ../nbs/01_models.ipynb #62fffcbf
 def _umask_perms(root):
     "Give a folder made by `mkdtemp` (mode 0700) the permissions of an ordinary one (umask applied)."
-    um = os.umask(0); os.umask(um)
+    um = os.umask(0)
+    os.umask(um)
     for p in [Path(root), *Path(root).rglob('*')]: os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~um)
 
 def commit_dir(tmp, path):
     "Replace `path` by the complete folder `tmp` (old content removed only once the new one is whole)."
-    path = Path(path); old = None; _umask_perms(tmp)
-    if path.exists(): old = path.with_name(f'.{path.name}.old{os.getpid()}'); os.replace(path, old)
+    path = Path(path)
+    old = None
+    _umask_perms(tmp)
+    if path.exists():
+        old = path.with_name(f'.{path.name}.old{os.getpid()}')
+        os.replace(path, old)
     os.replace(tmp, path)
     if old is not None: shutil.rmtree(old, ignore_errors=True)
 
+# %% ../nbs/01_models.ipynb #54d2e48c
 def save_model(unet, scheduler, path, meta:dict=None):
     "Save UNet + scheduler as a pipeline folder (safetensors + JSON), atomically."
     tmp = atomic_dir(path)
     try:
-        (tmp/'unet').mkdir(); (tmp/'scheduler').mkdir()
-        write_json(json.loads(unet.to_json_string()), tmp/'unet'/'config.json')  # with _class_name, as diffusers writes it
+        (tmp/'unet').mkdir()
+        (tmp/'scheduler').mkdir()
+        write_json(json.loads(unet.to_json_string()), tmp/'unet'/'config.json')  # with _class_name, as diffusers does
         sd = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
         save_file(sd, tmp/'unet'/'diffusion_pytorch_model.safetensors')
         write_json(dict(format=1, structure=unet_structure(unet), **(meta or {})), tmp/'unet'/'diffprune.json')
         write_json(json.loads(scheduler.to_json_string()), tmp/'scheduler'/'scheduler_config.json')
         write_json({'_class_name': 'DDPMPipeline', '_diffusers_version': diffusers.__version__,
-                    'unet': ['diffusers', unet.__class__.__name__], 'scheduler': ['diffusers', scheduler.__class__.__name__]},
+                    'unet': ['diffusers', unet.__class__.__name__],
+                    'scheduler': ['diffusers', scheduler.__class__.__name__]},
                    tmp/'model_index.json')
         commit_dir(tmp, path)
-    except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return Path(path)
 
 # %% ../nbs/01_models.ipynb #fd67f57e
 def read_json(path):
     "Read a JSON file of a model folder; a damaged or missing file is a `ModelError` that says so."
     try: return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e: raise ModelError(f"cannot read {str(path)!r}: {type(e).__name__}; the model folder is damaged") from e
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {str(path)!r}: {type(e).__name__}; the model folder is damaged") from e
 
+# %% ../nbs/01_models.ipynb #29d8243b
 def load_unet(path) -> nn.Module:
     "Load a UNet folder (`config.json` + safetensors, plus `diffprune.json` if pruned) strictly, without pickle."
-    path = Path(path); cfg = read_json(path/'config.json')
+    path = Path(path)
+    cfg = read_json(path/'config.json')
     cls = UNET_CLASSES.get(cfg.get('_class_name'))
-    if cls is None: raise ModelError(f"{str(path)!r} holds a {cfg.get('_class_name')!r}, not a UNet2DModel or UNet2DConditionModel")
+    if cls is None:
+        raise ModelError(f"{str(path)!r} holds a {cfg.get('_class_name')!r}, "
+                         "not a UNet2DModel or UNet2DConditionModel")
     wfile = path/'diffusion_pytorch_model.safetensors'
     if not wfile.exists():
         bins = list(path.glob('*.bin'))
@@ -154,17 +181,21 @@ def load_unet(path) -> nn.Module:
     unet = cls.from_config({k: v for k, v in cfg.items() if not k.startswith('_')})
     if (path/'diffprune.json').exists(): apply_structure(unet, read_json(path/'diffprune.json').get('structure', {}))
     try: sd = load_file(wfile)
-    except Exception as e: raise ModelError(f"cannot read weights {str(wfile)!r} ({type(e).__name__}): the file is missing, truncated or not safetensors") from e
+    except Exception as e:
+        raise ModelError(f"cannot read weights {str(wfile)!r} ({type(e).__name__}): "
+                         "the file is missing, truncated or not safetensors") from e
     try: unet.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         first = str(e).split('\n')[1].strip() if '\n' in str(e) else str(e)
         raise ModelError(f"weights in {str(path)!r} do not fit the saved structure ({first[:160]})") from e
     return unet.eval()
 
+# %% ../nbs/01_models.ipynb #2bf51e06
 def _load_hub_bin(cls, path):
     "Hub folders with PyTorch `.bin` weights, read by diffusers with `weights_only=True`."
     try: return cls.from_pretrained(path, use_safetensors=False).eval()
-    except Exception as e: raise ModelError(f"cannot load {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
+    except Exception as e:
+        raise ModelError(f"cannot load {str(path)!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
 
 # %% ../nbs/01_models.ipynb #6555ef28
 ASSETS = Path(diffprune.__file__).parent/'assets'
@@ -180,16 +211,20 @@ def _hub_folder(model_id:str) -> Path:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(model_id, allow_patterns=['*.json', '*.safetensors', '*.bin']))
     except Exception as e:
-        raise ModelError(f"cannot find model {model_id!r} locally or on the hub ({type(e).__name__}): pass 'digits', a model folder, or a hub id with network access") from e
+        raise ModelError(f"cannot find model {model_id!r} locally or on the hub ({type(e).__name__}): "
+                         "pass 'digits', a model folder, or a hub id with network access") from e
 
+# %% ../nbs/01_models.ipynb #c33cd248
 def check_unet_pipeline(path, components:dict):
     "Refuse a pipeline folder (its `model_index.json` read as `components`) whose denoiser is not a UNet, naming it."
     if 'unet' in components: return
     den = next((k for k in ('transformer', 'prior', 'decoder') if k in components), None)
-    what = f"its denoiser is {den}/ ({components[den][-1]})" if den else f"it has no unet/ (components: {', '.join(k for k in components if not k.startswith('_'))})"
-    raise ModelError(f"{str(path)!r} is a {components.get('_class_name', 'pipeline')} folder and {what}: diffprune prunes UNet "
-                     "denoisers (UNet2DModel, UNet2DConditionModel) only")
+    what = (f"its denoiser is {den}/ ({components[den][-1]})" if den else
+            f"it has no unet/ (components: {', '.join(k for k in components if not k.startswith('_'))})")
+    raise ModelError(f"{str(path)!r} is a {components.get('_class_name', 'pipeline')} folder and {what}: "
+                     "diffprune prunes UNet denoisers (UNet2DModel, UNet2DConditionModel) only")
 
+# %% ../nbs/01_models.ipynb #40320b93
 def load_model(model, device='cpu') -> tuple:
     "`(unet, scheduler)` for `model`: 'digits', a model folder (pruned ones too) or a hub id."
     if isinstance(model, tuple): return model
@@ -197,10 +232,14 @@ def load_model(model, device='cpu') -> tuple:
     model = str(model)
     path = DIGITS_TEACHER if model == 'digits' else Path(model).expanduser()
     if not path.exists():
-        if model.startswith(('/', '.', '~')) or model.count('/') != 1: raise ModelError(f"model {model!r} not found: pass 'digits', a model folder or a hub id like google/ddpm-cifar10-32")
+        if model.startswith(('/', '.', '~')) or model.count('/') != 1:
+            raise ModelError(f"model {model!r} not found: "
+                             "pass 'digits', a model folder or a hub id like google/ddpm-cifar10-32")
         path = _hub_folder(model)
-    if not path.is_dir(): raise ModelError(f"{model!r} is a file, not a model folder: pass the folder holding unet/ and scheduler/")
+    if not path.is_dir():
+        raise ModelError(f"{model!r} is a file, not a model folder: pass the folder holding unet/ and scheduler/")
     if (path/'model_index.json').exists(): check_unet_pipeline(path, read_json(path/'model_index.json'))
     upath = path/'unet' if (path/'unet'/'config.json').exists() else path
-    if not (upath/'config.json').exists(): raise ModelError(f"{model!r} is not a diffusion model folder: no unet/config.json or config.json in it")
+    if not (upath/'config.json').exists():
+        raise ModelError(f"{model!r} is not a diffusion model folder: no unet/config.json or config.json in it")
     return load_unet(upath).to(device), _scheduler(path)

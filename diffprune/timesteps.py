@@ -8,6 +8,7 @@ __all__ = ['stacked_losses', 'timestep_losses', 'threshold_t_prime', 'first_reje
 
 # %% ../nbs/02_timesteps.ipynb #b01df221
 from dataclasses import dataclass
+from fastcore.basics import patch
 import torch, numpy as np
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
@@ -22,24 +23,27 @@ def stacked_losses(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor,
                   ) -> torch.Tensor:
     "Mean loss of `x0` at each of `timesteps`, from one forward pass over copies of `x0` stacked one per timestep."
     tb = torch.as_tensor(timesteps)
-    l = eps_loss(unet, scheduler, x0.repeat(len(tb), 1, 1, 1), noise.repeat(len(tb), 1, 1, 1), tb.repeat_interleave(len(x0)).to(x0.device),
-                 reduction='none', cond=repeat_cond(cond, len(tb)))
+    l = eps_loss(unet, scheduler, x0.repeat(len(tb), 1, 1, 1), noise.repeat(len(tb), 1, 1, 1),
+                 tb.repeat_interleave(len(x0)).to(x0.device), reduction='none', cond=repeat_cond(cond, len(tb)))
     return l.view(len(tb), len(x0)).mean(1)
 
+# %% ../nbs/02_timesteps.ipynb #f5609691
 @torch.no_grad()
 def timestep_losses(unet, scheduler, x0:torch.Tensor, # calibration batch `(B, C, H, W)` in [-1, 1]
                     noise:torch.Tensor=None, # one noise tensor like `x0`, reused for every t (default: seeded)
                     timesteps=None, # timesteps to analyse (default: all)
                     batch_size:int=512, # images per forward pass (timesteps are mixed in one pass)
-                    stop_threshold:float=None, # stop after the pass where L_t < stop_threshold x running max first holds
+                    stop_threshold:float=None, # stop after a pass where L_t < stop_threshold x running max first holds
                     cond=None, # conditioning of `x0` for conditional UNets (see `unet_output`)
                     seed:int=0, progress:bool=True) -> torch.Tensor:
     "Mean L_t (`eps_loss`) of `unet` at each of `timesteps`, on `x0` with the same `noise` at every t."
     T = scheduler.config.num_train_timesteps
     ts = torch.arange(T) if timesteps is None else torch.as_tensor(timesteps)
     if noise is None: noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    dev = next(unet.parameters()).device; x0, noise, cond = x0.to(dev), noise.to(dev), cond_to(cond, dev)
-    per = max(1, batch_size // len(x0)); out, run_max = [], -float('inf')
+    dev = next(unet.parameters()).device
+    x0, noise, cond = x0.to(dev), noise.to(dev), cond_to(cond, dev)
+    per = max(1, batch_size // len(x0))
+    out, run_max = [], -float('inf')
     for i in tqdm(range(0, len(ts), per), desc='L_t', disable=not progress, leave=False):
         out.append(stacked_losses(unet, scheduler, x0, noise, ts[i:i + per], cond).cpu())
         if stop_threshold is not None:
@@ -59,8 +63,9 @@ def threshold_t_prime(losses, # L_t at each analysed timestep, in increasing t
     i, _ = first_rejected(losses, threshold)
     return timesteps[-1] if i is None else timesteps[max(i - 1, 0)]
 
+# %% ../nbs/02_timesteps.ipynb #c0237ae5
 def first_rejected(losses, threshold:float, run_max:float=-float('inf')) -> tuple:
-    "`(index of the first loss with L_t < threshold x running max, or None; the running max)`, continuing from `run_max`."
+    "`(index of the first loss with L_t < threshold x running max, or None; the running max)`, resuming at `run_max`."
     for i, l in enumerate(losses):
         run_max = max(run_max, float(l))
         if l < threshold * run_max: return i, run_max
@@ -75,7 +80,8 @@ class TimestepAnalysis:
     threshold: float
     t_prime: int = None
     def __post_init__(self):
-        self.timesteps = [int(t) for t in self.timesteps]; self.losses = [float(l) for l in self.losses]
+        self.timesteps = [int(t) for t in self.timesteps]
+        self.losses = [float(l) for l in self.losses]
         self.t_prime = threshold_t_prime(self.losses, self.timesteps, self.threshold)
 
     @property
@@ -85,44 +91,66 @@ class TimestepAnalysis:
         "The same losses under another threshold (nothing recomputed)."
         return TimestepAnalysis(self.timesteps, self.losses, threshold)
 
-    def to_dict(self) -> dict:
-        return dict(timesteps=self.timesteps, losses=self.losses, threshold=self.threshold,
-                    t_prime=self.t_prime, kept_timesteps=self.kept_timesteps)
+# %% ../nbs/02_timesteps.ipynb #9ca36fa4
+@patch
+def to_dict(self:TimestepAnalysis) -> dict:
+    return dict(timesteps=self.timesteps, losses=self.losses, threshold=self.threshold,
+                t_prime=self.t_prime, kept_timesteps=self.kept_timesteps)
 
-    def summary(self) -> dict:
-        return {'threshold': self.threshold, "T'": self.t_prime, 'kept timesteps': len(self.kept_timesteps),
-                'analysed': len(self.timesteps), 'L_max': max(self.losses), "L_T'": self.losses[self.timesteps.index(self.t_prime)]}
+@patch
+def summary(self:TimestepAnalysis) -> dict:
+    return {'threshold': self.threshold, "T'": self.t_prime, 'kept timesteps': len(self.kept_timesteps),
+            'analysed': len(self.timesteps), 'L_max': max(self.losses),
+            "L_T'": self.losses[self.timesteps.index(self.t_prime)]}
 
-    def __repr__(self): return 'TimestepAnalysis(' + ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in self.summary().items()) + ')'
-    def _repr_html_(self):
-        rows = ''.join(f'<tr><th>{k}</th><td>{v:.4g}</td></tr>' if isinstance(v, float) else f'<tr><th>{k}</th><td>{v}</td></tr>' for k, v in self.summary().items())
-        return f'<table>{rows}</table>'
+# %% ../nbs/02_timesteps.ipynb #d5eef485
+@patch
+def __repr__(self:TimestepAnalysis):
+    return 'TimestepAnalysis(' + ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
+                                           for k, v in self.summary().items()) + ')'
 
-    def plot(self, ax=None):
-        "L_t and L_t / running max against t, the threshold line and the kept range shaded; returns the figure."
-        if ax is None: _, ax = plt.subplots(figsize=(6, 3.2))
-        t, l = np.array(self.timesteps), np.array(self.losses)
-        ax.plot(t, l, label='$L_t$'); ax.set_xlabel('timestep t'); ax.set_ylabel('$L_t$'); ax.set_yscale('log')
-        ax.axvspan(0, self.t_prime, color='C2', alpha=0.15, label=f"kept [0, T'={self.t_prime}]")
-        ax.plot(t, self.threshold * np.maximum.accumulate(l), 'k--', lw=1, label=f'thr x running max (thr={self.threshold})')
-        ax.legend(fontsize=8); ax.set_title(f"{len(self.kept_timesteps)} of {len(t)} analysed timesteps kept")
-        return ax.figure
+@patch
+def _repr_html_(self:TimestepAnalysis):
+    rows = ''.join(f'<tr><th>{k}</th><td>{v:.4g}</td></tr>' if isinstance(v, float) else
+                   f'<tr><th>{k}</th><td>{v}</td></tr>' for k, v in self.summary().items())
+    return f'<table>{rows}</table>'
 
+# %% ../nbs/02_timesteps.ipynb #cfc229e6
+@patch
+def plot(self:TimestepAnalysis, ax=None):
+    "L_t and L_t / running max against t, the threshold line and the kept range shaded; returns the figure."
+    if ax is None: _, ax = plt.subplots(figsize=(6, 3.2))
+    t, l = np.array(self.timesteps), np.array(self.losses)
+    ax.plot(t, l, label='$L_t$')
+    ax.set_xlabel('timestep t')
+    ax.set_ylabel('$L_t$')
+    ax.set_yscale('log')
+    ax.axvspan(0, self.t_prime, color='C2', alpha=0.15, label=f"kept [0, T'={self.t_prime}]")
+    ax.plot(t, self.threshold * np.maximum.accumulate(l), 'k--', lw=1,
+            label=f'thr x running max (thr={self.threshold})')
+    ax.legend(fontsize=8)
+    ax.set_title(f"{len(self.kept_timesteps)} of {len(t)} analysed timesteps kept")
+    return ax.figure
+
+# %% ../nbs/02_timesteps.ipynb #3a60cb9a
 def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, scheduler)` pair
                       data='digits', # dataset name or folder (see `get_dataset`), or an image tensor in [-1, 1]
-                      threshold:float=0.05, calibration_size:int=64, # calibration batch size
+                      threshold:float=0.05,
+                      calibration_size:int=64, # calibration batch size
                       stride:int=1, # analyse every `stride`-th timestep
-                      until_threshold:bool=False, # stop once the rule has found T' (the curve beyond it is not computed)
-                      cond=None, # conditioning of the calibration batch (conditional UNets; `data` must then be a tensor)
+                      until_threshold:bool=False, # stop once the rule has found T' (the curve beyond is not computed)
+                      cond=None, # calibration batch's conditioning (conditional UNets; `data` must then be a tensor)
                       batch_size:int=512, seed:int=0, device='cpu', progress:bool=True) -> TimestepAnalysis:
     "Diff-Pruning's timestep analysis: L_t on one calibration batch and noise, and the threshold rule."
     if not 0 <= threshold <= 1: raise InputError(f"threshold must be in [0, 1], not {threshold}")
     if stride < 1: raise InputError(f"stride must be at least 1, not {stride}")
     unet, sched = load_model(model, device)
     prediction_type(sched)  # the loss needs the model's objective: an unknown one is refused before any work
-    x0 = data if torch.is_tensor(data) else take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), calibration_size, seed)
+    x0 = (data if torch.is_tensor(data) else
+          take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), calibration_size, seed))
     ts = list(range(0, sched.config.num_train_timesteps, stride))
-    losses = timestep_losses(unet, sched, x0, timesteps=ts, batch_size=batch_size, stop_threshold=threshold if until_threshold else None,
+    losses = timestep_losses(unet, sched, x0, timesteps=ts, batch_size=batch_size,
+                             stop_threshold=threshold if until_threshold else None,
                              cond=cond, seed=seed, progress=progress)
     return TimestepAnalysis(ts[:len(losses)], losses.tolist(), threshold)
 
@@ -139,15 +167,19 @@ class ThresholdExplorer:
         self.box = W.VBox([self.slider, self.label, self.out])
         self.select(analysis.threshold)
 
-    def select(self, threshold:float) -> TimestepAnalysis:
-        "Apply `threshold`: update the label and the plot; returns the re-selected analysis."
-        self.current = self.analysis.select(threshold)
-        self.label.value = f"T' = <b>{self.current.t_prime}</b>, {len(self.current.kept_timesteps)} timesteps kept"
-        self.out.clear_output(wait=True)
-        with self.out:
-            fig = self.current.plot(); plt.show(fig)
-        return self.current
+# %% ../nbs/02_timesteps.ipynb #b3da2897
+@patch
+def select(self:ThresholdExplorer, threshold:float) -> TimestepAnalysis:
+    "Apply `threshold`: update the label and the plot; returns the re-selected analysis."
+    self.current = self.analysis.select(threshold)
+    self.label.value = f"T' = <b>{self.current.t_prime}</b>, {len(self.current.kept_timesteps)} timesteps kept"
+    self.out.clear_output(wait=True)
+    with self.out:
+        fig = self.current.plot()
+        plt.show(fig)
+    return self.current
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.box)
+@patch
+def _ipython_display_(self:ThresholdExplorer):
+    from IPython.display import display
+    display(self.box)
