@@ -129,7 +129,7 @@ def summary_text(d:dict) -> str:
     lines = [f"{'':{w}}{'teacher':>16}{'pruned':>16}{'pruned/teacher':>16}"]
     for label, k, f in rows:
         t, p = d['teacher'][k], d['pruned'][k]
-        lines.append(f"{label:{w}}{f.format(t):>16}{f.format(p):>16}{p / t:>9.3f}")
+        lines.append(f"{label:{w}}{f.format(t):>16}{f.format(p):>16}{p / t:>16.3f}")
     lo, hi = d.get('speedup_range', [d['speedup']] * 2)
     lines.append(f"SSIM vs teacher (same noise): {d['ssim']:.3f}   measured speedup: {d['speedup']:.2f}x "
                  f"(paired runs {lo:.2f}-{hi:.2f})   MACs reduction: {d['macs_reduction']:.2f}x")

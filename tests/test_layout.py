@@ -59,3 +59,25 @@ def test_import_diffprune_as_dp_gives_one_call_per_step_and_loads_no_torch():
              "('evaluate', 'evaluation')]))")
     out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=120).stdout.split()
     assert out == ['[]', 'True'], out
+
+def test_library_lines_fit_119_columns_and_hold_one_statement_each():
+    "diffusers' 119 columns and no statements joined with `;`, in 99% of library lines (nbdev writes the rest)."
+    import io, tokenize
+    lines = long = joined = 0
+    for p in (ROOT/'diffprune').glob('*.py'):
+        if p.name == '_modidx.py': continue
+        src = p.read_text()
+        code = [l for l in src.splitlines() if l.strip() and not l.lstrip().startswith('#')]
+        tokens = tokenize.generate_tokens(io.StringIO(src).readline)
+        lines, long = lines + len(code), long + sum(len(l) > 119 for l in code)
+        joined += len({t.start[0] for t in tokens if t.type == tokenize.OP and t.string == ';'})
+    assert long <= 0.01 * lines and joined <= 0.01 * lines, dict(lines=lines, long=long, joined=joined)
+
+def test_each_cli_flag_has_one_meaning():
+    "A calibration size is --calibration-size; --batch-size is always a training batch; torch-pruning's pruning ratio."
+    from diffprune.cli import parser
+    subs = parser()._subparsers._group_actions[0].choices
+    flags = {name: {o for a in sp._actions for o in a.option_strings} for name, sp in subs.items()}
+    assert all('--calibration-size' in flags[n] for n in ('analyze', 'prune', 'run', 'demo'))
+    assert not any('--batch-size' in flags[n] for n in ('analyze', 'prune', 'sample', 'evaluate'))
+    assert '--pruning-ratio' in flags['prune'] and not any({'--ratio', '--fast'} & f for f in flags.values())
