@@ -103,9 +103,9 @@ def cmd_analyze(a):
     print(f"T' = {ana.t_prime}: {len(ana.kept_timesteps)} of {len(ana.timesteps)} analysed timesteps kept "
           f"(threshold {a.threshold}); wrote {out}")
 
-# %% ../nbs/09_cli.ipynb #21546a16
-def cmd_prune(a):
-    "Prune a model with a method to a pruning ratio or a MACs target."
+# %% ../nbs/09_cli.ipynb #0c3ed0c9
+def _check_prune_args(a):
+    "Refuse `prune` arguments out of range or unused by the method, before any library loads."
     _check_threshold(a.threshold)
     if (a.pruning_ratio is None) == (a.target_macs is None):
         raise UsageError("give one of --pruning-ratio and --target-macs")
@@ -119,15 +119,27 @@ def cmd_prune(a):
     if a.data is not None and a.method in ('magnitude', 'random'):  # it would be recorded as if it had been used
         raise UsageError(f"--method {a.method} scores the weights, not data: "
                          "drop --data (diff-pruning and taylor use it)")
+
+
+# %% ../nbs/09_cli.ipynb #21546a16
+def cmd_prune(a):
+    "Prune a model with a method to a pruning ratio or a MACs target."
+    _check_prune_args(a)
     out = check_out(a.out, a.overwrite)
     import torch
+    from diffprune.latent import latent_folder
+    torch.manual_seed(a.seed)
+    if (lat := latent_folder(a.model)) is not None: return _prune_latent(a, out, lat)
+    _prune_pixel(a, out)
+
+
+# %% ../nbs/09_cli.ipynb #3138335a
+def _prune_pixel(a, out):
+    "`diffprune prune` of a pixel UNet: score, prune, and write the model folder with its pictures and tables."
     from diffprune.data import save_fig
     from diffprune.models import atomic_dir, commit_dir, write_json
     from diffprune.importance import score_model
     from diffprune.prune import prune_model
-    from diffprune.latent import latent_folder
-    torch.manual_seed(a.seed)
-    if (lat := latent_folder(a.model)) is not None: return _prune_latent(a, out, lat)
     _no_conditioning(a)
     if a.method in ('diff-pruning', 'taylor'): a.data = str(a.data or 'digits')  # recorded only where it is used
     imp = score_model(a.model, a.data, a.method, a.threshold, calibration_size=a.calibration_size,

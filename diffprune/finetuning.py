@@ -161,6 +161,34 @@ def _check_finetune_args(steps, lr, alpha, teacher, resume, checkpoint_dir):
     if resume and latest_checkpoint(checkpoint_dir) is None:
         raise InputError(f"nothing to resume: no checkpoint in {str(checkpoint_dir)!r}")
 
+# %% ../nbs/05_finetuning.ipynb #9f85044e
+def _frozen_teacher(teacher, objective:str, device):
+    "The distillation teacher: a frozen copy in eval mode, refused when it predicts another objective."
+    tnet, tsched = load_model(teacher)
+    if prediction_type(tsched) != objective:
+        raise InputError(f"the teacher predicts {prediction_type(tsched)} and the student {objective}: "
+                         "distil between models of one objective")
+    # a copy: the caller's teacher keeps its requires_grad and mode (a shared teacher is scored again after this)
+    return copy.deepcopy(tnet).to(device).eval().requires_grad_(False)
+
+def _train_step(acc, unet, opt, sched, ds, step:int, batch_size:int, seed:int, grad_accum:int, grad_clip:float,
+                tnet, alpha:float) -> float:
+    "One optimizer step over `grad_accum` micro-batches, this process taking its share; the mean loss of all."
+    per, rank, total = batch_size // acc.num_processes, acc.process_index, 0.
+    for micro in range(grad_accum):
+        x0, noise, t, cond = step_batch(ds, step, micro, batch_size, sched.config.num_train_timesteps, seed)
+        part = slice(rank * per, (rank + 1) * per)  # this process's share of the global batch
+        x0, noise, t, cond = (x0[part].to(acc.device), noise[part].to(acc.device), t[part].to(acc.device),
+                              cond_to(index_cond(cond, part), acc.device))
+        with acc.autocast():
+            loss = finetune_loss(unet, sched, x0, noise, t, tnet, alpha, cond) / grad_accum
+        acc.backward(loss)
+        total += loss.detach()
+    if grad_clip: acc.clip_grad_norm_(unet.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return acc.reduce(total, 'mean').item()
+
 # %% ../nbs/05_finetuning.ipynb #31361731
 def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `(unet, scheduler)` pair (copied)
              data='digits', steps:int=500, batch_size:int=64, # global batch (over all processes) per micro-step
@@ -176,45 +204,25 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     from accelerate import Accelerator
     _check_finetune_args(steps, lr, alpha, teacher, resume, checkpoint_dir)
     acc = Accelerator(mixed_precision=mixed_precision, cpu=(device == 'cpu'))
-    world, rank = acc.num_processes, acc.process_index
-    if batch_size % world: raise InputError(f"batch size {batch_size} is not divisible by the {world} processes")
+    if batch_size % acc.num_processes:
+        raise InputError(f"batch size {batch_size} is not divisible by the {acc.num_processes} processes")
     unet, sched = load_model(model)
     objective = prediction_type(sched)
     # a copy: a frozen model trains like any other
     unet = copy.deepcopy(unet).to(acc.device).train().requires_grad_(True)
     c, h, w = sample_shape(unet)
     ds = data if isinstance(data, torch.utils.data.Dataset) else get_dataset(data, (h, w), c)
-    tnet = None
-    if alpha > 0:
-        tnet, tsched = load_model(teacher)
-        if prediction_type(tsched) != objective:
-            raise InputError(f"the teacher predicts {prediction_type(tsched)} and the student {objective}: "
-                             "distil between models of one objective")
-        # a copy: the caller's teacher keeps its requires_grad and mode (a shared teacher is scored again after this)
-        tnet = copy.deepcopy(tnet).to(acc.device).eval().requires_grad_(False)
+    tnet = _frozen_teacher(teacher, objective, acc.device) if alpha > 0 else None
     ema_net = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=weight_decay)
     start, history = 0, []
     if resume: start, history = _resume(checkpoint_dir, unet, ema_net, opt)
     unet, opt = acc.prepare(unet, opt)
-    per, T, t0 = batch_size // world, sched.config.num_train_timesteps, time.time()
+    t0 = time.time()
     pbar = tqdm(range(start + 1, steps + 1), desc='finetune', disable=not (progress and acc.is_main_process),
                 initial=start, total=steps)
     for step in pbar:
-        total = 0.
-        for micro in range(grad_accum):
-            x0, noise, t, cond = step_batch(ds, step, micro, batch_size, T, seed)
-            part = slice(rank * per, (rank + 1) * per)  # this process's share of the global batch
-            x0, noise, t, cond = (x0[part].to(acc.device), noise[part].to(acc.device), t[part].to(acc.device),
-                                  cond_to(index_cond(cond, part), acc.device))
-            with acc.autocast():
-                loss = finetune_loss(unet, sched, x0, noise, t, tnet, alpha, cond) / grad_accum
-            acc.backward(loss)
-            total += loss.detach()
-        if grad_clip: acc.clip_grad_norm_(unet.parameters(), grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        total = acc.reduce(total, 'mean').item()
+        total = _train_step(acc, unet, opt, sched, ds, step, batch_size, seed, grad_accum, grad_clip, tnet, alpha)
         if not math.isfinite(total):
             ck = latest_checkpoint(checkpoint_dir)
             raise FinetuneError(f"the loss became {total} at step {step}: lower the learning rate; "
