@@ -14,10 +14,13 @@ _API = {  # `dp.NAME`: the one call per step, and what a notebook needs around t
     'show_images': 'data', 'get_dataset': 'data', 'InputError': 'data',
     'analyze_timesteps': 'timesteps', 'score_model': 'importance', 'prune_model': 'prune', 'finetune': 'finetuning',
     'evaluate': 'evaluation', 'fid_score': 'metrics', 'prune_pipeline': 'latent', 'load_pipeline': 'latent',
-    'run_recipe': 'report'}
+    'run_recipe': 'report', 'PrunedUNet2DModel': 'models', 'PrunedUNet2DConditionModel': 'models'}
+# diffusers loads a `model_index.json` component ["diffprune", class] by the diffusers base class this package names
+_DIFFUSERS_BASES = ('ModelMixin',)
 
 def __getattr__(name):
     "`import diffprune as dp; dp.score_model(...)`: imports the module on first use, so importing diffprune is free."
+    if name in _DIFFUSERS_BASES: return getattr(importlib.import_module('diffusers'), name)
     if name not in _API: raise AttributeError(f"module 'diffprune' has no attribute {name!r}")
     return getattr(importlib.import_module(f'diffprune.{_API[name]}'), name)
 

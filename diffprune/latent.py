@@ -18,7 +18,7 @@ from diffusers import (AutoencoderKL, VQModel, UNet2DModel, UNet2DConditionModel
                        LDMPipeline, ImagePipelineOutput)
 from .data import InputError, get_dataset, take
 from . import quiet_loading
-from .models import load_unet, atomic_dir, commit_dir, unet_structure, ModelError, check_unet_pipeline
+from .models import save_unet, load_unet, atomic_dir, commit_dir, ModelError, check_unet_pipeline
 from .diffusion import (unet_output, index_cond, cond_to, initial_noise, ddim_timesteps, sample_shape, x0_and_eps)
 from .importance import score_model
 from .finetuning import finetune
@@ -269,8 +269,10 @@ def write_pipeline(pipe, folder, meta:dict=None):
     "Write a (pruned) pipeline into `folder`: diffusers' components (safetensors) and the UNet's recorded structure."
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
-    (folder/'unet'/'diffprune.json').write_text(
-        json.dumps(dict(format=1, structure=unet_structure(pipe.unet), **(meta or {})), indent=1))
+    name = save_unet(pipe.unet, folder/'unet', meta)  # the recorded widths, and a config plain diffusers refuses
+    index = json.loads((folder/'model_index.json').read_text())
+    index['unet'] = ['diffprune' if name.startswith('Pruned') else 'diffusers', name]
+    (folder/'model_index.json').write_text(json.dumps(index, indent=2))
 
 # %% ../nbs/07_latent.ipynb #7bbccb27
 def save_pipeline(pipe, path, meta:dict=None) -> Path:

@@ -19,7 +19,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.downsampling import Downsample2D
 from .data import InputError
-from .models import save_model, match_attention_scale
+from .models import save_model, match_attention_scale, is_pruned, as_pruned
 from .diffusion import sample_shape
 from .importance import ScoredModel
 
@@ -360,6 +360,7 @@ def prune_model(scored:ScoredModel, # from `score_model`: the model, its gradien
         plan = pr.plan(pruning_ratio) if pruning_ratio is not None else pr.plan_for_macs(target_macs)
         scores = {g.name: g.scores.mean().item() for g in pr.groups}
         pr.apply(plan)
+    if is_pruned(unet): as_pruned(unet)  # diffusers then saves and loads its widths
     unet.eval()
     macs, attn = [sum(d.values()) for d in layer_macs(unet)]
     return PruneResult(unet=unet, scheduler=scored.scheduler, method=scored.method, pruning_ratio=pruning_ratio,
