@@ -252,3 +252,24 @@ def test_loading_a_latent_pipeline_shows_no_loading_bar(cli, tmp_path):
     save_pipeline(tiny_latent_pipeline('class'), tmp_path/'pipe')
     r = cli('sample', '--model', tmp_path/'pipe', '--class-labels', '1', '--num', '1', '--sample-steps', '2', '--out', tmp_path/'s')
     assert r.returncode == 0 and 'Loading pipeline components' not in r.stderr, r.stderr
+
+def test_scoring_interrupted_half_way_leaves_no_gradients_on_the_callers_model(monkeypatch):
+    import diffprune.importance as imp
+    real = imp.accumulate_gradients
+    def interrupted(*a, **kw):
+        real(*a, **kw)  # the gradients are in .grad now
+        raise KeyboardInterrupt
+    monkeypatch.setattr(imp, 'accumulate_gradients', interrupted)
+    u = tiny_unet()
+    with pytest.raises(KeyboardInterrupt):
+        score_model((u, DDPMScheduler(num_train_timesteps=1000)), method='taylor', calibration_size=4, stride=250,
+                    progress=False)
+    assert all(p.grad is None for p in u.parameters())
+
+def test_gradients_of_another_model_are_refused_in_one_line():
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    scored = score_model((tiny_unet(), sched), method='taylor', calibration_size=4, stride=250, progress=False)
+    other = prune_model(scored, pruning_ratio=0.5).unet
+    with pytest.raises(ValueError, match='computed on another model'):
+        with scored.gradients_on(other): pass
+    assert all(p.grad is None for p in other.parameters())
