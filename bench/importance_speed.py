@@ -18,8 +18,8 @@ from diffprune.models import load_model, CIFAR10_CONFIG
 from diffprune.diffusion import eps_loss
 from diffprune.data import get_dataset, take
 from diffprune.timesteps import analyze_timesteps
-from diffprune.importance import accumulate_gradients, taylor_gradients, stratified_timesteps, ScoredModel,
-                                  importance_criterion, take_gradients
+from diffprune.importance import (accumulate_gradients, taylor_gradients, stratified_timesteps, ScoredModel,
+                                  importance_criterion, take_gradients)
 from diffprune.prune import kept_channels, jaccard
 
 def paper_loop(unet, sched, x0, noise, thr, max_t=None):

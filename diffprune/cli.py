@@ -46,7 +46,7 @@ def _write_run(out, files:dict, result:dict):
 def cmd_sample(a):
     "Sample a grid of images from a model."
     if a.num < 1: raise UsageError(f"--num must be at least 1, not {a.num}")
-    if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
+    if a.sample_steps < 1: raise UsageError(f"--sample-steps must be at least 1, not {a.sample_steps}")
     out = check_out(a.out, a.overwrite)
     from diffprune.data import show_images
     from diffprune.models import load_model
@@ -57,12 +57,13 @@ def cmd_sample(a):
     unet, sched = load_model(a.model, a.device)
     t0 = time.time()
     x = (ddpm_sample(unet, sched, a.num, a.seed) if a.sampler == 'ddpm'
-         else ddim_sample(unet, sched, a.num, a.steps, a.seed))
+         else ddim_sample(unet, sched, a.num, a.sample_steps, a.seed))
     secs = time.time() - t0
     _write_run(out, {'samples.png': show_images(x, nrow=min(16, a.num),
-                                                title=f'{a.model}: {a.sampler.upper()}-{a.steps}, seed {a.seed}')},
-               dict(model=str(a.model), num=a.num, steps=a.steps, sampler=a.sampler, seed=a.seed, seconds=secs,
-                    shape=list(x.shape[1:])))
+                                                title=f'{a.model}: {a.sampler.upper()}-{a.sample_steps}, '
+                                                      f'seed {a.seed}')},
+               dict(model=str(a.model), num=a.num, sample_steps=a.sample_steps, sampler=a.sampler, seed=a.seed,
+                    seconds=secs, shape=list(x.shape[1:])))
     print(f"wrote {a.num} samples to {out/'samples.png'} ({secs:.1f} s)")
     return out
 
@@ -77,12 +78,12 @@ def _sample_latent(a, out, folder):
     from diffprune.latent import load_pipeline, pipeline_images
     pipe = load_pipeline(folder, a.device)
     t0 = time.time()
-    x = pipeline_images(pipe, a.num, a.steps, a.seed, a.prompt, a.class_labels)
+    x = pipeline_images(pipe, a.num, a.sample_steps, a.seed, a.prompt, a.class_labels)
     secs = time.time() - t0
     _write_run(out, {'samples.png': show_images(x, nrow=min(16, a.num),
-                                                title=f'{a.model}: {a.steps} steps, seed {a.seed}')},
-               dict(model=str(a.model), pipeline=type(pipe).__name__, num=a.num, steps=a.steps, seed=a.seed,
-                    prompt=a.prompt, class_labels=a.class_labels, seconds=secs, shape=list(x.shape[1:])))
+                                                title=f'{a.model}: {a.sample_steps} steps, seed {a.seed}')},
+               dict(model=str(a.model), pipeline=type(pipe).__name__, num=a.num, sample_steps=a.sample_steps,
+                    seed=a.seed, prompt=a.prompt, class_labels=a.class_labels, seconds=secs, shape=list(x.shape[1:])))
     print(f"wrote {a.num} samples of the {type(pipe).__name__} to {out/'samples.png'} ({secs:.1f} s)")
     return out
 
@@ -178,7 +179,7 @@ def _prune_latent(a, out, folder):
     try:
         write_pipeline(pruned, tmp, dict(source=str(a.model), seed=a.seed))
         figs = {'widths.png': res.plot_widths()}
-        if res.scored is not None and res.scored.analysis is not None: figs['losses.png'] = res.scored.analysis.plot()
+        if res.analysis is not None: figs['losses.png'] = res.analysis.plot()
         for name, fig in figs.items(): save_fig(fig, tmp/name)
         write_json(dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, prompt=a.prompt,
                         class_labels=a.class_labels, seed=a.seed, pipeline_macs=macs, **res.summary()),
@@ -293,10 +294,10 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
 def cmd_evaluate(a):
     "Evaluate a model, optionally against its teacher."
     if a.num_samples < 2: raise UsageError(f"--num-samples must be at least 2 for FID, not {a.num_samples}")
-    if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
+    if a.sample_steps < 1: raise UsageError(f"--sample-steps must be at least 1, not {a.sample_steps}")
     out = check_out(a.out, a.overwrite)
     from diffprune.evaluation import evaluate
-    ev = evaluate(a.model, a.teacher, a.data, a.num_samples, a.steps, a.seed, a.feature, device=a.device)
+    ev = evaluate(a.model, a.teacher, a.data, a.num_samples, a.sample_steps, a.seed, a.feature, device=a.device)
     _write_run(out, {'samples.png': ev.grid()}, dict(model=str(a.model), **ev.to_dict()))
     print(ev.table().to_string())
     print(f"wrote {out}")
@@ -307,10 +308,13 @@ def _settings(a):
     from diffprune.report import RecipeSettings
     if a.target_macs is not None and not 0 < a.target_macs < 1:
         raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
+    if a.pruning_ratio is not None and not 0 <= a.pruning_ratio < 1:
+        raise UsageError(f"--pruning-ratio must be in [0, 1), not {a.pruning_ratio}")
     _check_threshold(a.threshold)
     if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
     return RecipeSettings(model=a.model, data=a.data, method=a.method, threshold=a.threshold,
-                          target_macs=a.target_macs, calibration_size=a.calibration_size, stride=a.stride,
+                          target_macs=a.target_macs, pruning_ratio=a.pruning_ratio,
+                          calibration_size=a.calibration_size, stride=a.stride,
                           sampled_timesteps=a.sampled_timesteps, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                           alpha=a.alpha, num_samples=a.num_samples, sample_steps=a.sample_steps, seed=a.seed,
                           device=a.device)
@@ -359,7 +363,7 @@ def subcommand(name, help):
 def _sample_args(p):
     p.add_argument('--model', default='digits', help="'digits', a model folder or a hub id")
     p.add_argument('--num', type=int, default=64, help="number of images")
-    p.add_argument('--steps', type=int, default=50, help="DDIM steps")
+    p.add_argument('--sample-steps', type=int, default=50, help="DDIM steps")
     p.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim')
     _conditioning(p)
     _common(p)
@@ -437,7 +441,7 @@ def _evaluate_args(p):
     p.add_argument('--teacher')
     p.add_argument('--data', default='digits:all', help="real images for FID")
     p.add_argument('--num-samples', type=int, default=512)
-    p.add_argument('--steps', type=int, default=50)
+    p.add_argument('--sample-steps', type=int, default=50, help="DDIM steps per sample")
     p.add_argument('--feature', choices=['digits', 'inception'],
                    help="FID features (default: digits for 1x16x16 models)")
     _common(p)
@@ -449,7 +453,8 @@ def _recipe_args(p, model='digits', data='digits'):
     p.add_argument('--data', default=data)
     p.add_argument('--method', choices=METHODS, default='diff-pruning')
     p.add_argument('--threshold', type=float, default=0.05)
-    p.add_argument('--target-macs', type=float, default=0.5)
+    p.add_argument('--target-macs', type=float, default=0.5, help="fraction of the MACs to keep")
+    p.add_argument('--pruning-ratio', type=float, help="instead of --target-macs: fraction of channels to remove")
     p.add_argument('--calibration-size', type=int, default=64, help="calibration images")
     p.add_argument('--stride', type=int, default=1)
     p.add_argument('--sampled-timesteps', type=int, nargs='?', const=16, default=None, metavar='K')
@@ -458,7 +463,7 @@ def _recipe_args(p, model='digits', data='digits'):
     p.add_argument('--lr', type=float, default=2e-4)
     p.add_argument('--alpha', type=float, default=0., help="distillation weight")
     p.add_argument('--num-samples', type=int, default=512)
-    p.add_argument('--sample-steps', type=int, default=50)
+    p.add_argument('--sample-steps', type=int, default=50, help="DDIM steps per sample")
     _common(p)
     p.set_defaults(cmd=cmd_run)
 

@@ -125,7 +125,7 @@ def initial_noise(n:int, shape, seed:int=0) -> torch.Tensor:
 
 # %% ../nbs/01a_diffusion.ipynb #76324015
 @torch.no_grad()
-def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, batch_size:int=256,
+def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, images_per_pass:int=256,
                 device=None, progress:bool=True, cond=None) -> torch.Tensor:
     "Deterministic DDIM sampling (eta=0) from seeded noise; `(n, C, H, W)` images in [0, 1]."
     device = device or next(unet.parameters()).device
@@ -135,8 +135,8 @@ def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, batch_size:
     gap = len(abar) // steps
     xs = initial_noise(n, shape, seed)
     out = []
-    for i in tqdm(range(0, n, batch_size), desc=f'DDIM-{steps}', disable=not progress, leave=False):
-        x = xs[i:i + batch_size].to(device)
+    for i in tqdm(range(0, n, images_per_pass), desc=f'DDIM-{steps}', disable=not progress, leave=False):
+        x = xs[i:i + images_per_pass].to(device)
         for t in ts:
             a, a_prev = abar[t], (abar[t - gap] if t - gap >= 0 else torch.tensor(1.))
             x0 = x0_and_eps(scheduler, x,
@@ -148,7 +148,7 @@ def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, batch_size:
 
 # %% ../nbs/01a_diffusion.ipynb #57bb28f1
 @torch.no_grad()
-def ddpm_sample(unet, scheduler, n:int=16, seed:int=0, batch_size:int=256,
+def ddpm_sample(unet, scheduler, n:int=16, seed:int=0, images_per_pass:int=256,
                 device=None, progress:bool=True) -> torch.Tensor:
     "Ancestral DDPM sampling over every training timestep; `(n, C, H, W)` images in [0, 1]."
     device = device or next(unet.parameters()).device
@@ -159,8 +159,8 @@ def ddpm_sample(unet, scheduler, n:int=16, seed:int=0, batch_size:int=256,
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn((n, *shape), generator=g)
     out = []
-    for i in range(0, n, batch_size):
-        x = xs[i:i + batch_size].to(device)
+    for i in range(0, n, images_per_pass):
+        x = xs[i:i + images_per_pass].to(device)
         for t in tqdm(range(len(betas) - 1, -1, -1), desc='DDPM', disable=not progress, leave=False):
             x0 = x0_and_eps(scheduler, x,
                             unet_output(unet, x, torch.full((len(x),), t, device=device)), t)[0].clamp(-1, 1)

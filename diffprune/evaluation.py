@@ -37,7 +37,8 @@ def latency_runs(models:dict, batch:int=64, repeats:int=7, warmup:int=2, samplin
             x = example_inputs(unet, batch)
             if dev.type == 'cuda': torch.cuda.synchronize()
             t0 = time.perf_counter()
-            if sampling_steps: ddim_sample(unet, sched, batch, sampling_steps, seed, batch_size=batch, progress=False)
+            if sampling_steps:
+                ddim_sample(unet, sched, batch, sampling_steps, seed, images_per_pass=batch, progress=False)
             else: unet(**x)
             if dev.type == 'cuda': torch.cuda.synchronize()
             if r >= warmup: times[k].append((time.perf_counter() - t0) * 1000)
@@ -136,7 +137,7 @@ def _check_teacher(teacher, unet, device) -> tuple:
 def evaluate(model, # 'digits', a model folder, a hub id or a `(unet, scheduler)` pair
              teacher=None, # the same kinds; adds SSIM consistency, speedup and MACs reduction
              data='digits', # real images for FID: a dataset name or an image folder
-             num_samples:int=512, steps:int=50, seed:int=0,
+             num_samples:int=512, sample_steps:int=50, seed:int=0, # samples for FID, DDIM steps per sample
              feature:str=None, # 'digits' or 'inception' (default: digits for 1x16x16 models)
              latency_batch:int=64, repeats:int=5, device='cpu', progress:bool=True) -> Evaluation:
     "FID, size and measured latency of `model`; with `teacher` also SSIM consistency, speedup and MACs reduction."
@@ -147,10 +148,11 @@ def evaluate(model, # 'digits', a model folder, a hub id or a `(unet, scheduler)
     check_feature(feature, shape[0], shape[1:])  # every check before minutes of sampling
     models = {'model': (unet, sched)}
     if teacher is not None: models['teacher'] = _check_teacher(teacher, unet, device)
-    settings = dict(data=str(data), num_samples=num_samples, steps=steps, seed=seed, feature=feature)
-    measured = {k: _measure(u, s, data, num_samples, steps, seed, feature, progress) for k, (u, s) in models.items()}
+    settings = dict(data=str(data), num_samples=num_samples, sample_steps=sample_steps, seed=seed, feature=feature)
+    measured = {k: _measure(u, s, data, num_samples, sample_steps, seed, feature, progress)
+                for k, (u, s) in models.items()}
     runs = latency_runs(models, latency_batch, repeats)
-    sampling = latency(models, min(latency_batch, 16), max(1, repeats // 2), warmup=1, sampling_steps=steps)
+    sampling = latency(models, min(latency_batch, 16), max(1, repeats // 2), warmup=1, sampling_steps=sample_steps)
     for k, (_, m) in measured.items(): m.update(latency_ms=statistics.median(runs[k]), sampling_ms=sampling[k])
     ev = Evaluation(measured['model'][1], samples=measured['model'][0], settings=settings)
     if teacher is not None:

@@ -200,7 +200,7 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
              seed:int=0, mixed_precision:str='no', device=None, progress:bool=True,
              callback=None, callback_every:int=10, # callback(step, history) on the main process
             ) -> FinetuneResult:
-    "Finetune a (pruned) diffusion UNet with the eps loss, EMA and gradient clipping, on Accelerate."
+    "Finetune a (pruned) UNet with its own objective's loss (noise, v or x0), warm-up EMA and clipping, on Accelerate."
     from accelerate import Accelerator
     _check_finetune_args(steps, lr, alpha, teacher, resume, checkpoint_dir)
     acc = Accelerator(mixed_precision=mixed_precision, cpu=(device == 'cpu'))

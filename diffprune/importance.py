@@ -142,11 +142,15 @@ def gradients_on(self:ScoredModel, unet=None):
     "`unet` (default: the scored UNet) trainable, with `.grad` from `gradients`, until the block ends."
     unet = self.unet if unet is None else unet
     frozen = [p for p in unet.parameters() if not p.requires_grad]  # torch-pruning skips frozen layers
-    for n, p in unet.named_parameters():  # a parameter the loss does not reach scores zero
-        g = self.gradients.get(n)
-        p.requires_grad_(True)
-        p.grad = g.clone() if g is not None else torch.zeros_like(p) if self.gradients else None
-    try: yield unet
+    try:
+        for n, p in unet.named_parameters():  # a parameter the loss does not reach scores zero
+            g = self.gradients.get(n)
+            if g is not None and g.shape != p.shape:
+                raise InputError(f"the gradient of {n} has shape {tuple(g.shape)}, the UNet's {tuple(p.shape)}: "
+                                 "these gradients were computed on another model")
+            p.requires_grad_(True)
+            p.grad = g if g is not None else torch.zeros_like(p) if self.gradients else None  # shared, not copied
+        yield unet
     finally:
         unet.zero_grad(set_to_none=True)
         for p in frozen: p.requires_grad_(False)
@@ -189,7 +193,7 @@ def score_model(model, # 'digits', a folder, a hub id or a `(unet, scheduler)` p
                 images_per_pass:int=None, # images per forward/backward pass (default: `default_images_per_pass`)
                 cond=None, # conditioning of the calibration batch (conditional UNets; `data` is then a tensor)
                ) -> ScoredModel:
-    "The gradients `method` scores `model`'s channels by (Diff-Pruning: Sec. 3.3, summed over [0, T'])."
+    "`model` with what `method` scores its channels by: Diff-Pruning's gradients (Sec. 3.3) summed over [0, T']."
     crit = importance_criterion(method)
     if sampled_timesteps is not None and sampled_timesteps < 1:
         raise InputError(f"sampled_timesteps must be at least 1, not {sampled_timesteps}")
@@ -204,6 +208,11 @@ def score_model(model, # 'digits', a folder, a hub id or a `(unet, scheduler)` p
     work = copy.deepcopy(unet).requires_grad_(True) if any(not p.requires_grad for p in unet.parameters()) else unet
     x0 = _calibration_batch(data, work, calibration_size, seed)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    ana, ts, passes = _accumulate(work, sched, x0, noise, method, threshold, sampled_timesteps, stride, analysis,
-                                  seed, images_per_pass or default_images_per_pass(work), cond, progress)
-    return ScoredModel(unet, sched, method, crit, take_gradients(work), ana, ts, passes, time.time() - t0)
+    try:
+        ana, ts, passes = _accumulate(work, sched, x0, noise, method, threshold, sampled_timesteps, stride, analysis,
+                                      seed, images_per_pass or default_images_per_pass(work), cond, progress)
+    except BaseException:  # an error or Ctrl-C half way leaves no gradients on the caller's model either
+        work.zero_grad(set_to_none=True)
+        raise
+    return ScoredModel(unet, sched, method, crit, gradients=take_gradients(work), analysis=ana, timesteps=ts,
+                       passes=passes, seconds=time.time() - t0)

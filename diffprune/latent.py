@@ -101,13 +101,13 @@ def tiny_latent_pipeline(kind:str='text', # 'unconditional', 'class' or 'text'
 def autoencoder(pipe): return getattr(pipe, 'vqvae', None) or pipe.vae
 
 @torch.no_grad()
-def encode_images(pipe, images:torch.Tensor, batch_size:int=64) -> torch.Tensor:
+def encode_images(pipe, images:torch.Tensor, images_per_pass:int=64) -> torch.Tensor:
     "Scaled latents `scaling_factor * E(x)` of `images` (in [-1, 1]), as the pipeline's UNet sees them."
     ae = autoencoder(pipe)
     dev = next(ae.parameters()).device
     out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(dev)
+    for i in range(0, len(images), images_per_pass):
+        x = images[i:i + images_per_pass].to(dev)
         if x.shape[1] != ae.config.in_channels: x = x.expand(-1, ae.config.in_channels, -1, -1)  # grey digits -> RGB
         z = ae.encode(x).latents if isinstance(ae, VQModel) else ae.encode(x).latent_dist.mean
         out.append(z.cpu() * ae.config.scaling_factor)

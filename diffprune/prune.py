@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['example_inputs', 'added_cond_example', 'attention_heads', 'layer_macs', 'count_macs', 'count_params', 'GroupInfo',
-           'UNetPruner', 'estimate', 'plan_for_macs', 'sync_diffusers_attrs', 'apply', 'widths', 'PruneResult',
-           'prune_model', 'kept_channels', 'jaccard', 'PruneExplorer']
+           'UNetPruner', 'sync_diffusers_attrs', 'widths', 'PruneResult', 'prune_model', 'kept_channels', 'jaccard',
+           'PruneExplorer']
 
 # %% ../nbs/04_prune.ipynb #8eeeb82e
 import copy, math, time
@@ -178,7 +178,8 @@ def drop_indices(self:UNetPruner, i:int, n:int) -> list:
     return sorted(int(j) + c * g.size for c in range(g.ch_groups) for j in drop)
 
 # %% ../nbs/04_prune.ipynb #b6875604
-def _removed(self, i:int, n:int) -> list:
+@patch
+def _removed(self:UNetPruner, i:int, n:int) -> list:
     "`[(module, 'in'|'out', count)]` that removing `n` per channel group from group `i` touches."
     key = (i, n)
     if key not in self._cache:
@@ -191,7 +192,8 @@ def _removed(self, i:int, n:int) -> list:
     return self._cache[key]
 
 # %% ../nbs/04_prune.ipynb #a8b7d2b8
-def estimate(self, plan:dict, attention:bool=False) -> int:
+@patch
+def estimate(self:UNetPruner, plan:dict, attention:bool=False) -> int:
     "Predicted MACs of `plan` (convs and linears, + attention matmuls if `attention`)."
     keep = {}
     for i, n in plan.items():
@@ -203,7 +205,8 @@ def estimate(self, plan:dict, attention:bool=False) -> int:
     return macs
 
 # %% ../nbs/04_prune.ipynb #b518afb1
-def plan_for_macs(self, target:float, # fraction of the original MACs to keep, in (0, 1)
+@patch
+def plan_for_macs(self:UNetPruner, target:float, # fraction of the original MACs to keep, in (0, 1)
                   tol:float=0.005) -> dict:
     "The shortest prefix of units whose predicted MACs reach `target` x the original."
     if not 0 < target < 1: raise InputError(f"target MACs fraction must be in (0, 1), not {target}")
@@ -218,8 +221,6 @@ def plan_for_macs(self, target:float, # fraction of the original MACs to keep, i
         else: lo = mid + 1
     return self._prefix(lo)
 
-UNetPruner._removed, UNetPruner.estimate, UNetPruner.plan_for_macs = _removed, estimate, plan_for_macs
-
 # %% ../nbs/04_prune.ipynb #c94df0a1
 def sync_diffusers_attrs(unet):
     "Update the widths diffusers modules record outside their weights after pruning."
@@ -232,7 +233,8 @@ def sync_diffusers_attrs(unet):
     return match_attention_scale(unet)  # the scale of the pruned head width: every attention processor then agrees
 
 # %% ../nbs/04_prune.ipynb #2eefb55b
-def apply(self, plan:dict):
+@patch
+def apply(self:UNetPruner, plan:dict):
     "Prune the UNet in place following `plan`; returns it."
     for i, n in sorted(plan.items()):
         if n == 0: continue
@@ -241,8 +243,6 @@ def apply(self, plan:dict):
     sync_diffusers_attrs(self.unet)
     self.unet.zero_grad(set_to_none=True)
     return self.unet
-
-UNetPruner.apply = apply
 
 # %% ../nbs/04_prune.ipynb #410f437a
 def widths(unet) -> dict:
@@ -267,7 +267,8 @@ class PruneResult:
     attn_macs_after: int
     widths_before: dict
     widths_after: dict
-    scored: ScoredModel = None
+    analysis: object = None # the `TimestepAnalysis` the gradients were taken over (Diff-Pruning)
+    scoring: dict = None # `ScoredModel.summary()`: the record, without the gradients
     seconds: float = 0.
     group_scores: dict = None # {group root layer: mean score of its channels}
 
@@ -278,10 +279,11 @@ class PruneResult:
                  macs_fraction=round(self.macs_after / self.macs_before, 4),
                  attn_macs_before=self.attn_macs_before, attn_macs_after=self.attn_macs_after,
                  seconds=round(self.seconds, 2))
-        if (ana := self.scored and self.scored.analysis) is not None:
+        if (ana := self.analysis) is not None:
             d.update(threshold=ana.threshold, t_prime=ana.t_prime, kept_timesteps=ana.kept_timesteps)
-        if self.scored is not None:
-            d.update(backward_passes=self.scored.passes, gradient_timesteps=len(self.scored.timesteps or []))
+        if self.scoring is not None:
+            d.update(backward_passes=self.scoring['backward_passes'],
+                     gradient_timesteps=self.scoring['gradient_timesteps'])
         return d
 
 # %% ../nbs/04_prune.ipynb #94d712a2
@@ -291,7 +293,7 @@ def table(self:PruneResult) -> pd.DataFrame:
     return pd.DataFrame({'before': [self.params_before, self.macs_before, self.attn_macs_before],
                          'after': [self.params_after, self.macs_after, self.attn_macs_after]},
                         index=['params', 'MACs (conv + linear)', 'MACs (attention matmuls)']).assign(
-                            kept=lambda d: (d.after / d.before).round(3))
+                            **{'after / before': lambda d: (d.after / d.before).round(3)})
 
 @patch
 def width_table(self:PruneResult) -> pd.DataFrame:
@@ -366,7 +368,8 @@ def prune_model(scored:ScoredModel, # from `score_model`: the model, its gradien
     return PruneResult(unet=unet, scheduler=scored.scheduler, method=scored.method, pruning_ratio=pruning_ratio,
                        target_macs=target_macs, params_before=before[0], params_after=count_params(unet),
                        macs_before=before[1], macs_after=macs, attn_macs_before=before[2], attn_macs_after=attn,
-                       widths_before=before[3], widths_after=widths(unet), scored=scored,
+                       widths_before=before[3], widths_after=widths(unet),
+                       analysis=scored.analysis, scoring=scored.summary(),
                        seconds=time.time() - t0 + scored.seconds, group_scores=scores)
 
 # %% ../nbs/04_prune.ipynb #8c23ef99

@@ -24,25 +24,25 @@ from .evaluation import evaluate
 @dataclass
 class RecipeSettings:
     "Every knob of `run_recipe`, recorded in the report."
-    model: str = 'digits'
-    data: str = 'digits'
-    method: str = 'diff-pruning'
-    threshold: float = 0.05
+    model: str = 'digits' # the teacher: 'digits', a model folder or a hub id
+    data: str = 'digits' # calibration, finetuning and FID images
+    method: str = 'diff-pruning' # one of `METHODS`
+    threshold: float = 0.05 # Diff-Pruning's thr
 
-    target_macs: float = 0.5
-    pruning_ratio: float = None
-    calibration_size: int = 64
-    stride: int = 1
-    sampled_timesteps: int = None
+    target_macs: float = 0.5 # fraction of the MACs to keep
+    pruning_ratio: float = None # or: fraction of each group's channels to remove (then `target_macs` is unused)
+    calibration_size: int = 64 # calibration images
+    stride: int = 1 # analyse every `stride`-th timestep
+    sampled_timesteps: int = None # fast mode's K (None: exact)
 
-    steps: int = 500
-    batch_size: int = 64
-    lr: float = 2e-4
-    ema: float = 0.999
-    alpha: float = 0.
+    steps: int = 500 # finetune steps
+    batch_size: int = 64 # finetune batch
+    lr: float = 2e-4 # finetune learning rate
+    ema: float = 0.999 # long-run EMA decay
+    alpha: float = 0. # distillation weight (0: none)
 
-    num_samples: int = 512
-    sample_steps: int = 50
+    num_samples: int = 512 # samples for FID
+    sample_steps: int = 50 # DDIM steps per sample
     seed: int = 0
     device: str = 'cpu'
 
@@ -111,6 +111,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True, **kw) -> RecipeResult:
                                                 seed=s.seed, device=s.device, progress=progress))
         pr = step('prune', lambda: prune_model(imp, pruning_ratio=s.pruning_ratio,
                                                target_macs=None if s.pruning_ratio is not None else s.target_macs))
+        imp = None  # its gradients: not needed past the pruning, and as large as the model
         ft = step('finetune', lambda: finetune((pr.unet, pr.scheduler), s.data, s.steps, s.batch_size, s.lr, ema=s.ema,
                                                teacher=teacher if s.alpha > 0 else None, alpha=s.alpha, seed=s.seed,
                                                progress=progress))
@@ -126,10 +127,10 @@ def summary_text(d:dict) -> str:
     rows = [('params', 'params', '{:,.0f}'), ('MACs (conv+linear)', 'macs', '{:,.0f}'), ('FID', 'fid', '{:.2f}'),
             ('forward latency ms (batch 64)', 'latency_ms', '{:.1f}'), ('sampling ms (DDIM)', 'sampling_ms', '{:.0f}')]
     w = max(len(r[0]) for r in rows) + 2
-    lines = [f"{'':{w}}{'teacher':>16}{'pruned':>16}{'pruned/teacher':>16}"]
+    lines = [f"{'':{w}}{'teacher':>16}{'pruned':>16}{'pruned / teacher':>18}"]
     for label, k, f in rows:
         t, p = d['teacher'][k], d['pruned'][k]
-        lines.append(f"{label:{w}}{f.format(t):>16}{f.format(p):>16}{p / t:>16.3f}")
+        lines.append(f"{label:{w}}{f.format(t):>16}{f.format(p):>16}{p / t:>18.3f}")
     lo, hi = d.get('speedup_range', [d['speedup']] * 2)
     lines.append(f"SSIM vs teacher (same noise): {d['ssim']:.3f}   measured speedup: {d['speedup']:.2f}x "
                  f"(paired runs {lo:.2f}-{hi:.2f})   MACs reduction: {d['macs_reduction']:.2f}x")

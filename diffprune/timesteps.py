@@ -32,7 +32,7 @@ def stacked_losses(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor,
 def timestep_losses(unet, scheduler, x0:torch.Tensor, # calibration batch `(B, C, H, W)` in [-1, 1]
                     noise:torch.Tensor=None, # one noise tensor like `x0`, reused for every t (default: seeded)
                     timesteps=None, # timesteps to analyse (default: all)
-                    batch_size:int=512, # images per forward pass (timesteps are mixed in one pass)
+                    images_per_pass:int=512, # images per forward pass (timesteps are mixed in one pass)
                     stop_threshold:float=None, # stop after a pass where L_t < stop_threshold x running max first holds
                     cond=None, # conditioning of `x0` for conditional UNets (see `unet_output`)
                     seed:int=0, progress:bool=True) -> torch.Tensor:
@@ -42,7 +42,7 @@ def timestep_losses(unet, scheduler, x0:torch.Tensor, # calibration batch `(B, C
     if noise is None: noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     dev = next(unet.parameters()).device
     x0, noise, cond = x0.to(dev), noise.to(dev), cond_to(cond, dev)
-    per = max(1, batch_size // len(x0))
+    per = max(1, images_per_pass // len(x0))
     out, run_max = [], -float('inf')
     for i in tqdm(range(0, len(ts), per), desc='L_t', disable=not progress, leave=False):
         out.append(stacked_losses(unet, scheduler, x0, noise, ts[i:i + per], cond).cpu())
@@ -136,11 +136,12 @@ def plot(self:TimestepAnalysis, ax=None):
 def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, scheduler)` pair
                       data='digits', # dataset name or folder (see `get_dataset`), or an image tensor in [-1, 1]
                       threshold:float=0.05,
-                      calibration_size:int=64, # calibration batch size
+                      calibration_size:int=64, # calibration images drawn from `data`
                       stride:int=1, # analyse every `stride`-th timestep
                       until_threshold:bool=False, # stop once the rule has found T' (the curve beyond is not computed)
                       cond=None, # calibration batch's conditioning (conditional UNets; `data` must then be a tensor)
-                      batch_size:int=512, seed:int=0, device='cpu', progress:bool=True) -> TimestepAnalysis:
+                      images_per_pass:int=512, # images per forward pass
+                      seed:int=0, device='cpu', progress:bool=True) -> TimestepAnalysis:
     "Diff-Pruning's timestep analysis: L_t on one calibration batch and noise, and the threshold rule."
     if not 0 <= threshold <= 1: raise InputError(f"threshold must be in [0, 1], not {threshold}")
     if stride < 1: raise InputError(f"stride must be at least 1, not {stride}")
@@ -149,7 +150,7 @@ def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, 
     x0 = (data if torch.is_tensor(data) else
           take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), calibration_size, seed))
     ts = list(range(0, sched.config.num_train_timesteps, stride))
-    losses = timestep_losses(unet, sched, x0, timesteps=ts, batch_size=batch_size,
+    losses = timestep_losses(unet, sched, x0, timesteps=ts, images_per_pass=images_per_pass,
                              stop_threshold=threshold if until_threshold else None,
                              cond=cond, seed=seed, progress=progress)
     return TimestepAnalysis(ts[:len(losses)], losses.tolist(), threshold)

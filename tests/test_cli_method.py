@@ -19,7 +19,7 @@ def test_prune_output_is_a_model_for_the_other_subcommands(cli, tmp_path):
     res = json.loads((tmp_path/'p'/'result.json').read_text())
     for k in ('method', 'params_before', 'params_after', 'macs_before', 'macs_after', 'pruning_ratio', 't_prime', 'kept_timesteps'): assert k in res
     assert abs(res['macs_after'] / res['macs_before'] - 0.5) < 0.03
-    assert cli('sample', '--model', tmp_path/'p', '--num', '2', '--steps', '2', '--out', tmp_path/'s').returncode == 0
+    assert cli('sample', '--model', tmp_path/'p', '--num', '2', '--sample-steps', '2', '--out', tmp_path/'s').returncode == 0
     assert cli('analyze', '--model', tmp_path/'p', '--stride', '100', '--calibration-size', '4', '--out', tmp_path/'a').returncode == 0
 
 def test_prune_on_an_image_folder(cli, tmp_path):

@@ -4,10 +4,10 @@ import json, subprocess, sys
 from PIL import Image
 
 def test_sample_writes_grid_and_result_through_the_console_script(console, tmp_path):
-    r = console('sample', '--model', 'digits', '--num', '8', '--steps', '5', '--out', tmp_path/'s')
+    r = console('sample', '--model', 'digits', '--num', '8', '--sample-steps', '5', '--out', tmp_path/'s')
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path/'s'/'result.json').read_text())
-    assert res['num'] == 8 and res['steps'] == 5 and res['shape'] == [1, 16, 16]
+    assert res['num'] == 8 and res['sample_steps'] == 5 and res['shape'] == [1, 16, 16]
     assert Image.open(tmp_path/'s'/'samples.png').size[0] > 16
 
 def test_console_help_lists_the_subcommands(console):
@@ -22,7 +22,7 @@ def test_help_and_argument_checks_import_no_torch():
     assert r.stdout.strip().splitlines()[-1] == '[0, 2] []', r.stdout + r.stderr
 
 def test_same_seed_gives_same_grid(cli, tmp_path):
-    for name in 'ab': assert cli('sample', '--num', '4', '--steps', '3', '--seed', '7', '--out', tmp_path/name).returncode == 0
+    for name in 'ab': assert cli('sample', '--num', '4', '--sample-steps', '3', '--seed', '7', '--out', tmp_path/name).returncode == 0
     assert (tmp_path/'a'/'samples.png').read_bytes() == (tmp_path/'b'/'samples.png').read_bytes()
 
 def test_unknown_model_offline_fails_with_one_line_exit_2(console, tmp_path):
@@ -37,8 +37,8 @@ def test_bad_argument_is_one_line_exit_2(console, tmp_path):
 
 def test_output_folder_with_other_files_is_refused_unless_overwrite(cli, tmp_path):
     (tmp_path/'o').mkdir(); (tmp_path/'o'/'keep.txt').write_text('mine')
-    r = cli('sample', '--num', '2', '--steps', '2', '--out', tmp_path/'o')
+    r = cli('sample', '--num', '2', '--sample-steps', '2', '--out', tmp_path/'o')
     assert r.returncode == 2 and '--overwrite' in r.stderr
     assert (tmp_path/'o'/'keep.txt').read_text() == 'mine'
-    assert cli('sample', '--num', '2', '--steps', '2', '--out', tmp_path/'o', '--overwrite').returncode == 0
+    assert cli('sample', '--num', '2', '--sample-steps', '2', '--out', tmp_path/'o', '--overwrite').returncode == 0
     assert (tmp_path/'o'/'result.json').exists() and not (tmp_path/'o'/'keep.txt').exists()

@@ -75,7 +75,7 @@ def test_a_non_square_model_samples_prunes_and_finetunes(cli, tmp_path):
     u = UNet2DModel(sample_size=(16, 32), in_channels=1, out_channels=1, block_out_channels=(16, 32), norm_num_groups=4,
                     down_block_types=('DownBlock2D', 'AttnDownBlock2D'), up_block_types=('AttnUpBlock2D', 'UpBlock2D'), layers_per_block=1)
     save_model(u, DDPMScheduler(num_train_timesteps=1000), tmp_path/'wide')
-    r = cli('sample', '--model', tmp_path/'wide', '--num', '2', '--steps', '3', '--out', tmp_path/'s')
+    r = cli('sample', '--model', tmp_path/'wide', '--num', '2', '--sample-steps', '3', '--out', tmp_path/'s')
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path/'s'/'result.json').read_text())['shape'] == [1, 16, 32]
     r = cli('prune', '--model', tmp_path/'wide', '--target-macs', '0.6', '--stride', '100', '--calibration-size', '4', '--out', tmp_path/'p')
@@ -201,7 +201,7 @@ def test_committed_benchmark_results_hold_no_machine_paths():
 def test_evaluate_shows_its_sampling_progress(capsys):
     from diffprune.evaluation import evaluate
     u = tiny_unet(); s = DDPMScheduler(num_train_timesteps=1000)
-    evaluate((u, s), teacher=(tiny_unet(seed=1), s), num_samples=4, steps=2, repeats=1, latency_batch=2)
+    evaluate((u, s), teacher=(tiny_unet(seed=1), s), num_samples=4, sample_steps=2, repeats=1, latency_batch=2)
     assert 'DDIM-2' in capsys.readouterr().err
 
 # Found in review
@@ -250,5 +250,26 @@ def test_a_folder_pruned_with_the_old_scale_loads_with_the_scale_of_its_heads(tm
 def test_loading_a_latent_pipeline_shows_no_loading_bar(cli, tmp_path):
     from diffprune.latent import tiny_latent_pipeline, save_pipeline
     save_pipeline(tiny_latent_pipeline('class'), tmp_path/'pipe')
-    r = cli('sample', '--model', tmp_path/'pipe', '--class-labels', '1', '--num', '1', '--steps', '2', '--out', tmp_path/'s')
+    r = cli('sample', '--model', tmp_path/'pipe', '--class-labels', '1', '--num', '1', '--sample-steps', '2', '--out', tmp_path/'s')
     assert r.returncode == 0 and 'Loading pipeline components' not in r.stderr, r.stderr
+
+def test_scoring_interrupted_half_way_leaves_no_gradients_on_the_callers_model(monkeypatch):
+    import diffprune.importance as imp
+    real = imp.accumulate_gradients
+    def interrupted(*a, **kw):
+        real(*a, **kw)  # the gradients are in .grad now
+        raise KeyboardInterrupt
+    monkeypatch.setattr(imp, 'accumulate_gradients', interrupted)
+    u = tiny_unet()
+    with pytest.raises(KeyboardInterrupt):
+        score_model((u, DDPMScheduler(num_train_timesteps=1000)), method='taylor', calibration_size=4, stride=250,
+                    progress=False)
+    assert all(p.grad is None for p in u.parameters())
+
+def test_gradients_of_another_model_are_refused_in_one_line():
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    scored = score_model((tiny_unet(), sched), method='taylor', calibration_size=4, stride=250, progress=False)
+    other = prune_model(scored, pruning_ratio=0.5).unet
+    with pytest.raises(ValueError, match='computed on another model'):
+        with scored.gradients_on(other): pass
+    assert all(p.grad is None for p in other.parameters())

@@ -29,7 +29,7 @@ def test_prune_and_sample_text_pipeline(cli, pipes, tmp_path):
     tuned = load_pipeline(tmp_path/'ft')
     assert count_params(tuned.unet) == count_params(back.unet)
     assert any((p1 != p2).any() for p1, p2 in zip(tuned.unet.parameters(), back.unet.parameters())), "finetuning changed nothing"
-    r = cli('sample', '--model', tmp_path/'ft', '--prompt', 'a digit', '--num', '2', '--steps', '3', '--out', tmp_path/'s')
+    r = cli('sample', '--model', tmp_path/'ft', '--prompt', 'a digit', '--num', '2', '--sample-steps', '3', '--out', tmp_path/'s')
     assert r.returncode == 0, r.stderr
     assert (tmp_path/'s'/'samples.png').exists()
     # the CLI's samples are the pipeline's own, seeded
@@ -40,7 +40,7 @@ def test_class_pipeline_from_teacher_latents(cli, pipes, tmp_path):
             '--calibration-steps', '3', '--out', tmp_path/'pruned')
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path/'pruned'/'result.json').read_text())['pipeline'] == 'ClassLatentPipeline'
-    r = cli('sample', '--model', tmp_path/'pruned', '--class-labels', '1', '--num', '2', '--steps', '3', '--out', tmp_path/'s')
+    r = cli('sample', '--model', tmp_path/'pruned', '--class-labels', '1', '--num', '2', '--sample-steps', '3', '--out', tmp_path/'s')
     assert r.returncode == 0, r.stderr
 
 @pytest.mark.parametrize('args, message', [

@@ -81,3 +81,11 @@ def test_each_cli_flag_has_one_meaning():
     assert all('--calibration-size' in flags[n] for n in ('analyze', 'prune', 'run', 'demo'))
     assert not any('--batch-size' in flags[n] for n in ('analyze', 'prune', 'sample', 'evaluate'))
     assert '--pruning-ratio' in flags['prune'] and not any({'--ratio', '--fast'} & f for f in flags.values())
+    # --steps counts finetune steps; DDIM steps are --sample-steps wherever a command samples
+    assert all('--sample-steps' in flags[n] and '--steps' not in flags[n] for n in ('sample', 'evaluate'))
+    assert all({'--steps', '--sample-steps'} <= flags[n] for n in ('run', 'demo'))
+
+def test_every_bench_script_compiles():
+    "bench/ is run by hand, not by the tests: a rename must not leave a script that cannot even be parsed."
+    import py_compile
+    for p in sorted((ROOT/'bench').glob('*.py')): py_compile.compile(str(p), doraise=True)
