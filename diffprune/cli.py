@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'METHODS', 'UsageError', 'check_out', 'cmd_sample', 'cmd_analyze', 'cmd_prune', 'cmd_finetune',
-           'cmd_evaluate', 'cmd_run', 'subcommand', 'parser', 'main', 'cli']
+           'cmd_evaluate', 'cmd_run', 'subcommand', 'cmd_push', 'parser', 'main', 'cli']
 
 # %% ../nbs/09_cli.ipynb #1a995a5b
 import argparse, sys, time, os, shutil, tempfile, warnings
@@ -446,6 +446,21 @@ def _evaluate_args(p):
                    help="FID features (default: digits for 1x16x16 models)")
     _common(p)
     p.set_defaults(cmd=cmd_evaluate)
+
+# %% ../nbs/09_cli.ipynb #0616cf8e
+@subcommand('push', 'upload a model folder and its model card to the Hugging Face Hub')
+def _push_args(p):
+    p.add_argument('folder', help="a model folder diffprune wrote")
+    p.add_argument('repo_id', help="the Hub repository, e.g. you/ddpm-digits-pruned")
+    p.add_argument('--private', action='store_true', help="create the repository private")
+    p.add_argument('--token', help="a Hugging Face token (default: the one `hf auth login` stored, or HF_TOKEN)")
+    p.add_argument('--debug', action='store_true', help="show the whole traceback of an error")
+    p.set_defaults(cmd=cmd_push)
+
+def cmd_push(a):
+    "Upload a model folder to the Hub."
+    from diffprune.models import push_to_hub
+    print(f"pushed {a.folder} to {push_to_hub(a.folder, a.repo_id, a.private, a.token)}")
 
 # %% ../nbs/09_cli.ipynb #845fe951
 def _recipe_args(p, model='digits', data='digits'):

@@ -6,8 +6,8 @@
 __all__ = ['DIGITS_CONFIG', 'CIFAR10_CONFIG', 'PRUNED_CLASSES', 'UNET_CLASSES', 'PRUNED_NOTE', 'ASSETS', 'DIGITS_TEACHER',
            'unet_config', 'tiny_unet', 'ModelError', 'unet_structure', 'apply_structure', 'match_attention_scale',
            'is_pruned', 'PrunedUNetMixin', 'PrunedUNet2DModel', 'PrunedUNet2DConditionModel', 'as_pruned', 'write_json',
-           'atomic_dir', 'commit_dir', 'save_unet', 'save_model', 'read_json', 'load_unet', 'check_unet_pipeline',
-           'load_model']
+           'atomic_dir', 'commit_dir', 'save_unet', 'hub_card', 'save_model', 'read_json', 'load_unet',
+           'check_unet_pipeline', 'load_model', 'push_to_hub']
 
 # %% ../nbs/01_models.ipynb #1caede0d
 import json, os, shutil, tempfile
@@ -143,11 +143,13 @@ def _unet_folder(name_or_path, subfolder:str=None, hub_kwargs:dict=None) -> Path
         from huggingface_hub import snapshot_download
         keep = ('cache_dir', 'revision', 'token', 'local_files_only', 'force_download')
         kw = {k: v for k, v in (hub_kwargs or {}).items() if k in keep}
-        path = Path(snapshot_download(str(name_or_path), allow_patterns=[f'{subfolder}/*' if subfolder else '*'], **kw))
+        patterns = [f'{subfolder}/*' if subfolder else '*']
+        path = Path(snapshot_download(str(name_or_path), allow_patterns=patterns, **kw))
     return path/subfolder if subfolder else path
 
 # %% ../nbs/01_models.ipynb #30ff3eba
-UNET_CLASSES = {c.__name__: c for c in (UNet2DModel, UNet2DConditionModel, PrunedUNet2DModel, PrunedUNet2DConditionModel)}
+UNET_CLASSES = {c.__name__: c for c in (UNet2DModel, UNet2DConditionModel,
+                                        PrunedUNet2DModel, PrunedUNet2DConditionModel)}
 
 def write_json(obj, path):
     "Write JSON atomically (temporary file, then rename)."
@@ -200,6 +202,52 @@ def save_unet(unet, folder, meta:dict=None) -> str:
     write_json(record, folder/'diffprune.json')
     return cfg['_class_name']
 
+# %% ../nbs/01_models.ipynb #f1794eee
+def _is_hub_id(name) -> bool: return isinstance(name, str) and name.count('/') == 1 and not Path(name).exists()
+
+def _card_rows(meta:dict) -> list:
+    "`(what, value)` rows for the card from a folder's metadata (prune, finetune and evaluation summaries)."
+    p, f, e = meta.get('prune', {}), meta.get('finetune', {}), meta.get('evaluation', {})
+    settings = ('method', 'pruning_ratio', 'target_macs', 'threshold', 't_prime')
+    rows = [(k, p[k]) for k in settings if p.get(k) is not None]
+    if p.get('params_before'): rows.append(('params', f"{p['params_before']:,} -> {p['params_after']:,}"))
+    if p.get('macs_before'):
+        rows.append(('MACs', f"{p['macs_before']:,} -> {p['macs_after']:,} "
+                             f"({p['macs_before'] / p['macs_after']:.2f}x fewer)"))
+    rows += [(f'finetune {k}', f[k]) for k in ('steps', 'final_loss') if k in f]
+    rows += [(k, e[k]) for k in ('fid', 'teacher_fid', 'ssim', 'speedup') if k in e]
+    return rows
+
+# %% ../nbs/01_models.ipynb #51b82af8
+def hub_card(meta:dict, pruned:bool, pipeline_tag:str='unconditional-image-generation') -> str:
+    "The folder's `README.md`: a model card with the YAML metadata the Hub reads, the settings, sizes and metrics."
+    source = meta.get('source')
+    yaml = ['---', 'library_name: diffusers'] + ([f'base_model: {source}'] if _is_hub_id(source) else [])
+    yaml += ['tags:', *[f'- {t}' for t in ('diffusers', 'pruning', 'diff-pruning', 'diffprune')],
+             f'pipeline_tag: {pipeline_tag}', '---']
+    what = f"`{source}` pruned" if source else 'A diffusion model pruned'
+    table = '\n'.join(f'| {k} | {v} |' for k, v in _card_rows(meta))
+    load = ('import diffprune  # registers the pruned UNet classes with diffusers\n' if pruned else '')
+    return '\n'.join(yaml) + f"""
+
+# {what} with Diff-Pruning
+
+{what} structurally (whole channels removed) with [diffprune](https://github.com/diffprune/diffprune), following
+Diff-Pruning (Fang, Ma and Wang, NeurIPS 2023).
+
+| what | value |
+|---|---|
+{table}
+
+## Load it
+
+```python
+{load}from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained('THIS_REPO')
+```
+""" + ("\nThe UNet's widths are free-form (`unet/diffprune.json` records them), so loading needs `pip install diffprune`."
+       if pruned else '')
+
 # %% ../nbs/01_models.ipynb #54d2e48c
 def save_model(unet, scheduler, path, meta:dict=None):
     "Save UNet + scheduler as a diffusers pipeline folder (safetensors + JSON), atomically."
@@ -212,6 +260,7 @@ def save_model(unet, scheduler, path, meta:dict=None):
         write_json({'_class_name': 'DDPMPipeline', '_diffusers_version': diffusers.__version__,
                     'unet': [library, name], 'scheduler': ['diffusers', scheduler.__class__.__name__]},
                    tmp/'model_index.json')
+        (tmp/'README.md').write_text(hub_card(meta or {}, library == 'diffprune'))
         commit_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -306,3 +355,29 @@ def load_model(model, device='cpu') -> tuple:
     if not (upath/'config.json').exists():
         raise ModelError(f"{model!r} is not a diffusion model folder: no unet/config.json or config.json in it")
     return load_unet(upath).to(device), _scheduler(path)
+
+# %% ../nbs/01_models.ipynb #2846b923
+def push_to_hub(folder, repo_id:str, private:bool=False, token:str=None,
+                api=None, # a `huggingface_hub.HfApi` (default: one with `token`); tests pass a local stand-in
+               ) -> str:
+    "Upload a model folder (its `README.md` card included) to the Hub repository `repo_id`; returns its URL."
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+    folder = Path(folder)
+    if not (folder/'model_index.json').exists():
+        raise ModelError(f"{str(folder)!r} is not a model folder (no model_index.json): push what diffprune wrote")
+    if api is None and os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE'):
+        raise InputError("HF_HUB_OFFLINE is set: unset it, with network access, to push to the Hub")
+    if api is None and not (token or get_token()):
+        raise InputError("no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token")
+    api = api or HfApi(token=token)
+    card = folder/'README.md'
+    if card.exists() and 'THIS_REPO' in (text := card.read_text()):  # the card's loading example names the repo
+        card.write_text(text.replace('THIS_REPO', repo_id))
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type='model',
+                          commit_message='Upload a model pruned with diffprune')
+    except (OSError, HfHubHTTPError.__mro__[1]) as e:  # the HTTP client's own errors (no network) and the Hub's
+        raise InputError(f"cannot push to {repo_id!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
+    return f'https://huggingface.co/{repo_id}'

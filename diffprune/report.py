@@ -164,8 +164,9 @@ def model_card(d:dict, s:RecipeSettings) -> str:
     return f"""# Pruned model: {s.model} with {s.method}
 
 A structurally pruned copy of `{s.model}`, made with diffprune (Diff-Pruning, Fang et al., NeurIPS 2023) and finetuned
-for {s.steps} steps on `{s.data}`. Load it with `diffprune.models.load_model('model')` (diffusers' `from_pretrained`
-cannot: the config keeps the original widths); the UNet then works in any diffusers pipeline.
+for {s.steps} steps on `{s.data}`. Load it with `diffprune.models.load_model('model')`, or with diffusers itself
+(`import diffprune`, then `DiffusionPipeline.from_pretrained('model')`); `diffprune push model REPO_ID` shares it on
+the Hub with its model card (`model/README.md`).
 
 ## Settings
 
@@ -210,7 +211,9 @@ def write_report(r:RecipeResult, out) -> Path:
         d = r.to_dict()
         r.finetuned.unet.eval()
         save_model(r.finetuned.unet, r.finetuned.scheduler, tmp/'model',
-                   meta=dict(prune=r.pruned.summary(), finetune=r.finetuned.summary()))
+                   meta=dict(source=r.settings.model, prune=r.pruned.summary(), finetune=r.finetuned.summary(),
+                             evaluation=dict(fid=d['pruned']['fid'], teacher_fid=d['teacher']['fid'], ssim=d['ssim'],
+                                             speedup=d['speedup'])))
         figs = {'widths.png': r.pruned.plot_widths(), 'importance.png': r.pruned.plot_importance(),
                 'samples.png': r.evaluation.grid(), 'finetune_loss.png': r.finetuned.plot()}
         if r.analysis is not None: figs['losses.png'] = r.analysis.plot()

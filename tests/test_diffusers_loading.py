@@ -53,3 +53,45 @@ for load in (lambda: DDPMPipeline.from_pretrained({str(pruned)!r}),
 """
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300).stdout.split('\n')
     assert out[:2] == ['ValueError True', 'ValueError True'], out
+
+def test_a_saved_folder_carries_a_hub_model_card(pruned):
+    card = (pruned/'README.md').read_text()
+    head = card.split('---')[1]
+    assert 'library_name: diffusers' in head and '- diff-pruning' in head and 'pipeline_tag: unconditional-image-generation' in head
+    assert 'base_model' not in head  # the shipped teacher is no hub id
+    assert '| method | magnitude |' in card and '| params |' in card and 'import diffprune' in card
+
+class StandIn:
+    "huggingface_hub's HfApi as far as push_to_hub uses it, writing the repository to a local folder."
+    def __init__(self, root): self.root, self.calls = root, []
+    def create_repo(self, repo_id, **kw): self.calls.append(('create_repo', repo_id, kw))
+    def upload_folder(self, repo_id, folder_path, **kw):
+        import shutil
+        self.calls.append(('upload_folder', repo_id, kw))
+        shutil.copytree(folder_path, self.root/repo_id)
+
+def test_push_uploads_the_folder_and_its_card_through_huggingface_hub_and_it_loads_back(pruned, tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)  # the stand-in is local; a real push needs the network
+    from diffprune.models import push_to_hub
+    folder = tmp_path/'m'
+    shutil.copytree(pruned, folder)
+    hub = StandIn(tmp_path/'hub')
+    assert push_to_hub(folder, 'someone/digits-pruned', private=True, api=hub) == 'https://huggingface.co/someone/digits-pruned'
+    assert [c[0] for c in hub.calls] == ['create_repo', 'upload_folder'] and hub.calls[0][2]['private']
+    repo = tmp_path/'hub'/'someone'/'digits-pruned'
+    assert "from_pretrained('someone/digits-pruned')" in (repo/'README.md').read_text()
+    with quiet_loading(): pipe = DiffusionPipeline.from_pretrained(repo)  # what a user who downloads it gets
+    assert same_output(pipe.unet, load_model(pruned)[0])
+
+def test_push_refuses_in_one_line_what_cannot_work(cli, pruned, tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    r = cli('push', pruned, 'someone/x')
+    assert r.returncode == 2 and 'HF_HUB_OFFLINE is set' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    monkeypatch.delenv('HF_HUB_OFFLINE')
+    monkeypatch.setenv('HF_TOKEN', '')
+    monkeypatch.setenv('HF_HOME', str(tmp_path/'hf'))  # no stored token either
+    r = cli('push', pruned, 'someone/x')
+    assert r.returncode == 2 and 'no Hugging Face token' in r.stderr
+    r = cli('push', tmp_path, 'someone/x')
+    assert r.returncode == 2 and 'not a model folder' in r.stderr
