@@ -177,7 +177,7 @@ def _prune_latent(a, out, folder):
     macs = {'teacher': pipeline_macs(pipe), 'pruned': pipeline_macs(pruned)}
     tmp = atomic_dir(out)
     try:
-        write_pipeline(pruned, tmp, dict(source=str(a.model), seed=a.seed))
+        write_pipeline(pruned, tmp, dict(source=str(a.model), seed=a.seed, prune=res.summary()))
         figs = {'widths.png': res.plot_widths()}
         if res.analysis is not None: figs['losses.png'] = res.analysis.plot()
         for name, fig in figs.items(): save_fig(fig, tmp/name)
@@ -235,6 +235,13 @@ def cmd_finetune(a):
         raise
 
 # %% ../nbs/09_cli.ipynb #646d57da
+def _prune_record(model) -> dict:
+    "The `prune` record of a folder diffprune pruned (none for other models), for the finetuned model's card."
+    from diffprune.models import read_json
+    f = Path(str(model))/'unet'/'diffprune.json'
+    record = read_json(f).get('prune') if f.exists() else None
+    return {'prune': record} if record else {}
+
 def _finetune_pixel(a, out, ck, teacher, ckpt_every):
     "`diffprune finetune` for a pixel-space model: checkpoints in `ck`, then the model, plot and result into `out`."
     from diffprune.data import save_fig
@@ -248,8 +255,9 @@ def _finetune_pixel(a, out, ck, teacher, ckpt_every):
     tmp = atomic_dir(out/'.final')
     try:
         save_model(r.unet, r.scheduler, tmp/'model',
-                   meta=dict(finetune=r.summary(), source=_teacher_of(a.model) or str(a.model)))
-        for name in ('unet', 'scheduler', 'model_index.json'):
+                   meta=dict(finetune=r.summary(), source=_teacher_of(a.model) or str(a.model),
+                             **_prune_record(a.model)))
+        for name in ('unet', 'scheduler', 'model_index.json', 'README.md'):
             if (out/name).exists(): shutil.rmtree(out/name) if (out/name).is_dir() else (out/name).unlink()
             os.replace(tmp/'model'/name, out/name)
         save_fig(r.plot(), out/'loss.png')
@@ -503,11 +511,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/09_cli.ipynb #e823cde3
+class _Stderr:
+    "stderr, remembering whether its last line is open (a progress bar Ctrl-C cut short mid-draw leaves it so)."
+    def __init__(self, stream): self.stream, self.line_open = stream, False
+    def write(self, s):
+        if s: self.line_open = not s.endswith('\n')
+        return self.stream.write(s)
+    def __getattr__(self, name): return getattr(self.stream, name)
+
 def _report(message:str):
     "Print the one-line `message` to stderr on a line of its own: progress bars an error cut short are closed first."
     if 'tqdm' in sys.modules:
         from tqdm import tqdm
         for bar in list(getattr(tqdm, '_instances', [])): bar.close()
+    if getattr(sys.stderr, 'line_open', False): print(file=sys.stderr)
     print(message, file=sys.stderr)
 
 def _users_to_fix(e:Exception) -> bool:
@@ -525,26 +542,29 @@ def main(argv=None) -> int:
         p.print_help()
         return 2
     debug = a.debug or os.environ.get('DIFFPRUNE_DEBUG') == '1'  # every error with its whole traceback and causes
+    stderr, sys.stderr = sys.stderr, _Stderr(sys.stderr)  # so a message never lands on a bar's open line
     try:
-        # library warnings (torch, diffusers, torch-pruning) would bury the one-line errors
-        with warnings.catch_warnings():
-            if os.environ.get('DIFFPRUNE_WARNINGS'): a.cmd(a)
-            else:
-                warnings.simplefilter('ignore')
-                with quiet_loading(): a.cmd(a)
-        return 0
-    except KeyboardInterrupt as e:
-        if debug: raise
-        _report(f"diffprune {a.command}: interrupted; {str(e) or 'no partial output was left'}")
-        return 130
-    except OSError as e:  # the file system: a full disk, a missing permission
-        if debug: raise
-        _report(f"diffprune {a.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(': '))
-        return 2
-    except Exception as e:
-        if debug or not _users_to_fix(e): raise  # a bug, ours or a library's, shows its traceback: report it with that
-        _report(f"diffprune {a.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-        return 2
+        try:
+            # library warnings (torch, diffusers, torch-pruning) would bury the one-line errors
+            with warnings.catch_warnings():
+                if os.environ.get('DIFFPRUNE_WARNINGS'): a.cmd(a)
+                else:
+                    warnings.simplefilter('ignore')
+                    with quiet_loading(): a.cmd(a)
+            return 0
+        except KeyboardInterrupt as e:
+            if debug: raise
+            _report(f"diffprune {a.command}: interrupted; {str(e) or 'no partial output was left'}")
+            return 130
+        except OSError as e:  # the file system: a full disk, a missing permission
+            if debug: raise
+            _report(f"diffprune {a.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(': '))
+            return 2
+        except Exception as e:
+            if debug or not _users_to_fix(e): raise  # a bug, ours or a library's, shows its traceback: report it with that
+            _report(f"diffprune {a.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            return 2
+    finally: sys.stderr = stderr
 
 # %% ../nbs/09_cli.ipynb #3ec27946
 def cli():

@@ -98,8 +98,9 @@ def eps_loss(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor, t:torch.Tenso
              reduction:str='mean', # 'mean', or 'none' for one loss per sample
              cond=None) -> torch.Tensor:
     "Diff-Pruning's L_t (Sec. 3.3): MSE between the noise and the noise the output stands for, whatever the objective."
-    # for epsilon models this is `denoising_loss`; a v or x0 model's own loss weighs t by 1/abar_t or (1 - abar_t)/abar_t,
-    # which would move the threshold rule's T' (an x0 loss grows with t and never falls below thr x its running max)
+    # for epsilon models this is `denoising_loss`; a v or x0 model's own loss weighs t by 1/abar_t or
+    # (1 - abar_t)/abar_t, which would move the threshold rule's T' (an x0 loss grows with t and never falls below
+    # thr x its running max)
     xt = add_noise(scheduler, x0, noise, t)
     err = (x0_and_eps(scheduler, xt, unet_output(unet, xt, t, cond), t)[1] - noise).pow(2)
     return err.mean() if reduction == 'mean' else err.flatten(1).mean(1)

@@ -104,22 +104,38 @@ def match_attention_scale(unet):
     return unet
 
 # %% ../nbs/01_models.ipynb #7126369f
+_SHAPES = ('in_channels', 'out_channels', 'in_features', 'out_features', 'num_groups', 'num_channels',
+           'normalized_shape', 'num_embeddings', 'embedding_dim', 'heads', 'inner_dim', 'inner_kv_dim', 'channels')
+
 def is_pruned(unet) -> bool:
-    "True when `unet`'s layers differ from those its config builds: a pruned UNet with free-form widths."
+    "True when a layer of `unet` has another width than its config builds: a pruned UNet with free-form widths."
+    unet = getattr(unet, '_orig_mod', unet)  # a torch.compile'd UNet
     with torch.device('meta'): fresh = type(unet).from_config(unet.config)  # shapes only, no memory
-    return unet_structure(fresh) != unet_structure(unet)
+    widths = lambda a: {k: v for k, v in a.items() if k in _SHAPES}
+    mine = unet_structure(unet)  # only the layers the config builds, and only their widths: an attention scale,
+    return any(widths(a) != widths(mine.get(n, a)) for n, a in unet_structure(fresh).items())  # fused projections or
+    # adapters are no pruning
+
+_UNSUPPORTED = ('device_map', 'max_memory', 'offload_folder', 'quantization_config', 'output_loading_info', 'variant')
 
 class PrunedUNetMixin:
     "diffusers' `from_pretrained` and `save_pretrained` for a UNet with recorded free-form widths."
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder:str=None, torch_dtype=None, **kwargs):
         "Load a pruned UNet folder (local, or a hub repository with `subfolder`) strictly, as `load_unet` does."
+        device = kwargs.pop('device_map', None) if isinstance(kwargs.get('device_map'), (str, torch.device)) else None
+        if bad := [k for k in _UNSUPPORTED if kwargs.get(k) not in (None, False)]:
+            raise InputError(f"a pruned UNet loads without {', '.join(bad)}: load it whole, then move or quantize it")
         unet = load_unet(_unet_folder(pretrained_model_name_or_path, subfolder, kwargs))
-        return unet if torch_dtype is None else unet.to(torch_dtype)
+        if isinstance(torch_dtype, str): torch_dtype = getattr(torch, torch_dtype)
+        return unet.to(device=device, dtype=torch_dtype)
 
-    def save_pretrained(self, save_directory, **kwargs):
-        "Write the folder `from_pretrained` reads: config, safetensors weights and the recorded widths."
-        save_unet(self, save_directory)
+    def save_pretrained(self, save_directory, is_main_process:bool=True, **kwargs):
+        "Write the folder `from_pretrained` reads: config (with the recorded widths) and safetensors weights."
+        if bad := [k for k in ('push_to_hub', 'variant') if kwargs.get(k)]:
+            raise InputError(f"a pruned UNet saves without {', '.join(bad)}: "
+                             "save it, then `diffprune push` the folder")
+        if is_main_process: save_unet(self, save_directory)
 
 # %% ../nbs/01_models.ipynb #bb592c7b
 class PrunedUNet2DModel(PrunedUNetMixin, UNet2DModel):
@@ -128,6 +144,8 @@ class PrunedUNet2DModel(PrunedUNetMixin, UNet2DModel):
 class PrunedUNet2DConditionModel(PrunedUNetMixin, UNet2DConditionModel):
     "A `UNet2DConditionModel` pruned to free-form widths (see `is_pruned`)."
 
+# diffusers records a component's library from its class's module: the package root, where the classes resolve
+PrunedUNet2DModel.__module__ = PrunedUNet2DConditionModel.__module__ = 'diffprune'
 PRUNED_CLASSES = {UNet2DModel: PrunedUNet2DModel, UNet2DConditionModel: PrunedUNet2DConditionModel}
 
 def as_pruned(unet):
@@ -183,27 +201,35 @@ def commit_dir(tmp, path):
     if old is not None: shutil.rmtree(old, ignore_errors=True)
 
 # %% ../nbs/01_models.ipynb #ad78360a
-PRUNED_NOTE = ("pruned by diffprune to widths its config cannot hold: pip install diffprune, then import diffprune "
-               "before loading it with diffusers")
+PRUNED_NOTE = ("pruned by diffprune to widths its config cannot hold: pip install diffprune, import diffprune, "
+               "and load it with diffprune.PrunedUNet2DModel.from_pretrained or DiffusionPipeline.from_pretrained")
 
 def save_unet(unet, folder, meta:dict=None) -> str:
     "Write a UNet folder (config, safetensors, `diffprune.json`); returns the class name `model_index.json` gives."
-    folder = Path(folder)
+    unet, folder = getattr(unet, '_orig_mod', unet), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg, record = json.loads(unet.to_json_string()), dict(format=2, structure=unet_structure(unet), **(meta or {}))
+    cfg, pruned = json.loads(unet.to_json_string()), is_pruned(unet)
     base = next(c for c in PRUNED_CLASSES if isinstance(unet, c))
-    cfg['_class_name'] = PRUNED_CLASSES[base].__name__ if is_pruned(unet) else base.__name__
-    if is_pruned(unet):  # plain diffusers must refuse the folder, and say why, rather than build the old widths
+    cfg['_class_name'] = PRUNED_CLASSES[base].__name__ if pruned else base.__name__
+    record = dict(format=2, structure=unet_structure(unet))
+    if pruned:  # plain diffusers must refuse the folder, and say why, rather than build the old widths
         record['config'] = dict(down_block_types=cfg['down_block_types'])
         cfg['down_block_types'] = [PRUNED_NOTE] * len(cfg['down_block_types'])
+    cfg['_diffprune'] = record  # in config.json, which every download of the folder fetches; diffusers skips `_` keys
     write_json(cfg, folder/'config.json')
     sd = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
     save_file(sd, folder/'diffusion_pytorch_model.safetensors')
-    write_json(record, folder/'diffprune.json')
+    write_json(dict(record, **(meta or {})), folder/'diffprune.json')  # the record again, with the run's metadata
     return cfg['_class_name']
 
 # %% ../nbs/01_models.ipynb #f1794eee
-def _is_hub_id(name) -> bool: return isinstance(name, str) and name.count('/') == 1 and not Path(name).exists()
+def _is_hub_id(name) -> bool:
+    "True for a valid Hub repository id that is not also a local path."
+    from huggingface_hub.utils import validate_repo_id
+    if not isinstance(name, str) or name.count('/') != 1 or Path(name).exists(): return False
+    try: validate_repo_id(name)
+    except ValueError: return False
+    return True
 
 def _card_rows(meta:dict) -> list:
     "`(what, value)` rows for the card from a folder's metadata (prune, finetune and evaluation summaries)."
@@ -219,21 +245,32 @@ def _card_rows(meta:dict) -> list:
     return rows
 
 # %% ../nbs/01_models.ipynb #51b82af8
-def hub_card(meta:dict, pruned:bool, pipeline_tag:str='unconditional-image-generation') -> str:
+def hub_card(meta:dict, pruned:bool, pipeline_tag:str='unconditional-image-generation', repo_id:str=None) -> str:
     "The folder's `README.md`: a model card with the YAML metadata the Hub reads, the settings, sizes and metrics."
-    source = meta.get('source')
-    yaml = ['---', 'library_name: diffusers'] + ([f'base_model: {source}'] if _is_hub_id(source) else [])
-    yaml += ['tags:', *[f'- {t}' for t in ('diffusers', 'pruning', 'diff-pruning', 'diffprune')],
-             f'pipeline_tag: {pipeline_tag}', '---']
-    what = f"`{source}` pruned" if source else 'A diffusion model pruned'
-    table = '\n'.join(f'| {k} | {v} |' for k, v in _card_rows(meta))
-    load = ('import diffprune  # registers the pruned UNet classes with diffusers\n' if pruned else '')
-    return '\n'.join(yaml) + f"""
+    from huggingface_hub import ModelCardData
+    source, method = meta.get('source'), meta.get('prune', {}).get('method')
+    tags = ['diffusers', 'diffprune'] + (['pruning', 'structural-pruning'] if method else []) + \
+           (['diff-pruning'] if method == 'diff-pruning' else [])
+    data = ModelCardData(library_name='diffusers', base_model=source if _is_hub_id(source) else None, tags=tags,
+                         pipeline_tag=pipeline_tag)
+    name = f"`{source}`" if source else 'A diffusion model'
+    what = f"{name}, pruned with {method}" if method else f"{name}, saved by diffprune"
+    table = '\n'.join(f'| {k} | {v} |' for k, v in _card_rows(meta)) or '| (no run recorded) | |'
+    repo = repo_id or 'THIS_REPO'
+    plain = f"from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained('{repo}')"
+    load = (f"import diffprune  # the pruned UNet's class\nfrom huggingface_hub import snapshot_download\n"
+            f"from diffusers import DiffusionPipeline\n"
+            f"pipe = DiffusionPipeline.from_pretrained(snapshot_download('{repo}'))" if pruned else plain)
+    note = ("\nThe UNet's widths are free-form (`unet/config.json` records them), so loading needs "
+            f"`pip install diffprune`; `diffprune.load_model('{repo}')` loads it too.\n" if pruned else '')
+    return f"""---
+{data.to_yaml()}
+---
 
-# {what} with Diff-Pruning
+# {what}
 
-{what} structurally (whole channels removed) with [diffprune](https://github.com/diffprune/diffprune), following
-Diff-Pruning (Fang, Ma and Wang, NeurIPS 2023).
+Saved by [diffprune](https://github.com/diffprune/diffprune), which implements Diff-Pruning (Fang, Ma and Wang,
+NeurIPS 2023): structural pruning that removes whole channels, then a short finetune.
 
 | what | value |
 |---|---|
@@ -242,11 +279,9 @@ Diff-Pruning (Fang, Ma and Wang, NeurIPS 2023).
 ## Load it
 
 ```python
-{load}from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained('THIS_REPO')
+{load}
 ```
-""" + ("\nThe UNet's widths are free-form (`unet/diffprune.json` records them), so loading needs `pip install diffprune`."
-       if pruned else '')
+{note}"""
 
 # %% ../nbs/01_models.ipynb #54d2e48c
 def save_model(unet, scheduler, path, meta:dict=None):
@@ -288,8 +323,11 @@ def load_unet(path) -> nn.Module:
         bins = list(path.glob('*.bin'))
         if not bins: raise ModelError(f"no weights (diffusion_pytorch_model.safetensors) in {str(path)!r}")
         return _load_hub_bin(cls, path)
-    record = read_json(path/'diffprune.json') if (path/'diffprune.json').exists() else {}
+    legacy = path/'diffprune.json'  # folders written before the record moved into config.json
+    record = cfg.pop('_diffprune', None) or (read_json(legacy) if legacy.exists() else {})
     cfg.update(record.get('config', {}))  # what config.json holds back from plain diffusers
+    if PRUNED_NOTE in cfg.get('down_block_types', []):
+        raise ModelError(f"{str(path)!r} holds a pruned UNet without the record of its widths: the folder is damaged")
     unet = cls.from_config({k: v for k, v in cfg.items() if not k.startswith('_')})
     apply_structure(unet, record.get('structure', {}))
     try: sd = load_file(wfile)
@@ -357,27 +395,38 @@ def load_model(model, device='cpu') -> tuple:
     return load_unet(upath).to(device), _scheduler(path)
 
 # %% ../nbs/01_models.ipynb #2846b923
+def _hub_operations(folder:Path, repo_id:str) -> list:
+    "The files to upload: the model, and the card naming `repo_id`; no checkpoints, no hidden files."
+    from huggingface_hub import CommitOperationAdd
+    files = [f for f in sorted(folder.rglob('*')) if f.is_file() and f.name != 'README.md'
+             and not any(part.startswith('.') or part == 'checkpoints' for part in f.relative_to(folder).parts)]
+    ops = [CommitOperationAdd(str(f.relative_to(folder)), str(f)) for f in files]
+    card = folder/'README.md'
+    if card.exists():  # the card names the repository; the local folder stays as it is
+        ops.append(CommitOperationAdd('README.md', card.read_text().replace('THIS_REPO', repo_id).encode()))
+    return ops
+
 def push_to_hub(folder, repo_id:str, private:bool=False, token:str=None,
                 api=None, # a `huggingface_hub.HfApi` (default: one with `token`); tests pass a local stand-in
                ) -> str:
-    "Upload a model folder (its `README.md` card included) to the Hub repository `repo_id`; returns its URL."
+    "Upload a model folder and its card to the Hub repository `repo_id` in one commit; returns its URL."
     from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import validate_repo_id
     from huggingface_hub.errors import HfHubHTTPError
     folder = Path(folder)
     if not (folder/'model_index.json').exists():
         raise ModelError(f"{str(folder)!r} is not a model folder (no model_index.json): push what diffprune wrote")
+    try: validate_repo_id(repo_id)
+    except ValueError as e: raise InputError(f"{repo_id!r} is not a Hub repository id: use NAME or OWNER/NAME") from e
     if api is None and os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE'):
         raise InputError("HF_HUB_OFFLINE is set: unset it, with network access, to push to the Hub")
     if api is None and not (token or get_token()):
         raise InputError("no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token")
     api = api or HfApi(token=token)
-    card = folder/'README.md'
-    if card.exists() and 'THIS_REPO' in (text := card.read_text()):  # the card's loading example names the repo
-        card.write_text(text.replace('THIS_REPO', repo_id))
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type='model',
-                          commit_message='Upload a model pruned with diffprune')
-    except (OSError, HfHubHTTPError.__mro__[1]) as e:  # the HTTP client's own errors (no network) and the Hub's
+        api.create_commit(repo_id, _hub_operations(folder, repo_id), repo_type='model',
+                          commit_message='Upload a model saved by diffprune')
+    except (OSError, HfHubHTTPError.__mro__[1]) as e:  # the Hub's errors, and its HTTP client's (no network)
         raise InputError(f"cannot push to {repo_id!r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from e
     return f'https://huggingface.co/{repo_id}'

@@ -54,21 +54,29 @@ for load in (lambda: DDPMPipeline.from_pretrained({str(pruned)!r}),
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300).stdout.split('\n')
     assert out[:2] == ['ValueError True', 'ValueError True'], out
 
-def test_a_saved_folder_carries_a_hub_model_card(pruned):
-    card = (pruned/'README.md').read_text()
-    head = card.split('---')[1]
-    assert 'library_name: diffusers' in head and '- diff-pruning' in head and 'pipeline_tag: unconditional-image-generation' in head
-    assert 'base_model' not in head  # the shipped teacher is no hub id
-    assert '| method | magnitude |' in card and '| params |' in card and 'import diffprune' in card
+def test_a_saved_folder_carries_a_hub_model_card_with_valid_metadata(pruned, tmp_path):
+    from huggingface_hub import ModelCard
+    from diffprune.models import hub_card
+    card = ModelCard((pruned/'README.md').read_text())  # the Hub's own parser
+    assert card.data.library_name == 'diffusers' and card.data.pipeline_tag == 'unconditional-image-generation'
+    assert 'pruning' in card.data.tags and 'diff-pruning' not in card.data.tags  # pruned by magnitude
+    assert card.data.base_model is None  # the shipped teacher is no hub id
+    assert '| method | magnitude |' in card.text and '| params |' in card.text and 'import diffprune' in card.text
+    odd = ModelCard(hub_card(dict(source='x/y: z #c', prune=dict(method='diff-pruning')), pruned=True))
+    assert odd.data.base_model is None and 'diff-pruning' in odd.data.tags  # an odd name is no base_model
+    assert ModelCard(hub_card(dict(source='google/ddpm-cifar10-32'), pruned=False)).data.base_model == 'google/ddpm-cifar10-32'
 
 class StandIn:
     "huggingface_hub's HfApi as far as push_to_hub uses it, writing the repository to a local folder."
     def __init__(self, root): self.root, self.calls = root, []
     def create_repo(self, repo_id, **kw): self.calls.append(('create_repo', repo_id, kw))
-    def upload_folder(self, repo_id, folder_path, **kw):
-        import shutil
-        self.calls.append(('upload_folder', repo_id, kw))
-        shutil.copytree(folder_path, self.root/repo_id)
+    def create_commit(self, repo_id, operations, **kw):
+        self.calls.append(('create_commit', repo_id, kw))
+        for op in operations:
+            dest = self.root/repo_id/op.path_in_repo
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src = op.path_or_fileobj
+            dest.write_bytes(src if isinstance(src, bytes) else open(src, 'rb').read())
 
 def test_push_uploads_the_folder_and_its_card_through_huggingface_hub_and_it_loads_back(pruned, tmp_path, monkeypatch):
     import shutil
@@ -78,10 +86,14 @@ def test_push_uploads_the_folder_and_its_card_through_huggingface_hub_and_it_loa
     shutil.copytree(pruned, folder)
     hub = StandIn(tmp_path/'hub')
     assert push_to_hub(folder, 'someone/digits-pruned', private=True, api=hub) == 'https://huggingface.co/someone/digits-pruned'
-    assert [c[0] for c in hub.calls] == ['create_repo', 'upload_folder'] and hub.calls[0][2]['private']
+    (folder/'checkpoints').mkdir()
+    (folder/'checkpoints'/'state.safetensors').write_bytes(b'x')
+    assert push_to_hub(folder, 'someone/digits-pruned', api=hub)
+    assert [c[0] for c in hub.calls] == ['create_repo', 'create_commit'] * 2 and hub.calls[0][2]['private']
     repo = tmp_path/'hub'/'someone'/'digits-pruned'
-    assert "from_pretrained('someone/digits-pruned')" in (repo/'README.md').read_text()
-    with quiet_loading(): pipe = DiffusionPipeline.from_pretrained(repo)  # what a user who downloads it gets
+    assert "snapshot_download('someone/digits-pruned')" in (repo/'README.md').read_text()
+    assert 'THIS_REPO' in (folder/'README.md').read_text() and not (repo/'checkpoints').exists()
+    with quiet_loading(): pipe = DiffusionPipeline.from_pretrained(repo)  # what snapshot_download gives a user
     assert same_output(pipe.unet, load_model(pruned)[0])
 
 def test_push_refuses_in_one_line_what_cannot_work(cli, pruned, tmp_path, monkeypatch):
@@ -95,3 +107,41 @@ def test_push_refuses_in_one_line_what_cannot_work(cli, pruned, tmp_path, monkey
     assert r.returncode == 2 and 'no Hugging Face token' in r.stderr
     r = cli('push', tmp_path, 'someone/x')
     assert r.returncode == 2 and 'not a model folder' in r.stderr
+    r = cli('push', pruned, 'bad id!!')
+    assert r.returncode == 2 and 'not a Hub repository id' in r.stderr
+
+def test_a_pruned_pipeline_saved_again_by_diffusers_loads_again(pruned, tmp_path):
+    with quiet_loading(): pipe = DDPMPipeline.from_pretrained(pruned)
+    pipe.save_pretrained(tmp_path/'again')  # diffusers' own save, as a user who edits the pipeline does
+    assert json.loads((tmp_path/'again'/'model_index.json').read_text())['unet'] == ['diffprune', 'PrunedUNet2DModel']
+    with quiet_loading(): again = DiffusionPipeline.from_pretrained(tmp_path/'again')
+    assert same_output(again.unet, load_model(pruned)[0])
+
+def test_from_pretrained_takes_a_dtype_by_name_and_refuses_what_it_cannot_do(pruned):
+    u = diffprune.PrunedUNet2DModel.from_pretrained(pruned, subfolder='unet', torch_dtype='float64')
+    assert next(u.parameters()).dtype == torch.float64
+    with pytest.raises(ValueError, match='loads without quantization_config'):
+        diffprune.PrunedUNet2DModel.from_pretrained(pruned, subfolder='unet', quantization_config=object())
+
+def test_an_unpruned_unet_is_not_taken_for_a_pruned_one():
+    from diffusers import UNet2DConditionModel
+    u = tiny_unet(head_dim=8)
+    next(m for m in u.modules() if hasattr(m, 'scale_qk')).scale = 0.5  # a scale is no width
+    sd = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                              cross_attention_dim=8, attention_head_dim=4,
+                              down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+                              up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'))
+    sd.fuse_qkv_projections()  # an inference optimisation, not pruning
+    assert not is_pruned(u) and not is_pruned(sd) and not is_pruned(torch.compile(tiny_unet()))
+
+def test_a_folder_written_by_diffprune_0_1_still_loads(pruned, tmp_path):
+    "0.1 kept the widths only in unet/diffprune.json, with the diffusers class name and the real block types."
+    import shutil
+    old = tmp_path/'old'
+    shutil.copytree(pruned, old)
+    cfg = json.loads((old/'unet'/'config.json').read_text())
+    record = cfg.pop('_diffprune')
+    cfg.update(record['config'], _class_name='UNet2DModel')
+    (old/'unet'/'config.json').write_text(json.dumps(cfg))
+    (old/'unet'/'diffprune.json').write_text(json.dumps(dict(format=1, structure=record['structure'])))
+    assert same_output(load_model(old)[0], load_model(pruned)[0])

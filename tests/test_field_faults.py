@@ -240,8 +240,8 @@ def test_a_data_free_method_records_no_data(cli, tmp_path):
 def test_a_folder_pruned_with_the_old_scale_loads_with_the_scale_of_its_heads(tmp_path):
     res = prune_model(ScoredModel(tiny_unet(head_dim=8), DDPMScheduler(), 'magnitude', importance_criterion('magnitude')), pruning_ratio=0.5)
     res.save(tmp_path/'m')
-    j = tmp_path/'m'/'unet'/'diffprune.json'; d = json.loads(j.read_text())
-    for a in d['structure'].values():
+    j = tmp_path/'m'/'unet'/'config.json'; d = json.loads(j.read_text())
+    for a in d['_diffprune']['structure'].values():
         if 'scale' in a: a['scale'] = 8 ** -0.5  # what folders recorded before the scale followed the heads
     j.write_text(json.dumps(d))
     for m in load_model(tmp_path/'m')[0].modules():

@@ -53,8 +53,8 @@ def test_missing_weights(cli, pruned, tmp_path):
     one_line_exit_2(cli('sample', '--model', m, '--out', tmp_path/'o'), 'no weights')
 
 def test_structure_json_that_does_not_match_the_weights(cli, pruned, tmp_path):
-    m = copy_of(pruned, tmp_path/'m'); j = m/'unet'/'diffprune.json'; d = json.loads(j.read_text())
-    d['structure']['conv_in']['out_channels'] += 4
+    m = copy_of(pruned, tmp_path/'m'); j = m/'unet'/'config.json'; d = json.loads(j.read_text())
+    d['_diffprune']['structure']['conv_in']['out_channels'] += 4  # the record of the widths, where loading reads it
     j.write_text(json.dumps(d))
     one_line_exit_2(cli('sample', '--model', m, '--out', tmp_path/'o'), 'do not fit')
 
