@@ -19,23 +19,23 @@ from diffprune.metrics import fid_score
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
     p.add_argument('--finetune-steps', type=int, default=500); p.add_argument('--samples', type=int, default=256)
-    p.add_argument('--steps', type=int, nargs='+', default=[10, 20, 50, 100])
+    p.add_argument('--sample-steps', type=int, nargs='+', default=[10, 20, 50, 100], help="DDIM steps per sample")
     a = p.parse_args(); torch.manual_seed(a.seed)
     teacher = load_model('digits')
     pr = prune_model(score_model(teacher, 'digits', stride=2, seed=a.seed, progress=False), target_macs=0.5)
     ft = finetune((pr.unet, pr.scheduler), 'digits', a.finetune_steps, seed=a.seed, progress=False)
     models = {'teacher': teacher, 'pruned (0.5 MACs)': (ft.unet, ft.scheduler)}
     rows = []
-    for steps in a.steps:
+    for steps in a.sample_steps:
         for name, m in models.items():
             t0 = time.perf_counter(); x = ddim_sample(*m, a.samples, steps, a.seed, progress=False); secs = time.perf_counter() - t0
-            rows.append(dict(model=name, steps=steps, fid=fid_score(x, 'digits:all'), ms_per_image=1000 * secs / a.samples))
-    print(table(rows, ['model', 'steps', 'fid', 'ms_per_image']))
+            rows.append(dict(model=name, sample_steps=steps, fid=fid_score(x, 'digits:all'), ms_per_image=1000 * secs / a.samples))
+    print(table(rows, ['model', 'sample_steps', 'fid', 'ms_per_image']))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in models:
         rs = [r for r in rows if r['model'] == name]
         ax.plot([r['ms_per_image'] for r in rs], [r['fid'] for r in rs], 'o-', label=name)
-        for r in rs: ax.annotate(str(r['steps']), (r['ms_per_image'], r['fid']), fontsize=7)
+        for r in rs: ax.annotate(str(r['sample_steps']), (r['ms_per_image'], r['fid']), fontsize=7)
     ax.set_xlabel('ms per image (CPU)'); ax.set_ylabel('FID (digits features)'); ax.set_xscale('log'); ax.legend()
     Path(a.out).mkdir(parents=True, exist_ok=True); fig.savefig(Path(a.out)/'quality_vs_compute.png', dpi=120, bbox_inches='tight')
     write(a.out, 'quality_vs_compute', dict(rows=rows, args=vars(a)))
