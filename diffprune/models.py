@@ -107,14 +107,16 @@ def match_attention_scale(unet):
 _SHAPES = ('in_channels', 'out_channels', 'in_features', 'out_features', 'num_groups', 'num_channels',
            'normalized_shape', 'num_embeddings', 'embedding_dim', 'heads', 'inner_dim', 'inner_kv_dim', 'channels')
 
+def _widths(attrs:dict) -> dict: return {k: v for k, v in attrs.items() if k in _SHAPES}
+
 def is_pruned(unet) -> bool:
     "True when a layer of `unet` has another width than its config builds: a pruned UNet with free-form widths."
     unet = getattr(unet, '_orig_mod', unet)  # a torch.compile'd UNet
     with torch.device('meta'): fresh = type(unet).from_config(unet.config)  # shapes only, no memory
-    widths = lambda a: {k: v for k, v in a.items() if k in _SHAPES}
-    mine = unet_structure(unet)  # only the layers the config builds, and only their widths: an attention scale,
-    return any(widths(a) != widths(mine.get(n, a)) for n, a in unet_structure(fresh).items())  # fused projections or
-    # adapters are no pruning
+    # only the layers the config builds, and only their widths: an attention scale, fused projections or adapters
+    # are no pruning
+    mine = unet_structure(unet)
+    return any(_widths(a) != _widths(mine.get(n, a)) for n, a in unet_structure(fresh).items())
 
 _UNSUPPORTED = ('device_map', 'max_memory', 'offload_folder', 'quantization_config', 'output_loading_info', 'variant')
 
@@ -245,7 +247,7 @@ def _card_rows(meta:dict) -> list:
     return rows
 
 # %% ../nbs/01_models.ipynb #51b82af8
-def hub_card(meta:dict, pruned:bool, pipeline_tag:str='unconditional-image-generation', repo_id:str=None) -> str:
+def hub_card(meta:dict, pruned:bool, pipeline_tag:str='unconditional-image-generation') -> str:
     "The folder's `README.md`: a model card with the YAML metadata the Hub reads, the settings, sizes and metrics."
     from huggingface_hub import ModelCardData
     source, method = meta.get('source'), meta.get('prune', {}).get('method')
@@ -256,7 +258,7 @@ def hub_card(meta:dict, pruned:bool, pipeline_tag:str='unconditional-image-gener
     name = f"`{source}`" if source else 'A diffusion model'
     what = f"{name}, pruned with {method}" if method else f"{name}, saved by diffprune"
     table = '\n'.join(f'| {k} | {v} |' for k, v in _card_rows(meta)) or '| (no run recorded) | |'
-    repo = repo_id or 'THIS_REPO'
+    repo = 'THIS_REPO'  # `push_to_hub` names the repository in what it uploads
     plain = f"from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained('{repo}')"
     load = (f"import diffprune  # the pruned UNet's class\nfrom huggingface_hub import snapshot_download\n"
             f"from diffusers import DiffusionPipeline\n"
