@@ -26,6 +26,8 @@ def __getattr__(name):
 
 def __dir__(): return sorted([*_API, 'quiet_loading', '__version__'])
 
+
+# %% ../nbs/index.ipynb #922e0923
 _QUIET_ENV = {'DIFFUSERS_VERBOSITY': 'error', 'TRANSFORMERS_VERBOSITY': 'error', 'HF_HUB_DISABLE_PROGRESS_BARS': '1'}
 
 def _library_logs() -> list:

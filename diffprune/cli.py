@@ -242,6 +242,7 @@ def _prune_record(model) -> dict:
     record = read_json(f).get('prune') if f.exists() else None
     return {'prune': record} if record else {}
 
+# %% ../nbs/09_cli.ipynb #70205f25
 def _finetune_pixel(a, out, ck, teacher, ckpt_every):
     "`diffprune finetune` for a pixel-space model: checkpoints in `ck`, then the model, plot and result into `out`."
     from diffprune.data import save_fig

@@ -118,6 +118,7 @@ def is_pruned(unet) -> bool:
     mine = unet_structure(unet)
     return any(_widths(a) != _widths(mine.get(n, a)) for n, a in unet_structure(fresh).items())
 
+# %% ../nbs/01_models.ipynb #3dcc496f
 _UNSUPPORTED = ('device_map', 'max_memory', 'offload_folder', 'quantization_config', 'output_loading_info', 'variant')
 
 class PrunedUNetMixin:
@@ -408,6 +409,7 @@ def _hub_operations(folder:Path, repo_id:str) -> list:
         ops.append(CommitOperationAdd('README.md', card.read_text().replace('THIS_REPO', repo_id).encode()))
     return ops
 
+# %% ../nbs/01_models.ipynb #14f3ecde
 def push_to_hub(folder, repo_id:str, private:bool=False, token:str=None,
                 api=None, # a `huggingface_hub.HfApi` (default: one with `token`); tests pass a local stand-in
                ) -> str:

@@ -116,21 +116,11 @@ class UNetPruner:
                                          ignored_layers=[unet.conv_out, *ignored], num_heads=attention_heads(unet),
                                          prune_head_dims=True, prune_num_heads=False,
                                          output_transform=lambda o: o.sample)
-        self.DG, names = self.meta.DG, {m: n for n, m in unet.named_modules()}
-        self.groups = []
-        for g in self.DG.get_all_groups(ignored_layers=self.meta.ignored_layers,
-                                        root_module_types=self.meta.root_module_types):
-            g, chg = self._rooted(g)
-            s = criterion(g)
-            if s is None: continue
-            s = s.detach().float().cpu()
-            self.groups.append(GroupInfo(names[g[0].dep.target.module], g[0].dep.target.module, g[0].dep.handler,
-                                         chg, len(s) // chg, s.view(chg, -1).mean(0)))
+        self.DG = self.meta.DG
+        self.groups = self._scored_groups(criterion)
         if not self.groups: raise InputError("this model has nothing prunable (every layer is kept)")
         self.convs, self.attns = layer_macs(unet)
-        # a unit removes k channels per channel group from one group; with round_to, only widths it divides are steps
-        self.units = sorted(((k - 0.5) / g.size, i, k) for i, g in enumerate(self.groups) for k in range(1, g.size)
-                            if not round_to or g.ch_groups * (g.size - k) % round_to == 0)
+        self.units = self._units(round_to)
         if not self.units:
             raise InputError(f"no width of this model can be pruned to a multiple of {round_to}: "
                              "use a smaller round_to (--round-to)")
@@ -155,6 +145,27 @@ class UNetPruner:
         if m is None or m is g[0].dep.target.module or _dims(m, 'out') == _dims(g[0].dep.target.module, 'out'):
             return g
         return self.DG.get_pruning_group(m, handler, list(range(_dims(m, 'out'))))
+
+# %% ../nbs/04_prune.ipynb #888325e2
+@patch
+def _scored_groups(self:UNetPruner, criterion) -> list:
+    "A `GroupInfo` for every prunable group: rooted, scored per channel, averaged over its channel groups."
+    names, groups = {m: n for n, m in self.unet.named_modules()}, []
+    for g in self.DG.get_all_groups(ignored_layers=self.meta.ignored_layers,
+                                    root_module_types=self.meta.root_module_types):
+        g, chg = self._rooted(g)
+        s = criterion(g)
+        if s is None: continue
+        s = s.detach().float().cpu()
+        groups.append(GroupInfo(names[g[0].dep.target.module], g[0].dep.target.module, g[0].dep.handler,
+                                chg, len(s) // chg, s.view(chg, -1).mean(0)))
+    return groups
+
+@patch
+def _units(self:UNetPruner, round_to:int=None) -> list:
+    "`(pruning ratio, group, k)` steps, sorted; with `round_to`, only those leaving a width it divides."
+    return sorted(((k - 0.5) / g.size, i, k) for i, g in enumerate(self.groups) for k in range(1, g.size)
+                  if not round_to or g.ch_groups * (g.size - k) % round_to == 0)
 
 # %% ../nbs/04_prune.ipynb #a9ca8db6
 @patch
