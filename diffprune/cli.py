@@ -91,6 +91,13 @@ def _sample_latent(a, out, folder):
 def _check_threshold(t):
     if not 0 <= t <= 1: raise UsageError(f"--threshold must be in [0, 1], not {t}")
 
+def _check_fractions(a):
+    "Refuse a --pruning-ratio or --target-macs out of range (`prune`, `run` and `demo` take them)."
+    if a.pruning_ratio is not None and not 0 <= a.pruning_ratio < 1:
+        raise UsageError(f"--pruning-ratio must be in [0, 1), not {a.pruning_ratio}")
+    if a.target_macs is not None and not 0 < a.target_macs < 1:
+        raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
+
 def cmd_analyze(a):
     "Per-timestep loss of a model and the kept timesteps."
     _check_threshold(a.threshold)
@@ -110,10 +117,7 @@ def _check_prune_args(a):
     _check_threshold(a.threshold)
     if (a.pruning_ratio is None) == (a.target_macs is None):
         raise UsageError("give one of --pruning-ratio and --target-macs")
-    if a.pruning_ratio is not None and not 0 <= a.pruning_ratio < 1:
-        raise UsageError(f"--pruning-ratio must be in [0, 1), not {a.pruning_ratio}")
-    if a.target_macs is not None and not 0 < a.target_macs < 1:
-        raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
+    _check_fractions(a)
     if a.sampled_timesteps is not None and a.sampled_timesteps < 1:
         raise UsageError(f"--sampled-timesteps must be at least 1 timestep, not {a.sampled_timesteps}")
     if a.round_to is not None and a.round_to < 1: raise UsageError(f"--round-to must be at least 1, not {a.round_to}")
@@ -315,10 +319,7 @@ def cmd_evaluate(a):
 def _settings(a):
     "The `RecipeSettings` of `diffprune run` and `diffprune demo`."
     from diffprune.report import RecipeSettings
-    if a.target_macs is not None and not 0 < a.target_macs < 1:
-        raise UsageError(f"--target-macs must be in (0, 1), not {a.target_macs}")
-    if a.pruning_ratio is not None and not 0 <= a.pruning_ratio < 1:
-        raise UsageError(f"--pruning-ratio must be in [0, 1), not {a.pruning_ratio}")
+    _check_fractions(a)
     _check_threshold(a.threshold)
     if a.steps < 1: raise UsageError(f"--steps must be at least 1, not {a.steps}")
     return RecipeSettings(model=a.model, data=a.data, method=a.method, threshold=a.threshold,
