@@ -5,11 +5,14 @@
 # %% auto #0
 __all__ = ['PREDICTION_TYPES', 'alpha_bar', 'add_noise', 'unet_output', 'map_cond', 'repeat_cond', 'index_cond', 'cond_to',
            'stack_cond', 'prediction_type', 'regression_target', 'x0_and_eps', 'denoising_loss', 'eps_loss',
-           'ddim_timesteps', 'sample_shape', 'initial_noise', 'ddim_sample', 'ddpm_sample']
+           'ddim_timesteps', 'sample_shape', 'initial_noise', 'compile_with', 'compile_unet', 'ddim_sample',
+           'ddpm_sample']
 
 # %% ../nbs/01a_diffusion.ipynb #5a8a8d22
+import logging, time
 import torch
 from tqdm.auto import tqdm
+from diffusers.utils.torch_utils import is_compiled_module
 from .data import image_hw, InputError
 
 # %% ../nbs/01a_diffusion.ipynb #5e48b1e6
@@ -124,50 +127,117 @@ def initial_noise(n:int, shape, seed:int=0) -> torch.Tensor:
     "The `(n, *shape)` starting noise of seed `seed` (the same on every model and device)."
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
+# %% ../nbs/01a_diffusion.ipynb #c978c3e9
+_log = logging.getLogger('diffprune')
+
+def _root_cause(e:Exception) -> str:
+    "The first line of the exception at the bottom of `e`'s chain (dynamo wraps the backend's own error)."
+    while (inner := getattr(e, 'inner_exception', None) or e.__cause__) is not None: e = inner
+    return f"{type(e).__name__}: " + next((l for l in str(e).splitlines() if l.strip()), '')
+
+def compile_with(unet, warmup, # `warmup(module)` makes the calls the module is compiled for
+                 mode:str=None, # `torch.compile` mode: None, 'reduce-overhead' (CUDA graphs) or 'max-autotune'
+                 backend='inductor') -> tuple:
+    "`(module, seconds)`: `unet` compiled by `torch.compile` during `warmup`; eager `(unet, 0.)` if that fails."
+    net = torch.compile(unet, mode=mode, backend=backend, dynamic=False)
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for _ in range(3 if mode == 'reduce-overhead' else 1): warmup(net)  # CUDA graphs record on a later call
+    except Exception as e:  # no C++ compiler, an op the backend lacks, ...: eager gives the same images
+        _log.warning(f"torch.compile failed, running the UNet eagerly instead: {_root_cause(e)}")
+        return unet, 0.
+    if next(unet.parameters()).device.type == 'cuda': torch.cuda.synchronize()
+    return net, time.perf_counter() - t0
+
+# %% ../nbs/01a_diffusion.ipynb #839e03f3
+def compile_unet(unet, batch:int, # images per call the compiled UNet is built for
+                 cond=None, # conditioning of one batch (`batch` rows), or None
+                 mode:str=None, backend='inductor') -> tuple:
+    "`(module, seconds)`: `unet` compiled for `batch` images per call (`compile_with`); eager `(unet, 0.)` on failure."
+    p = next(unet.parameters())
+    x = torch.zeros(batch, *sample_shape(unet), device=p.device, dtype=p.dtype)
+    t = torch.zeros(batch, dtype=torch.long, device=p.device)
+    return compile_with(unet, lambda net: unet_output(net, x, t, cond), mode, backend)
+
+# %% ../nbs/01a_diffusion.ipynb #8b411852
+def _passes(xs:torch.Tensor, cond, per_pass:int, pad:bool=False):
+    "`(x, cond, k)` per pass of `per_pass` rows of `xs`; with `pad` the last is topped up with copies of its rows."
+    for i in range(0, len(xs), per_pass):
+        x, c = xs[i:i + per_pass], index_cond(cond, slice(i, i + per_pass))
+        k = len(x)
+        if pad and k < per_pass:
+            idx = torch.arange(per_pass) % k
+            x, c = x[idx], index_cond(c, idx)
+        yield x, c, k
+
+def _sampling_unet(unet, compile, per_pass:int, cond, progress:bool):
+    "`unet`, compiled for `per_pass` images when `compile` is True or a `torch.compile` mode; its compile time shown."
+    if not compile: return unet
+    net, secs = compile_unet(unet, per_pass, index_cond(cond, slice(0, per_pass)),
+                             None if compile is True else compile)
+    if progress and net is not unet: tqdm.write(f"compiled the UNet in {secs:.1f} s (not part of the sampling time)")
+    return net
+
 # %% ../nbs/01a_diffusion.ipynb #76324015
 @torch.no_grad()
 def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, images_per_pass:int=256,
-                device=None, progress:bool=True, cond=None) -> torch.Tensor:
+                device=None, progress:bool=True,
+                cond=None, # conditioning, one row per image (n rows), or None
+                compile=False, # True or a `torch.compile` mode: compile the UNet first (`compile_unet`)
+               ) -> torch.Tensor:
     "Deterministic DDIM sampling (eta=0) from seeded noise; `(n, C, H, W)` images in [0, 1]."
-    device = device or next(unet.parameters()).device
+    p = next(unet.parameters())
+    device = device or p.device
     shape = sample_shape(unet)
     abar = scheduler.alphas_cumprod.to(torch.float32)
     ts = ddim_timesteps(len(abar), steps)
     gap = len(abar) // steps
     xs = initial_noise(n, shape, seed)
+    per = min(n, images_per_pass)
+    net = _sampling_unet(unet, compile, per, cond, progress)
     out = []
-    for i in tqdm(range(0, n, images_per_pass), desc=f'DDIM-{steps}', disable=not progress, leave=False):
-        x = xs[i:i + images_per_pass].to(device)
+    for x, c, k in tqdm(_passes(xs, cond, per, pad=is_compiled_module(net)), desc=f'DDIM-{steps}',
+                        total=-(-n // per), disable=not progress, leave=False):
+        x = x.to(device)
         for t in ts:
             a, a_prev = abar[t], (abar[t - gap] if t - gap >= 0 else torch.tensor(1.))
-            x0 = x0_and_eps(scheduler, x,
-                            unet_output(unet, x, torch.full((len(x),), t, device=device), cond), t)[0].clamp(-1, 1)
+            y = unet_output(net, x.to(p.dtype), torch.full((len(x),), t, device=device), cond_to(c, device))
+            x0 = x0_and_eps(scheduler, x, y.float(), t)[0].clamp(-1, 1)
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        out.append(x.float().cpu())
+        out.append(x[:k].float().cpu())
     return (torch.cat(out) + 1) / 2
 
 # %% ../nbs/01a_diffusion.ipynb #57bb28f1
 @torch.no_grad()
 def ddpm_sample(unet, scheduler, n:int=16, seed:int=0, images_per_pass:int=256,
-                device=None, progress:bool=True) -> torch.Tensor:
+                device=None, progress:bool=True,
+                compile=False, # True or a `torch.compile` mode: compile the UNet first (`compile_unet`)
+               ) -> torch.Tensor:
     "Ancestral DDPM sampling over every training timestep; `(n, C, H, W)` images in [0, 1]."
-    device = device or next(unet.parameters()).device
+    p = next(unet.parameters())
+    device = device or p.device
     shape = sample_shape(unet)
     betas = scheduler.betas.to(torch.float32)
     alphas = 1 - betas
     abar = torch.cumprod(alphas, 0)
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn((n, *shape), generator=g)
+    per = min(n, images_per_pass)
+    net = _sampling_unet(unet, compile, per, None, progress)
     out = []
-    for i in range(0, n, images_per_pass):
-        x = xs[i:i + images_per_pass].to(device)
+    for x, _, k in _passes(xs, None, per, pad=is_compiled_module(net)):
+        x = x.to(device)
         for t in tqdm(range(len(betas) - 1, -1, -1), desc='DDPM', disable=not progress, leave=False):
-            x0 = x0_and_eps(scheduler, x,
-                            unet_output(unet, x, torch.full((len(x),), t, device=device)), t)[0].clamp(-1, 1)
+            y = unet_output(net, x.to(p.dtype), torch.full((len(x),), t, device=device))
+            x0 = x0_and_eps(scheduler, x, y.float(), t)[0].clamp(-1, 1)
             a_prev = abar[t - 1] if t > 0 else torch.tensor(1.)
             mean = (a_prev.sqrt() * betas[t] * x0 + alphas[t].sqrt() * (1 - a_prev) * x) / (1 - abar[t])
             var = betas[t] * (1 - a_prev) / (1 - abar[t])
-            x = mean + (var.sqrt() * torch.randn(x.shape, generator=g).to(device) if t > 0 else 0)
-        out.append(x.float().cpu())
+            if t > 0:  # fresh noise for the real rows only, so padding leaves the noise stream as it is
+                z = torch.randn((k, *shape), generator=g)
+                x = mean + var.sqrt() * z[torch.arange(len(x)) % k].to(device)
+            else: x = mean
+        out.append(x[:k].float().cpu())
     return (torch.cat(out) + 1) / 2

@@ -13,7 +13,7 @@ from fastcore.basics import patch
 import matplotlib.pyplot as plt
 from .data import show_images, InputError
 from .models import load_model
-from .diffusion import ddim_sample, sample_shape
+from .diffusion import ddim_sample, sample_shape, compile_unet
 from .metrics import check_feature, fid_score, fid_calibration
 from .prune import count_macs, count_params, example_inputs
 
@@ -118,12 +118,21 @@ def grid(self:Evaluation, n:int=32):
     return fig
 
 # %% ../nbs/06_evaluation.ipynb #a3819d6f
-def _measure(unet, sched, data, n, steps, seed, feature, progress) -> tuple:
-    "`(samples, metrics)`: DDIM samples from seed `seed`, their FID, and the UNet's size."
-    x = ddim_sample(unet, sched, n, steps, seed, progress=progress)
+def _measure(unet, net, sched, data, n, steps, seed, feature, progress, images_per_pass:int=256) -> tuple:
+    "`(samples, metrics)`: DDIM samples of `net` (`unet`, or it compiled) from seed `seed`, their FID, `unet`'s size."
+    x = ddim_sample(net, sched, n, steps, seed, images_per_pass, progress=progress)
     macs = count_macs(unet)
     return x, dict(fid=fid_score(x, data, feature), params=count_params(unet), macs=macs,
                    attn_macs=count_macs(unet, attention=True) - macs)
+
+def _compiled(models:dict, compile, batch:int) -> tuple:
+    "`(models, seconds)`: each `(unet, scheduler)` of `models` with its UNet compiled for `batch` images per call."
+    if not compile: return models, {}
+    nets, secs = {}, {}
+    for k, (u, s) in models.items():
+        net, secs[k] = compile_unet(u, batch, mode=None if compile is True else compile)
+        nets[k] = (net, s)
+    return nets, secs
 
 def _check_teacher(teacher, unet, device) -> tuple:
     "Load the teacher and refuse one whose images differ in shape from the model's."
@@ -139,7 +148,9 @@ def evaluate(model, # 'digits', a model folder, a hub id or a `(unet, scheduler)
              data='digits', # real images for FID: a dataset name or an image folder
              num_samples:int=512, sample_steps:int=50, seed:int=0, # samples for FID, DDIM steps per sample
              feature:str=None, # 'digits' or 'inception' (default: digits for 1x16x16 models)
-             latency_batch:int=64, repeats:int=5, device='cpu', progress:bool=True) -> Evaluation:
+             latency_batch:int=64, repeats:int=5, device='cpu', progress:bool=True,
+             compile=False, # True or a `torch.compile` mode: sample and time the compiled UNets
+            ) -> Evaluation:
     "FID, size and measured latency of `model`; with `teacher` also SSIM consistency, speedup and MACs reduction."
     if num_samples < 2: raise InputError(f"num-samples must be at least 2 for FID, not {num_samples}")
     unet, sched = load_model(model, device)
@@ -148,12 +159,18 @@ def evaluate(model, # 'digits', a model folder, a hub id or a `(unet, scheduler)
     check_feature(feature, shape[0], shape[1:])  # every check before minutes of sampling
     models = {'model': (unet, sched)}
     if teacher is not None: models['teacher'] = _check_teacher(teacher, unet, device)
-    settings = dict(data=str(data), num_samples=num_samples, sample_steps=sample_steps, seed=seed, feature=feature)
-    measured = {k: _measure(u, s, data, num_samples, sample_steps, seed, feature, progress)
-                for k, (u, s) in models.items()}
-    runs = latency_runs(models, latency_batch, repeats)
-    sampling = latency(models, min(latency_batch, 16), max(1, repeats // 2), warmup=1, sampling_steps=sample_steps)
-    for k, (_, m) in measured.items(): m.update(latency_ms=statistics.median(runs[k]), sampling_ms=sampling[k])
+    sampling_batch = latency_batch if compile else min(latency_batch, 16)
+    settings = dict(data=str(data), num_samples=num_samples, sample_steps=sample_steps, seed=seed, feature=feature,
+                    latency_batch=latency_batch, sampling_batch=sampling_batch, compile=compile)
+    nets, compile_s = _compiled(models, compile, latency_batch)
+    measured = {k: _measure(models[k][0], u, s, data, num_samples, sample_steps, seed, feature, progress,
+                            latency_batch if compile else 256)
+                for k, (u, s) in nets.items()}
+    runs = latency_runs(nets, latency_batch, repeats)
+    sampling = latency(nets, sampling_batch, max(1, repeats // 2), warmup=1, sampling_steps=sample_steps)
+    for k, (_, m) in measured.items():
+        m.update(latency_ms=statistics.median(runs[k]), sampling_ms=sampling[k])
+        if k in compile_s: m['compile_s'] = compile_s[k]
     ev = Evaluation(measured['model'][1], samples=measured['model'][0], settings=settings)
     if teacher is not None:
         ev.teacher_samples, ev.teacher_metrics = measured['teacher']

@@ -27,11 +27,11 @@ from .importance import ScoredModel
 def example_inputs(unet, batch:int=1) -> dict:
     "Keyword inputs for one forward pass of `unet` (with text-like conditioning for conditional UNets)."
     c = unet.config
-    dev = next(unet.parameters()).device
-    d = dict(sample=torch.randn(batch, *sample_shape(unet), device=dev),
+    dev, dt = next(unet.parameters()).device, next(unet.parameters()).dtype  # a half-precision UNet gets half inputs
+    d = dict(sample=torch.randn(batch, *sample_shape(unet), device=dev, dtype=dt),
              timestep=torch.full((batch,), 10, dtype=torch.long, device=dev))
     if isinstance(unet, UNet2DConditionModel):
-        d['encoder_hidden_states'] = torch.randn(batch, 4, c.cross_attention_dim, device=dev)
+        d['encoder_hidden_states'] = torch.randn(batch, 4, c.cross_attention_dim, device=dev, dtype=dt)
     if c.get('num_class_embeds'):  # class-conditional UNets (UNet2DModel or UNet2DConditionModel)
         d['class_labels'] = torch.zeros(batch, dtype=torch.long, device=dev)
     if (added := added_cond_example(unet, batch)) is not None: d['added_cond_kwargs'] = added

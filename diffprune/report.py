@@ -45,6 +45,7 @@ class RecipeSettings:
     sample_steps: int = 50 # DDIM steps per sample
     seed: int = 0
     device: str = 'cpu'
+    compile: object = False # True or a `torch.compile` mode: evaluate the compiled UNets (`evaluate`)
 
 # %% ../nbs/08_report.ipynb #fe3c39e5
 @dataclass
@@ -62,6 +63,7 @@ class RecipeResult:
 def to_dict(self:RecipeResult) -> dict:
     ev = self.evaluation.to_dict()
     keys = ('params', 'macs', 'attn_macs', 'fid', 'latency_ms', 'sampling_ms')
+    keys += ('compile_s',) if 'compile_s' in ev else ()
     d = dict(teacher={k: ev['teacher'][k] for k in keys}, pruned={k: ev[k] for k in keys},
              ssim=ev['ssim'], mse=ev['mse'], speedup=ev['speedup'], macs_reduction=ev['macs_reduction'],
              speedup_range=[ev.get('speedup_low', ev['speedup']), ev.get('speedup_high', ev['speedup'])],
@@ -118,7 +120,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True, **kw) -> RecipeResult:
         ev = step('evaluate', lambda: evaluate((ft.unet, ft.scheduler), teacher,
                                                'digits:all' if s.data == 'digits' else s.data,
                                                s.num_samples, s.sample_steps, s.seed, device=s.device,
-                                               progress=progress))
+                                               progress=progress, compile=s.compile))
     return RecipeResult(settings=s, analysis=ana, pruned=pr, finetuned=ft, evaluation=ev, times=times)
 
 # %% ../nbs/08_report.ipynb #1cbc4aad
@@ -134,6 +136,9 @@ def summary_text(d:dict) -> str:
     lo, hi = d.get('speedup_range', [d['speedup']] * 2)
     lines.append(f"SSIM vs teacher (same noise): {d['ssim']:.3f}   measured speedup: {d['speedup']:.2f}x "
                  f"(paired runs {lo:.2f}-{hi:.2f})   MACs reduction: {d['macs_reduction']:.2f}x")
+    if 'compile_s' in d['pruned']:
+        lines.append(f"compiled ({d['settings'].get('compile')}): teacher in {d['teacher']['compile_s']:.0f} s, "
+                     f"pruned in {d['pruned']['compile_s']:.0f} s, before the times above")
     if 'fid_calibration' in d:
         lines.append(f"FID calibration: train vs held-out digits {d['fid_calibration']['train_vs_heldout']:.2f}, "
                      f"digits vs noise {d['fid_calibration']['real_vs_noise']:.1f}")
