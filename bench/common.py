@@ -50,3 +50,9 @@ def pruned_digits(targets, round_to=(), device='cpu', seed:int=0) -> dict:
             r = prune_model(imp, target_macs=t, round_to=n)
             models[f'{t:.2f}' + (f' round_to={n}' if n else '')] = (r.unet.to(device).eval(), r.scheduler)
     return models
+
+def paired(runs:dict, base:str, other:str) -> dict:
+    "`other`'s median ms in interleaved `runs` and its paired speedup over `base` (`paired_speedup`)."
+    import statistics
+    from diffprune.evaluation import paired_speedup
+    return dict(ms=statistics.median(runs[other]), **paired_speedup(runs, base, other))

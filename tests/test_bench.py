@@ -1,0 +1,26 @@
+"""bench/gpu.sh, the GPU benchmarks in one go, runs on a CPU with `--device cpu --quick`: so a GPU session only has to
+start it. Its quick run writes the JSON that the benchmark notebook reads, with every configuration it names."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+def test_gpu_script_runs_quick_on_cpu(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, MPLBACKEND='Agg', HF_HUB_OFFLINE='1')
+    r = subprocess.run(['bash', str(ROOT/'bench'/'gpu.sh'), '--device', 'cpu', '--quick', '--out', str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    speed = json.loads((tmp_path/'speedup_vs_macs_cpu_quick.json').read_text())
+    configs = {(x['dtype'], x['mode'], x['batch']) for x in speed['rows']}
+    assert {('fp32', 'eager', 1), ('bf16', 'reduce-overhead', 2), ('fp32', 'default', 2)} <= configs
+    assert all(x['compile_s'] > 0 for x in speed['rows'] if x['mode'] != 'eager' and x['model'] == 'teacher')
+    assert {v['mode'] for v in speed['verdicts']} == {'eager', 'default', 'reduce-overhead'}
+    mem = json.loads((tmp_path/'memory_cpu_quick.json').read_text())
+    assert {x['phase'] for x in mem['rows']} == {'score exact', 'score fast', 'finetune', 'sample'}
+    assert mem['mib_per_image'] > 0 and all(x['above_model_mib'] > 0 for x in mem['rows'])
+    imp = json.loads((tmp_path/'importance_speed_quick.json').read_text())
+    assert {x['mode'] for x in imp['rows']} >= {'paper loop', 'exact ipp=16', 'fast k=8'}
+
+def test_gpu_script_refuses_an_unknown_argument_in_one_line():
+    r = subprocess.run(['bash', str(ROOT/'bench'/'gpu.sh'), '--fast'], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and '--fast' in r.stderr, r.stderr
