@@ -59,14 +59,15 @@ def cmd_sample(a):
     if mode := _compile_mode(a):
         net, compile_s = compile_unet(unet, min(a.num, 256), mode=None if mode is True else mode)
     t0 = time.time()
-    x = (ddpm_sample(net, sched, a.num, a.seed) if a.sampler == 'ddpm'
-         else ddim_sample(net, sched, a.num, a.sample_steps, a.seed))
+    x = (ddpm_sample(net, sched, a.num, a.seed, images_per_pass=min(a.num, 256)) if a.sampler == 'ddpm'
+         else ddim_sample(net, sched, a.num, a.sample_steps, a.seed, images_per_pass=min(a.num, 256)))
     secs = time.time() - t0
     _write_run(out, {'samples.png': show_images(x, nrow=min(16, a.num),
                                                 title=f'{a.model}: {a.sampler.upper()}-{a.sample_steps}, '
                                                       f'seed {a.seed}')},
                dict(model=str(a.model), num=a.num, sample_steps=a.sample_steps, sampler=a.sampler, seed=a.seed,
-                    seconds=secs, compile=a.compile, compile_s=compile_s, shape=list(x.shape[1:])))
+                    seconds=secs, compile=a.compile, compiled=net is not unet, compile_s=compile_s,
+                    shape=list(x.shape[1:])))
     print(f"wrote {a.num} samples to {out/'samples.png'} ({_timing(secs, a.num, compile_s)})")
     return out
 
@@ -80,18 +81,26 @@ def _no_conditioning(a):
     if getattr(a, 'prompt', None) or getattr(a, 'class_labels', None) is not None:
         raise UsageError(f"--prompt and --class-labels are for latent pipelines; {a.model!r} is a pixel-space UNet")
 
+def _own_outputs(module, args, out):
+    "A forward hook: the UNet's output tensors copied, so a later CUDA-graph replay cannot overwrite them."
+    if isinstance(out, tuple): return tuple(o.clone() if hasattr(o, 'clone') else o for o in out)
+    if hasattr(out, 'sample'): out.sample = out.sample.clone()
+    return out
+
 def _sample_latent(a, out, folder):
     "`diffprune sample` for a latent pipeline: its own sampler, with the pruned UNet inside where it was pruned."
     from diffprune.data import show_images
     from diffprune.latent import load_pipeline, pipeline_images
     from diffprune.diffusion import compile_with
     pipe = load_pipeline(folder, a.device)
-    compile_s = 0.
+    unet, compile_s = pipe.unet, 0.
     if mode := _compile_mode(a):  # the pipeline calls its UNet at its own batch (doubled for guidance): one step
         def one_step(net):        # of the same call compiles it for exactly that
             pipe.unet = net
             pipeline_images(pipe, a.num, 1, a.seed, a.prompt, a.class_labels)
-        pipe.unet, compile_s = compile_with(pipe.unet, one_step, None if mode is True else mode)
+        pipe.unet, compile_s = compile_with(unet, one_step, None if mode is True else mode)
+        if mode == 'reduce-overhead' and pipe.unet is not unet:  # CUDA graphs reuse their output buffers, and a
+            pipe.unet.register_forward_hook(_own_outputs)         # scheduler may keep past outputs (PNDM): copies
     t0 = time.time()
     x = pipeline_images(pipe, a.num, a.sample_steps, a.seed, a.prompt, a.class_labels)
     secs = time.time() - t0
@@ -99,7 +108,7 @@ def _sample_latent(a, out, folder):
                                                 title=f'{a.model}: {a.sample_steps} steps, seed {a.seed}')},
                dict(model=str(a.model), pipeline=type(pipe).__name__, num=a.num, sample_steps=a.sample_steps,
                     seed=a.seed, prompt=a.prompt, class_labels=a.class_labels, seconds=secs, compile=a.compile,
-                    compile_s=compile_s, shape=list(x.shape[1:])))
+                    compiled=pipe.unet is not unet, compile_s=compile_s, shape=list(x.shape[1:])))
     print(f"wrote {a.num} samples of the {type(pipe).__name__} to {out/'samples.png'} "
           f"({_timing(secs, a.num, compile_s)})")
     return out
@@ -129,6 +138,11 @@ def cmd_analyze(a):
           f"(threshold {a.threshold}); wrote {out}")
 
 # %% ../nbs/09_cli.ipynb #0c3ed0c9
+def _round_to(s:str):
+    "`--round-to`: 'auto' or a whole number (argparse refuses anything else in one line)."
+    if s == 'auto' or s.isdigit(): return s if s == 'auto' else int(s)
+    raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number, not {s!r}")
+
 def _check_prune_args(a):
     "Refuse `prune` arguments out of range or unused by the method, before any library loads."
     _check_threshold(a.threshold)
@@ -137,7 +151,7 @@ def _check_prune_args(a):
     _check_fractions(a)
     if a.sampled_timesteps is not None and a.sampled_timesteps < 1:
         raise UsageError(f"--sampled-timesteps must be at least 1 timestep, not {a.sampled_timesteps}")
-    if a.round_to is not None and a.round_to < 1: raise UsageError(f"--round-to must be at least 1, not {a.round_to}")
+    if a.round_to != 'auto' and a.round_to < 1: raise UsageError(f"--round-to must be at least 1, not {a.round_to}")
     if a.data is not None and a.method in ('magnitude', 'random'):  # it would be recorded as if it had been used
         raise UsageError(f"--method {a.method} scores the weights, not data: "
                          "drop --data (diff-pruning and taylor use it)")
@@ -440,8 +454,9 @@ def _prune_args(p):
     p.add_argument('--target-macs', type=float, help="fraction of the MACs to keep, in (0, 1)")
     p.add_argument('--sampled-timesteps', type=int, nargs='?', const=16, default=None, metavar='K',
                    help="fast mode: K stratified timesteps instead of all kept ones (default K: 16)")
-    p.add_argument('--round-to', type=int, metavar='N',
-                   help="keep pruned widths multiples of N (16 suits AVX-512 CPUs, 8 GPU tensor cores)")
+    p.add_argument('--round-to', type=_round_to, default='auto', metavar='N',
+                   help="keep pruned widths multiples of N; 'auto' (the default): 8 with --target-macs where the "
+                        "model allows, else any width; 16 is faster on CPUs but cost FID; 1: any width")
     _conditioning(p)
     p.add_argument('--calibration-steps', type=int, default=20,
                    help="DDIM steps of the teacher's calibration latents (latent pipelines without --data)")

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PREDICTION_TYPES', 'alpha_bar', 'add_noise', 'unet_output', 'map_cond', 'repeat_cond', 'index_cond', 'cond_to',
            'stack_cond', 'prediction_type', 'regression_target', 'x0_and_eps', 'denoising_loss', 'eps_loss',
-           'ddim_timesteps', 'sample_shape', 'initial_noise', 'compile_with', 'compile_unet', 'ddim_sample',
+           'ddim_timesteps', 'sample_shape', 'initial_noise', 'compile_with', 'cond_for', 'compile_unet', 'ddim_sample',
            'ddpm_sample']
 
 # %% ../nbs/01a_diffusion.ipynb #5a8a8d22
@@ -130,27 +130,41 @@ def initial_noise(n:int, shape, seed:int=0) -> torch.Tensor:
 # %% ../nbs/01a_diffusion.ipynb #c978c3e9
 _log = logging.getLogger('diffprune')
 
+def _compiler_error(e:Exception):
+    "The error of torch.compile's own machinery (dynamo, a backend, inductor) in `e`'s chain, else None."
+    from torch._dynamo.exc import TorchDynamoException
+    while e is not None:
+        if isinstance(e, TorchDynamoException): return e
+        e = getattr(e, 'inner_exception', None) or e.__cause__
+    return None
+
 def _root_cause(e:Exception) -> str:
     "The first line of the exception at the bottom of `e`'s chain (dynamo wraps the backend's own error)."
     while (inner := getattr(e, 'inner_exception', None) or e.__cause__) is not None: e = inner
     return f"{type(e).__name__}: " + next((l for l in str(e).splitlines() if l.strip()), '')
 
 def compile_with(unet, warmup, # `warmup(module)` makes the calls the module is compiled for
-                 mode:str=None, # `torch.compile` mode: None, 'reduce-overhead' (CUDA graphs) or 'max-autotune'
+                 mode:str=None, # `torch.compile` mode: None, 'reduce-overhead' (CUDA graphs), 'max-autotune', ...
                  backend='inductor') -> tuple:
-    "`(module, seconds)`: `unet` compiled by `torch.compile` during `warmup`; eager `(unet, 0.)` if that fails."
+    "`(module, seconds)`: `unet` compiled by `torch.compile` during `warmup`; eager `(unet, 0.)` if compiling fails."
     net = torch.compile(unet, mode=mode, backend=backend, dynamic=False)
     t0 = time.perf_counter()
-    try:
-        with torch.no_grad():
+    try:  # past dynamo's recompile limit it would run eagerly without a word: make that a failure, and say it
+        with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             for _ in range(3 if mode == 'reduce-overhead' else 1): warmup(net)  # CUDA graphs record on a later call
-    except Exception as e:  # no C++ compiler, an op the backend lacks, ...: eager gives the same images
+    except Exception as e:  # the compiler's failure (no C++ compiler, an op a backend lacks): eager gives the same
+        if _compiler_error(e) is None: raise  # images. Any other error (bad input, out of memory) is the caller's
         _log.warning(f"torch.compile failed, running the UNet eagerly instead: {_root_cause(e)}")
         return unet, 0.
     if next(unet.parameters()).device.type == 'cuda': torch.cuda.synchronize()
     return net, time.perf_counter() - t0
 
 # %% ../nbs/01a_diffusion.ipynb #839e03f3
+def cond_for(cond, unet):
+    "`cond` on `unet`'s device, its floating-point tensors in `unet`'s dtype (a bf16 UNet takes bf16 embeddings)."
+    p = next(unet.parameters())
+    return map_cond(cond, lambda v: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device))
+
 def compile_unet(unet, batch:int, # images per call the compiled UNet is built for
                  cond=None, # conditioning of one batch (`batch` rows), or None
                  mode:str=None, backend='inductor') -> tuple:
@@ -158,7 +172,7 @@ def compile_unet(unet, batch:int, # images per call the compiled UNet is built f
     p = next(unet.parameters())
     x = torch.zeros(batch, *sample_shape(unet), device=p.device, dtype=p.dtype)
     t = torch.zeros(batch, dtype=torch.long, device=p.device)
-    return compile_with(unet, lambda net: unet_output(net, x, t, cond), mode, backend)
+    return compile_with(unet, lambda net: unet_output(net, x, t, cond_for(cond, unet)), mode, backend)
 
 # %% ../nbs/01a_diffusion.ipynb #8b411852
 def _passes(xs:torch.Tensor, cond, per_pass:int, pad:bool=False):
@@ -196,13 +210,14 @@ def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, images_per_
     xs = initial_noise(n, shape, seed)
     per = min(n, images_per_pass)
     net = _sampling_unet(unet, compile, per, cond, progress)
+    if is_compiled_module(unet): per = images_per_pass  # compiled by the caller, for `images_per_pass` rows a call
     out = []
     for x, c, k in tqdm(_passes(xs, cond, per, pad=is_compiled_module(net)), desc=f'DDIM-{steps}',
                         total=-(-n // per), disable=not progress, leave=False):
         x = x.to(device)
         for t in ts:
             a, a_prev = abar[t], (abar[t - gap] if t - gap >= 0 else torch.tensor(1.))
-            y = unet_output(net, x.to(p.dtype), torch.full((len(x),), t, device=device), cond_to(c, device))
+            y = unet_output(net, x.to(p.dtype), torch.full((len(x),), t, device=device), cond_for(c, unet))
             x0 = x0_and_eps(scheduler, x, y.float(), t)[0].clamp(-1, 1)
             eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
@@ -226,6 +241,7 @@ def ddpm_sample(unet, scheduler, n:int=16, seed:int=0, images_per_pass:int=256,
     xs = torch.randn((n, *shape), generator=g)
     per = min(n, images_per_pass)
     net = _sampling_unet(unet, compile, per, None, progress)
+    if is_compiled_module(unet): per = images_per_pass  # compiled by the caller, for `images_per_pass` rows a call
     out = []
     for x, _, k in _passes(xs, None, per, pad=is_compiled_module(net)):
         x = x.to(device)

@@ -170,7 +170,7 @@ def evaluate(model, # 'digits', a model folder, a hub id or a `(unet, scheduler)
     sampling = latency(nets, sampling_batch, max(1, repeats // 2), warmup=1, sampling_steps=sample_steps)
     for k, (_, m) in measured.items():
         m.update(latency_ms=statistics.median(runs[k]), sampling_ms=sampling[k])
-        if k in compile_s: m['compile_s'] = compile_s[k]
+        if compile: m.update(compile_s=compile_s[k], compiled=nets[k][0] is not models[k][0])  # False: fell back
     ev = Evaluation(measured['model'][1], samples=measured['model'][0], settings=settings)
     if teacher is not None:
         ev.teacher_samples, ev.teacher_metrics = measured['teacher']

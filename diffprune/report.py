@@ -45,7 +45,7 @@ class RecipeSettings:
     sample_steps: int = 50 # DDIM steps per sample
     seed: int = 0
     device: str = 'cpu'
-    compile: object = False # True or a `torch.compile` mode: evaluate the compiled UNets (`evaluate`)
+    compile: bool | str = False # True or a `torch.compile` mode: evaluate the compiled UNets (`evaluate`)
 
 # %% ../nbs/08_report.ipynb #fe3c39e5
 @dataclass
@@ -63,12 +63,13 @@ class RecipeResult:
 def to_dict(self:RecipeResult) -> dict:
     ev = self.evaluation.to_dict()
     keys = ('params', 'macs', 'attn_macs', 'fid', 'latency_ms', 'sampling_ms')
-    keys += ('compile_s',) if 'compile_s' in ev else ()
+    keys += ('compile_s', 'compiled') if 'compile_s' in ev else ()
     d = dict(teacher={k: ev['teacher'][k] for k in keys}, pruned={k: ev[k] for k in keys},
              ssim=ev['ssim'], mse=ev['mse'], speedup=ev['speedup'], macs_reduction=ev['macs_reduction'],
              speedup_range=[ev.get('speedup_low', ev['speedup']), ev.get('speedup_high', ev['speedup'])],
              seconds=sum(self.times.values()), step_seconds=self.times, settings=vars(self.settings),
-             prune=self.pruned.summary(), finetune=self.finetuned.summary())
+             prune=self.pruned.summary(), finetune=self.finetuned.summary(),
+             latency_batch=ev['settings']['latency_batch'], sampling_batch=ev['settings']['sampling_batch'])
     if self.analysis is not None:
         d.update(t_prime=self.analysis.t_prime, kept_timesteps=self.analysis.kept_timesteps)
     if 'fid_calibration' in ev: d['fid_calibration'] = ev['fid_calibration']
@@ -127,7 +128,8 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True, **kw) -> RecipeResult:
 def summary_text(d:dict) -> str:
     "The recipe's summary table as plain text."
     rows = [('params', 'params', '{:,.0f}'), ('MACs (conv+linear)', 'macs', '{:,.0f}'), ('FID', 'fid', '{:.2f}'),
-            ('forward latency ms (batch 64)', 'latency_ms', '{:.1f}'), ('sampling ms (DDIM)', 'sampling_ms', '{:.0f}')]
+            (f"forward latency ms (batch {d.get('latency_batch', 64)})", 'latency_ms', '{:.1f}'),
+            (f"sampling ms (DDIM, batch {d.get('sampling_batch', 16)})", 'sampling_ms', '{:.0f}')]
     w = max(len(r[0]) for r in rows) + 2
     lines = [f"{'':{w}}{'teacher':>16}{'pruned':>16}{'pruned / teacher':>18}"]
     for label, k, f in rows:
@@ -137,8 +139,9 @@ def summary_text(d:dict) -> str:
     lines.append(f"SSIM vs teacher (same noise): {d['ssim']:.3f}   measured speedup: {d['speedup']:.2f}x "
                  f"(paired runs {lo:.2f}-{hi:.2f})   MACs reduction: {d['macs_reduction']:.2f}x")
     if 'compile_s' in d['pruned']:
-        lines.append(f"compiled ({d['settings'].get('compile')}): teacher in {d['teacher']['compile_s']:.0f} s, "
-                     f"pruned in {d['pruned']['compile_s']:.0f} s, before the times above")
+        how = {k: f"in {d[k]['compile_s']:.0f} s" if d[k]['compiled'] else 'FAILED, eager' for k in ('teacher', 'pruned')}
+        lines.append(f"torch.compile ({d['settings'].get('compile')}): teacher {how['teacher']}, "
+                     f"pruned {how['pruned']}; not in the times above")
     if 'fid_calibration' in d:
         lines.append(f"FID calibration: train vs held-out digits {d['fid_calibration']['train_vs_heldout']:.2f}, "
                      f"digits vs noise {d['fid_calibration']['real_vs_noise']:.1f}")

@@ -95,3 +95,14 @@ def test_model_with_nothing_prunable_is_refused():
     u = tiny_unet()
     ignored = [m for m in u.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     with pytest.raises(ValueError, match='nothing prunable'): UNetPruner(u, importance_criterion('magnitude'), ignored=ignored)
+
+def test_default_round_to_rounds_macs_targets_on_the_cpu_and_leaves_ratios_free():
+    "round_to='auto': a MACs target gets widths in multiples of 8 on a CPU; a small pruning ratio still prunes."
+    scored = score_model('digits', method='magnitude', progress=False)
+    by_macs = prune_model(scored, target_macs=0.5)
+    assert by_macs.round_to == 8 and abs(by_macs.macs_after / by_macs.macs_before - 0.5) < 0.03
+    assert all(o % 8 == 0 for n, (i, o) in by_macs.widths_after.items() if n != 'conv_out')
+    by_ratio = prune_model(scored, pruning_ratio=0.1)  # rounding would leave a small ratio little or nothing to remove
+    assert by_ratio.round_to is None and by_ratio.params_after < by_ratio.params_before
+    # the same pruner gives the same plans in any order (a fallback must not stick)
+    assert prune_model(scored, target_macs=0.5).widths_after == by_macs.widths_after
