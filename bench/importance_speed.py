@@ -38,8 +38,9 @@ def kept(unet, sched):
 
 def bench(name, unet, sched, x0, thr, ks, ipps, max_t=None, seed=0):
     "Baseline, exact and fast modes on one model, side by side; rows of seconds, speedups and kept-channel agreement."
+    sync = torch.cuda.synchronize if x0.is_cuda else (lambda: None)  # the clock is read after the GPU's work is done
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device); rows = []
-    t0 = time.perf_counter(); t_prime = paper_loop(unet, sched, x0, noise, thr, max_t); t_base = time.perf_counter() - t0
+    t0 = time.perf_counter(); t_prime = paper_loop(unet, sched, x0, noise, thr, max_t); sync(); t_base = time.perf_counter() - t0
     base = kept(unet, sched)
     rows.append(dict(model=name, mode='paper loop', seconds=t_base, speedup=1.0, jaccard=1.0, backward_passes=t_prime + 1, t_prime=t_prime))
     # exact: analysis and gradients in one sweep, `ipp` images (timesteps x batch) per pass; pass sizes that stack the
@@ -47,7 +48,7 @@ def bench(name, unet, sched, x0, thr, ks, ipps, max_t=None, seed=0):
     for ipp in sorted({max(1, ipp // len(x0)) * len(x0) for ipp in ipps}):
         t0 = time.perf_counter()
         ana, passes = taylor_gradients(unet, sched, x0, noise, thr, range(max_t or sched.config.num_train_timesteps), images_per_pass=ipp, progress=False)
-        t_ex = time.perf_counter() - t0
+        sync(); t_ex = time.perf_counter() - t0
         rows.append(dict(model=name, mode=f'exact ipp={ipp}', images_per_pass=ipp, seconds=t_ex, speedup=t_base / t_ex,
                          jaccard=jaccard(base, kept(unet, sched)), backward_passes=passes, t_prime=ana.t_prime))
     for k in ks:  # fast: a strided analysis up to T' (score_model's default stride T/50), then k stratified timesteps
@@ -55,7 +56,7 @@ def bench(name, unet, sched, x0, thr, ks, ipps, max_t=None, seed=0):
         if max_t: tp_fast = max_t - 1
         else: tp_fast = analyze_timesteps((unet, sched), x0, thr, stride=sched.config.num_train_timesteps // 50, until_threshold=True, seed=seed, progress=False).t_prime
         p = accumulate_gradients(unet, sched, x0, noise, *stratified_timesteps(range(tp_fast + 1), k, seed), progress=False)
-        t_f = time.perf_counter() - t0
+        sync(); t_f = time.perf_counter() - t0
         rows.append(dict(model=name, mode=f'fast k={k}', seconds=t_f, speedup=t_base / t_f, jaccard=jaccard(base, kept(unet, sched)), backward_passes=p, t_prime=tp_fast))
     return rows
 

@@ -57,7 +57,9 @@ def phase(name:str, arg:int, quick:bool, device) -> dict:
     elif name == 'score fast':  # analysis without gradients up to T' (here: 100), then 16 timesteps' gradients
         analyze_timesteps((u, s), x0, 0.05, stride=20, until_threshold=True, progress=False)
         ts, w = stratified_timesteps(range(100), 16, 0)
-        accumulate_gradients(u, s, x0, noise, ts, w, timesteps_per_pass=max(1, arg // len(x0)), progress=False)
+        per = min(len(ts), max(1, arg // len(x0)))  # timesteps per pass: 16 at most
+        accumulate_gradients(u, s, x0, noise, ts, w, timesteps_per_pass=per, progress=False)
+        arg = per * len(x0)  # the images a pass really held
     elif name == 'finetune':  # on random images of the model's shape (the digits have one channel, CIFAR three)
         finetune((u, s), Images(torch.rand(256, *sample_shape(u), generator=g) * 2 - 1), steps=2, batch_size=arg,
                  device=device, progress=False)
@@ -85,6 +87,7 @@ if __name__ == '__main__':
     rows = []
     for name, k in jobs:
         if cuda:  # the allocator's own peak, reset per phase: one process will do
+            if not rows: phase('sample', 2, a.quick, a.device)  # cuDNN's one-time workspace, before any baseline
             rows.append(phase(name, k, a.quick, a.device))
             torch.cuda.empty_cache()
         else:  # the resident set's peak never goes down: a process per phase
@@ -94,10 +97,14 @@ if __name__ == '__main__':
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(table(rows[-1:], ['phase', 'images', 'peak_mib', 'above_model_mib', 'seconds']), flush=True)
     ex = [r for r in rows if r['phase'] == 'score exact']
-    # MiB per image in a scoring pass, fitted through the smallest and largest pass sizes
-    slope = (ex[-1]['above_model_mib'] - ex[0]['above_model_mib']) / (ex[-1]['images'] - ex[0]['images'])
-    fixed = ex[0]['above_model_mib'] - slope * ex[0]['images']
-    fits = {f'{gib} GiB': max(0, int((gib * 1024 - ex[0]['model_mib'] - fixed) / slope)) for gib in (8, 16, 24, 80)}
+    if len({r['images'] for r in ex}) < 2: sys.exit("--images-per-pass needs two sizes or more to fit the memory per image")
+    # MiB per image in a scoring pass: a least-squares line through every pass size measured
+    n, xs, ys = len(ex), [r['images'] for r in ex], [r['above_model_mib'] for r in ex]
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    fixed = my - slope * mx
+    fits = ({f'{gib} GiB': max(0, int((gib * 1024 - ex[0]['model_mib'] - fixed) / slope)) for gib in (8, 16, 24, 80)}
+            if slope > 0 else {})  # a flat line (noise of a tiny model's resident set) predicts nothing
     print(table(rows, ['phase', 'images', 'peak_mib', 'above_model_mib', 'model_mib', 'seconds']))
     print(f"exact-mode scoring: {slope:.1f} MiB per image in a pass (+{fixed:.0f} MiB); images per pass that fit: {fits}")
     write(a.out, f"{a.name}_{'cuda' if cuda else 'cpu'}" + ('_quick' if a.quick else ''),

@@ -100,6 +100,8 @@ if __name__ == '__main__':
     p.add_argument('--quick', action='store_true', help="a tiny UNet, one target, a few repeats: checks the script runs")
     p.add_argument('--name', default='speedup_vs_macs', help="results file name (the device is appended)")
     a = p.parse_args()
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()  # .to(dtype) warns on every model, though these UNets keep nothing in fp32
     torch._dynamo.config.recompile_limit = 1024  # one compiled graph per model and shape, all kept
     torch._dynamo.config.accumulated_recompile_limit = 4096
     kind = torch.device(a.device).type
