@@ -5,8 +5,9 @@
 #   2. importance speed, the paper's loop against exact and fast mode (importance_speed.py, 120 s);
 #   3. speed against MACs on the CIFAR-10 config: eager and compiled, fp32 and bf16, torch.compile's default mode and
 #      'reduce-overhead' (CUDA graphs), at batch 1 and 128 (speedup_vs_macs.py), in the time that is left.
-# Each step has its own time limit, and speedup_vs_macs.py rewrites its JSON after each configuration, so a step
-# stopped at its limit keeps what it measured; the script goes on with the next.
+# Each step has its own time limit, and the script goes on with the next when one is stopped at it: speedup_vs_macs.py
+# rewrites its JSON after each configuration, so it keeps what it measured; memory.py and importance_speed.py write
+# theirs at the end, so a stopped one leaves its earlier results as they were.
 #
 #   bash bench/gpu.sh                          # on a GPU
 #   bash bench/gpu.sh --device cpu --quick     # anywhere, in a minute: the same scripts on tiny settings (a test runs it)
@@ -21,12 +22,14 @@ while [ $# -gt 0 ]; do
   esac
   case "$1" in
     --device) device="$2";;
-    --out) mkdir -p "$2" && out="$(cd "$2" && pwd)";;  # made absolute before the cd below
+    --out) mkdir -p "$2" 2>/dev/null && out="$(cd "$2" && pwd)" \
+             || { echo "bench/gpu.sh: cannot write to --out $2" >&2; exit 2; };;  # absolute before the cd below
     --limit) limit="$2";;
   esac
   shift 2
 done
 case "$limit" in ''|*[!0-9]*) echo "bench/gpu.sh: --limit must be whole seconds, not $limit" >&2; exit 2;; esac
+limit=$((10#$limit))  # 08 is eight seconds, not a bad octal number
 cd "$(dirname "$0")"
 py="${PYTHON:-python3}"
 failed=0
@@ -36,9 +39,9 @@ step() {  # step SECONDS SCRIPT ARGS...: run one benchmark under its limit; note
   local left=$(( limit - SECONDS - 5 ))
   [ "$secs" -gt "$left" ] && secs=$left
   if [ "$secs" -lt 10 ]; then echo "bench/gpu.sh: no time left for $1; skipped"; return; fi
-  timeout "$secs" "$py" "$@" $quick --device "$device" --out "$out"
+  timeout --foreground "$secs" "$py" "$@" $quick --device "$device" --out "$out"  # Ctrl-C reaches the step
   local rc=$?
-  if [ $rc = 124 ]; then echo "bench/gpu.sh: $1 stopped at its limit of $secs s"
+  if [ $rc = 124 ]; then echo "bench/gpu.sh: $1 stopped at its limit of $secs s"; failed=1
   elif [ $rc != 0 ]; then echo "bench/gpu.sh: $1 failed (exit $rc)"; failed=1; fi
 }
 

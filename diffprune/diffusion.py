@@ -131,10 +131,13 @@ def initial_noise(n:int, shape, seed:int=0) -> torch.Tensor:
 _log = logging.getLogger('diffprune')
 
 def _compiler_error(e:Exception):
-    "The error of torch.compile's own machinery (dynamo, a backend, inductor) in `e`'s chain, else None."
-    from torch._dynamo.exc import TorchDynamoException
+    "The compiler's own failure in `e`'s chain (a backend or inductor failed, the recompile limit was hit), else None."
+    # not dynamo's TorchRuntimeError: that wraps an error of the model's own while tracing, which eager would raise too
+    from torch._dynamo import exc
+    kinds = tuple(getattr(exc, n) for n in ('BackendCompilerFailed', 'FailOnRecompileLimitHit', 'FailOnCacheLimitHit')
+                  if hasattr(exc, n))
     while e is not None:
-        if isinstance(e, TorchDynamoException): return e
+        if isinstance(e, kinds): return e
         e = getattr(e, 'inner_exception', None) or e.__cause__
     return None
 
@@ -149,8 +152,10 @@ def compile_with(unet, warmup, # `warmup(module)` makes the calls the module is 
     "`(module, seconds)`: `unet` compiled by `torch.compile` during `warmup`; eager `(unet, 0.)` if compiling fails."
     net = torch.compile(unet, mode=mode, backend=backend, dynamic=False)
     t0 = time.perf_counter()
-    try:  # past dynamo's recompile limit it would run eagerly without a word: make that a failure, and say it
-        with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+    # past dynamo's recompile limit it would run eagerly without a word: make that a failure, and say it
+    limit = {n: True for n in ('fail_on_recompile_limit_hit',) if hasattr(torch._dynamo.config, n)}  # torch >= 2.6
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(**limit):
             for _ in range(3 if mode == 'reduce-overhead' else 1): warmup(net)  # CUDA graphs record on a later call
     except Exception as e:  # the compiler's failure (no C++ compiler, an op a backend lacks): eager gives the same
         if _compiler_error(e) is None: raise  # images. Any other error (bad input, out of memory) is the caller's
@@ -172,7 +177,9 @@ def compile_unet(unet, batch:int, # images per call the compiled UNet is built f
     p = next(unet.parameters())
     x = torch.zeros(batch, *sample_shape(unet), device=p.device, dtype=p.dtype)
     t = torch.zeros(batch, dtype=torch.long, device=p.device)
-    return compile_with(unet, lambda net: unet_output(net, x, t, cond_for(cond, unet)), mode, backend)
+    net, secs = compile_with(unet, lambda net: unet_output(net, x, t, cond_for(cond, unet)), mode, backend)
+    if net is not unet: net.compiled_batch = batch  # the samplers then call it at this batch, padding the last pass
+    return net, secs
 
 # %% ../nbs/01a_diffusion.ipynb #8b411852
 def _passes(xs:torch.Tensor, cond, per_pass:int, pad:bool=False):
@@ -210,7 +217,7 @@ def ddim_sample(unet, scheduler, n:int=16, steps:int=50, seed:int=0, images_per_
     xs = initial_noise(n, shape, seed)
     per = min(n, images_per_pass)
     net = _sampling_unet(unet, compile, per, cond, progress)
-    if is_compiled_module(unet): per = images_per_pass  # compiled by the caller, for `images_per_pass` rows a call
+    per = getattr(net, 'compiled_batch', per) if is_compiled_module(net) else per  # `compile_unet`'s batch
     out = []
     for x, c, k in tqdm(_passes(xs, cond, per, pad=is_compiled_module(net)), desc=f'DDIM-{steps}',
                         total=-(-n // per), disable=not progress, leave=False):
@@ -241,7 +248,7 @@ def ddpm_sample(unet, scheduler, n:int=16, seed:int=0, images_per_pass:int=256,
     xs = torch.randn((n, *shape), generator=g)
     per = min(n, images_per_pass)
     net = _sampling_unet(unet, compile, per, None, progress)
-    if is_compiled_module(unet): per = images_per_pass  # compiled by the caller, for `images_per_pass` rows a call
+    per = getattr(net, 'compiled_batch', per) if is_compiled_module(net) else per  # `compile_unet`'s batch
     out = []
     for x, _, k in _passes(xs, None, per, pad=is_compiled_module(net)):
         x = x.to(device)

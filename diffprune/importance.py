@@ -34,7 +34,9 @@ def default_images_per_pass(unet, device=None) -> int:
     values = h * w * unet.config.block_out_channels[0]
     if dev.type == 'cpu': return max(1, min(128, (1 << 22) // values))
     per_image = BYTES_PER_ACTIVATION * values * next(unet.parameters()).element_size() / 4
-    return max(1, min(128, int(0.7 * torch.cuda.mem_get_info(dev)[0] / per_image)))
+    free = torch.cuda.mem_get_info(dev)[0]
+    if torch.cuda.is_initialized(): free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # cached
+    return max(1, min(128, int(0.7 * free / per_image)))
 
 # %% ../nbs/03_importance.ipynb #41337d74
 def accumulate_gradients(unet, scheduler, x0:torch.Tensor, # calibration batch in [-1, 1]

@@ -8,7 +8,7 @@ __all__ = ['ROUND_TO', 'example_inputs', 'added_cond_example', 'attention_heads'
            'prune_model', 'kept_channels', 'jaccard', 'PruneExplorer']
 
 # %% ../nbs/04_prune.ipynb #8eeeb82e
-import copy, math, time
+import copy, math, numbers, time
 from dataclasses import dataclass
 from fastcore.basics import patch
 import torch, torch.nn as nn, numpy as np, pandas as pd
@@ -105,9 +105,9 @@ class GroupInfo:
     scores: torch.Tensor
 
 # %% ../nbs/04_prune.ipynb #0c100fa2
-# chosen by measurement (11_benchmarks, section 2): on a CPU, 16 ran 8-22% faster than 8 or any width at the same
-# MACs, but its coarser widths finetuned to a worse FID (46.5 against 38.7 at 50 DDIM steps, one seed), so the CPU
-# gets 8 too; on CUDA 8 is NVIDIA's alignment for tensor cores (one H200 run could not tell it from any width)
+# chosen by measurement (11_benchmarks, section 2): on a CPU, 16 ran 8-22% faster than any width at the same MACs
+# (digits, batch 64), but its coarser widths finetuned to a worse FID (46.5 against 38.7 at 50 DDIM steps, one seed),
+# so the CPU gets 8 too; on CUDA 8 is NVIDIA's alignment for tensor cores (one H200 run could not tell it apart)
 ROUND_TO = {'cpu': 8, 'cuda': 8}
 
 def default_round_to(device) -> int | None:
@@ -124,8 +124,10 @@ class UNetPruner:
                 ):
         self.auto = round_to == 'auto'
         if self.auto: round_to = default_round_to(next(unet.parameters()).device)
-        elif round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-            raise InputError(f"round_to must be 'auto' or a whole number of at least 1, not {round_to!r}")
+        elif round_to is not None:
+            if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral) or round_to < 1:
+                raise InputError(f"round_to must be 'auto' or a whole number of at least 1, not {round_to!r}")
+            round_to = int(round_to)  # a numpy integer too
         self.unet = unet
         self.meta = tp.pruner.MetaPruner(unet, example_inputs(unet), importance=criterion, pruning_ratio=0.,
                                          ignored_layers=[unet.conv_out, *ignored], num_heads=attention_heads(unet),
@@ -137,8 +139,9 @@ class UNetPruner:
         self.convs, self.attns = layer_macs(unet)
         self._rounding = round_to
         self._use(round_to)
-        if not self.units and self.auto: self._rounding = None  # 'auto' on a model too narrow for it: any width
-        self._use(self._rounding)
+        if not self.units and self.auto:  # 'auto' on a model too narrow for it: any width
+            self._rounding = None
+            self._use(None)
         if not self.units:
             raise InputError(f"no width of this model can be pruned to a multiple of {round_to}: "
                              "use a smaller round_to (--round-to)")

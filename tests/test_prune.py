@@ -104,5 +104,10 @@ def test_default_round_to_rounds_macs_targets_on_the_cpu_and_leaves_ratios_free(
     assert all(o % 8 == 0 for n, (i, o) in by_macs.widths_after.items() if n != 'conv_out')
     by_ratio = prune_model(scored, pruning_ratio=0.1)  # rounding would leave a small ratio little or nothing to remove
     assert by_ratio.round_to is None and by_ratio.params_after < by_ratio.params_before
-    # the same pruner gives the same plans in any order (a fallback must not stick)
-    assert prune_model(scored, target_macs=0.5).widths_after == by_macs.widths_after
+    # one pruner gives the same plan for a target before and after a ratio's plan (the any-width fallback does not stick)
+    with scored.gradients_on():
+        pr = UNetPruner(scored.unet, scored.criterion)
+        first = pr.plan_for_macs(0.5)
+        pr.plan(0.1)
+        assert pr.round_to is None and pr.plan_for_macs(0.5) == first and pr.round_to == 8
+    with pytest.raises(ValueError, match='round_to'): prune_model(scored, target_macs=0.5, round_to=True)
