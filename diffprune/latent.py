@@ -18,7 +18,8 @@ from diffusers import (AutoencoderKL, VQModel, UNet2DModel, UNet2DConditionModel
                        LDMPipeline, ImagePipelineOutput)
 from .data import InputError, get_dataset, take
 from . import quiet_loading
-from .models import save_unet, hub_card, load_unet, atomic_dir, commit_dir, ModelError, check_unet_pipeline
+from .models import (save_unet, hub_card, block_widths, load_unet, atomic_dir, commit_dir, ModelError,
+                              check_unet_pipeline)
 from .diffusion import (unet_output, index_cond, cond_to, initial_noise, ddim_timesteps, sample_shape, x0_and_eps)
 from .importance import score_model
 from .finetuning import finetune
@@ -274,7 +275,7 @@ def write_pipeline(pipe, folder, meta:dict=None):
     index['unet'] = ['diffprune' if name.startswith('Pruned') else 'diffusers', name]
     (folder/'model_index.json').write_text(json.dumps(index, indent=2))
     tag = 'text-to-image' if getattr(pipe, 'text_encoder', None) is not None else 'unconditional-image-generation'
-    (folder/'README.md').write_text(hub_card(meta or {}, name.startswith('Pruned'), tag))
+    (folder/'README.md').write_text(hub_card(meta or {}, name.startswith('Pruned'), tag, block_widths(pipe.unet)))
 
 # %% ../nbs/07_latent.ipynb #7bbccb27
 def save_pipeline(pipe, path, meta:dict=None) -> Path:

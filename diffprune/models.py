@@ -6,7 +6,7 @@
 __all__ = ['DIGITS_CONFIG', 'CIFAR10_CONFIG', 'PRUNED_CLASSES', 'UNET_CLASSES', 'PRUNED_NOTE', 'ASSETS', 'DIGITS_TEACHER',
            'unet_config', 'tiny_unet', 'ModelError', 'unet_structure', 'apply_structure', 'match_attention_scale',
            'is_pruned', 'PrunedUNetMixin', 'PrunedUNet2DModel', 'PrunedUNet2DConditionModel', 'as_pruned', 'write_json',
-           'atomic_dir', 'commit_dir', 'save_unet', 'hub_card', 'save_model', 'read_json', 'load_unet',
+           'atomic_dir', 'commit_dir', 'save_unet', 'block_widths', 'hub_card', 'save_model', 'read_json', 'load_unet',
            'check_unet_pipeline', 'load_model', 'push_to_hub']
 
 # %% ../nbs/01_models.ipynb #1caede0d
@@ -247,8 +247,21 @@ def _card_rows(meta:dict) -> list:
     rows += [(k, e[k]) for k in ('fid', 'teacher_fid', 'ssim', 'speedup') if k in e]
     return rows
 
+def block_widths(unet) -> dict:
+    "`{block: 'w, w of W'}`: each UNet block's ResNet output widths, of the block's `block_out_channels` width."
+    from diffusers.models.resnet import ResnetBlock2D
+    boc = list(unet.config.block_out_channels)
+    full = {**{f'down_blocks.{i}': w for i, w in enumerate(boc)}, 'mid_block': boc[-1],
+            **{f'up_blocks.{i}': w for i, w in enumerate(reversed(boc))}}
+    found = {}
+    for n, m in unet.named_modules():
+        if isinstance(m, ResnetBlock2D): found.setdefault(n.split('.resnets.')[0], []).append(m.conv2.out_channels)
+    return {b: ', '.join(map(str, ws)) + (f' of {full[b]}' if b in full else '') for b, ws in found.items()}
+
 # %% ../nbs/01_models.ipynb #51b82af8
-def hub_card(meta:dict, pruned:bool, pipeline_tag:str='unconditional-image-generation') -> str:
+def hub_card(meta:dict, pruned:bool, pipeline_tag:str='unconditional-image-generation',
+             widths:dict=None, # `block_widths` of the UNet
+            ) -> str:
     "The folder's `README.md`: a model card with the YAML metadata the Hub reads, the settings, sizes and metrics."
     from huggingface_hub import ModelCardData
     source, method = meta.get('source'), meta.get('prune', {}).get('method')
@@ -258,7 +271,8 @@ def hub_card(meta:dict, pruned:bool, pipeline_tag:str='unconditional-image-gener
                          pipeline_tag=pipeline_tag)
     name = f"`{source}`" if source else 'A diffusion model'
     what = f"{name}, pruned with {method}" if method else f"{name}, saved by diffprune"
-    table = '\n'.join(f'| {k} | {v} |' for k, v in _card_rows(meta)) or '| (no run recorded) | |'
+    rows = _card_rows(meta) + [(f'widths {b}', w) for b, w in (widths or {}).items()]
+    table = '\n'.join(f'| {k} | {v} |' for k, v in rows) or '| (no run recorded) | |'
     repo = 'THIS_REPO'  # `push_to_hub` names the repository in what it uploads
     plain = f"from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained('{repo}')"
     load = (f"import diffprune  # the pruned UNet's class\nfrom huggingface_hub import snapshot_download\n"
@@ -298,7 +312,7 @@ def save_model(unet, scheduler, path, meta:dict=None):
         write_json({'_class_name': 'DDPMPipeline', '_diffusers_version': diffusers.__version__,
                     'unet': [library, name], 'scheduler': ['diffusers', scheduler.__class__.__name__]},
                    tmp/'model_index.json')
-        (tmp/'README.md').write_text(hub_card(meta or {}, library == 'diffprune'))
+        (tmp/'README.md').write_text(hub_card(meta or {}, library == 'diffprune', widths=block_widths(unet)))
         commit_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -62,6 +62,10 @@ def test_a_saved_folder_carries_a_hub_model_card_with_valid_metadata(pruned, tmp
     assert 'pruning' in card.data.tags and 'diff-pruning' not in card.data.tags  # pruned by magnitude
     assert card.data.base_model is None  # the shipped teacher is no hub id
     assert '| method | magnitude |' in card.text and '| params |' in card.text and 'import diffprune' in card.text
+    from diffprune.models import load_model, block_widths
+    widths = block_widths(load_model(pruned)[0])  # the card's widths are the pruned UNet's, e.g. '24, 24 of 32'
+    assert all(f'| widths {b} | {w} |' in card.text for b, w in widths.items()) and len(widths) >= 3
+    assert any(int(w.split(', ')[0]) < int(w.split(' of ')[1]) for w in widths.values())
     odd = ModelCard(hub_card(dict(source='x/y: z #c', prune=dict(method='diff-pruning')), pruned=True))
     assert odd.data.base_model is None and 'diff-pruning' in odd.data.tags  # an odd name is no base_model
     assert ModelCard(hub_card(dict(source='google/ddpm-cifar10-32'), pruned=False)).data.base_model == 'google/ddpm-cifar10-32'
