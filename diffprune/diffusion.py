@@ -130,20 +130,23 @@ def initial_noise(n:int, shape, seed:int=0) -> torch.Tensor:
 # %% ../nbs/01a_diffusion.ipynb #c978c3e9
 _log = logging.getLogger('diffprune')
 
+def _chain(e:Exception):
+    "`e` and the exceptions below it: dynamo keeps a backend's own error as `inner_exception`, Python as `__cause__`."
+    while e is not None:
+        yield e
+        e = getattr(e, 'inner_exception', None) or e.__cause__
+
 def _compiler_error(e:Exception):
     "The compiler's own failure in `e`'s chain (a backend or inductor failed, the recompile limit was hit), else None."
     # not dynamo's TorchRuntimeError: that wraps an error of the model's own while tracing, which eager would raise too
     from torch._dynamo import exc
     kinds = tuple(getattr(exc, n) for n in ('BackendCompilerFailed', 'FailOnRecompileLimitHit', 'FailOnCacheLimitHit')
                   if hasattr(exc, n))
-    while e is not None:
-        if isinstance(e, kinds): return e
-        e = getattr(e, 'inner_exception', None) or e.__cause__
-    return None
+    return next((x for x in _chain(e) if isinstance(x, kinds)), None)
 
 def _root_cause(e:Exception) -> str:
     "The first line of the exception at the bottom of `e`'s chain (dynamo wraps the backend's own error)."
-    while (inner := getattr(e, 'inner_exception', None) or e.__cause__) is not None: e = inner
+    *_, e = _chain(e)
     return f"{type(e).__name__}: " + next((l for l in str(e).splitlines() if l.strip()), '')
 
 def compile_with(unet, warmup, # `warmup(module)` makes the calls the module is compiled for
