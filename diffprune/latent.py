@@ -227,12 +227,15 @@ def prune_pipeline(pipe, # a latent diffusers pipeline (its UNet is pruned)
                    method:str='diff-pruning', threshold:float=0.05, sampled_timesteps:int=None, stride:int=None,
                    target_macs:float=None, pruning_ratio:float=None,
                    calibration_steps:int=20, # DDIM steps of the teacher's calibration latents
-                   seed:int=0, progress:bool=True, round_to='auto') -> tuple:
+                   seed:int=0, progress:bool=True, round_to='auto',
+                   layout:str='free-form', # or 'diffusers' (see `prune_model`)
+                  ) -> tuple:
     "Diff-Pruning on the UNet of a latent pipeline: `(pruned pipeline, PruneResult, (latents, cond))`."
     z, cond = calibration(pipe, images, calibration_size, prompts, class_labels, calibration_steps, seed, progress)
     scored = score_model((pipe.unet, pipe.scheduler), z, method, threshold, sampled_timesteps=sampled_timesteps,
                          stride=stride, cond=cond, seed=seed, progress=progress)
-    res = prune_model(scored, pruning_ratio=pruning_ratio, target_macs=target_macs, round_to=round_to)
+    res = prune_model(scored, pruning_ratio=pruning_ratio, target_macs=target_macs, round_to=round_to,
+                      layout=layout)
     return with_unet(pipe, res.unet), res, (z, cond)
 
 # %% ../nbs/07_latent.ipynb #3c463c4a

@@ -34,6 +34,7 @@ class RecipeSettings:
     calibration_size: int = 64 # calibration images
     stride: int = 1 # analyse every `stride`-th timestep
     sampled_timesteps: int = None # fast mode's K (None: exact)
+    layout: str = 'free-form' # 'diffusers': widths a plain diffusers config builds (`prune_model`)
 
     steps: int = 500 # finetune steps
     batch_size: int = 64 # finetune batch
@@ -113,7 +114,8 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True, **kw) -> RecipeResult:
                                                 sampled_timesteps=s.sampled_timesteps, stride=s.stride, analysis=ana,
                                                 seed=s.seed, device=s.device, progress=progress))
         pr = step('prune', lambda: prune_model(imp, pruning_ratio=s.pruning_ratio,
-                                               target_macs=None if s.pruning_ratio is not None else s.target_macs))
+                                               target_macs=None if s.pruning_ratio is not None else s.target_macs,
+                                               layout=s.layout))
         imp = None  # its gradients: not needed past the pruning, and as large as the model
         ft = step('finetune', lambda: finetune((pr.unet, pr.scheduler), s.data, s.steps, s.batch_size, s.lr, ema=s.ema,
                                                teacher=teacher if s.alpha > 0 else None, alpha=s.alpha, seed=s.seed,

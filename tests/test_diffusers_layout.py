@@ -1,0 +1,137 @@
+"""Issue #17, part 2: `layout='diffusers'` prunes to a plain diffusers config, which loads where diffprune is not
+installed, bit for bit as `load_model` loads it."""
+import json, subprocess, sys
+import pytest, torch
+from diffusers import DDPMScheduler, UNet2DModel, UNet2DConditionModel
+from diffusers.models.activations import GEGLU
+from safetensors.torch import load_file
+from diffprune.importance import ScoredModel, importance_criterion
+from diffprune.latent import tiny_latent_pipeline, prune_pipeline, save_pipeline
+from diffprune.models import CIFAR10_CONFIG, load_model, is_pruned
+from diffprune.prune import prune_model
+
+def magnitude(unet): return ScoredModel(unet, DDPMScheduler(num_train_timesteps=1000), 'magnitude',
+                                        importance_criterion('magnitude'))
+
+def inputs(unet):
+    "A fixed batch of 2 at timesteps 3 and 500, with text-like conditioning for a conditional UNet."
+    c, g = unet.config, torch.Generator().manual_seed(0)
+    d = dict(sample=torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g), timestep=torch.tensor([3, 500]))
+    if isinstance(unet, UNet2DConditionModel):
+        d['encoder_hidden_states'] = torch.randn(2, 4, c.cross_attention_dim, generator=g)
+    return d
+
+# a fresh interpreter (-I: no user site, no PYTHON* variables) in which `import diffprune` fails, as if not installed
+ISOLATED = """
+import sys, json; sys.modules['diffprune'] = None
+import torch, diffusers
+from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+folder, pipeline_class, out = sys.argv[1:]
+for name, cls in (('auto', DiffusionPipeline), ('own', getattr(diffusers, pipeline_class))):
+    pipe = cls.from_pretrained(folder)
+    assert type(pipe).__module__.startswith('diffusers.') and type(pipe.unet).__module__.startswith('diffusers.')
+    g = torch.Generator().manual_seed(0)
+    c = pipe.unet.config
+    kw = dict(sample=torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g),
+              timestep=torch.tensor([3, 500]))
+    if 'cross_attention_dim' in c: kw['encoder_hidden_states'] = torch.randn(2, 4, c.cross_attention_dim, generator=g)
+    with torch.no_grad(): save_file({'sample': pipe.unet(**kw).sample}, f'{out}-{name}.safetensors')
+print(json.dumps(sorted(m for m, v in sys.modules.items() if m.startswith('diffprune') and v is not None)))
+"""
+
+def load_without_diffprune(folder, pipeline_class, out) -> list:
+    "Outputs of the folder's UNet loaded by `DiffusionPipeline` and by `pipeline_class`, with diffprune unimportable."
+    r = subprocess.run([sys.executable, '-I', '-c', ISOLATED, str(folder), pipeline_class, str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []  # nothing of diffprune was imported
+    return [load_file(f'{out}-{n}.safetensors')['sample'] for n in ('auto', 'own')]
+
+def assert_plain(unet, cls):
+    "`unet` is exactly `cls(**its config)`: the class itself, every layer's shape as the config builds it."
+    assert type(unet) is cls and not is_pruned(unet)
+    fresh = cls.from_config(unet.config)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in unet.state_dict().items()}
+
+def test_the_diffusers_layout_is_a_plain_config_that_loads_without_diffprune(cli, tmp_path):
+    "The digits teacher by Diff-Pruning (CLI, MACs target), the CIFAR-10 UNet and a tiny Stable Diffusion pipeline."
+    r = cli('prune', '--layout', 'diffusers', '--target-macs', '0.5', '--calibration-size', '8', '--stride', '100',
+            '--out', tmp_path/'digits')
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path/'digits'/'result.json').read_text())['layout'] == 'diffusers'
+    torch.manual_seed(0)
+    cifar = prune_model(magnitude(UNet2DModel(**CIFAR10_CONFIG)), target_macs=0.5, layout='diffusers')
+    assert_plain(cifar.unet, UNet2DModel)
+    assert cifar.macs_after / cifar.macs_before <= 0.5 and cifar.unet.config.block_out_channels[0] < 128
+    cifar.save(tmp_path/'cifar10')
+    pipe = tiny_latent_pipeline('text', tokenizer_dir=tmp_path/'tok')
+    sd, res, _ = prune_pipeline(pipe, calibration_size=4, stride=200, target_macs=0.6, calibration_steps=2,
+                                prompts='a digit', progress=False, layout='diffusers')
+    assert_plain(sd.unet, UNet2DConditionModel) and res.layout == 'diffusers'
+    assert list(sd.unet.config.block_out_channels) != list(pipe.unet.config.block_out_channels)
+    save_pipeline(sd, tmp_path/'sd')
+    for name, cls in (('digits', 'DDPMPipeline'), ('cifar10', 'DDPMPipeline'), ('sd', 'StableDiffusionPipeline')):
+        index = json.loads((tmp_path/name/'model_index.json').read_text())
+        assert index['unet'][0] == 'diffusers', name
+        if name == 'sd':
+            from diffprune.latent import load_pipeline
+            ref = load_pipeline(tmp_path/name).unet
+        else: ref = load_model(tmp_path/name)[0]
+        assert_plain(ref, type(ref))
+        with torch.no_grad(): want = ref(**inputs(ref)).sample
+        for got in load_without_diffprune(tmp_path/name, cls, tmp_path/f'{name}-out'):
+            assert torch.equal(got, want), name
+
+def test_the_refitted_time_embedding_gives_the_teachers_at_every_timestep():
+    "A narrower first level means fewer sinusoids; the fitted first time layer gives the old embedding back."
+    teacher, sched = load_model('digits')
+    res = prune_model(magnitude(teacher), pruning_ratio=0.25, layout='diffusers')
+    u, t = res.unet, torch.arange(sched.config.num_train_timesteps)
+    assert u.config.block_out_channels[0] < teacher.config.block_out_channels[0]
+    with torch.no_grad(): got, want = (m.time_embedding(m.time_proj(t)) for m in (u, teacher))
+    assert torch.allclose(got, want, atol=1e-4 * want.abs().max())
+    assert res.time_fit_error < 1e-4 and res.summary()['layout'] == 'diffusers'
+
+def test_a_geglu_hidden_unit_goes_whole_value_and_gate():
+    "Hidden unit j of a GEGLU is rows j and H + j of its projection: a plan removing n units removes n pairs."
+    from diffprune.prune import UNetPruner
+    unet = tiny_latent_pipeline('text').unet
+    name = next(n for n, m in unet.named_modules() if isinstance(m, GEGLU))  # a feed-forward's `net.0`
+    ff = unet.get_submodule(name[:-len('.0')])
+    hidden = ff[2].in_features
+    rows = {b: i for i, b in enumerate(ff[0].proj.bias.tolist())}  # a row by its bias (random, so each its own)
+    assert len(rows) == 2 * hidden
+    pr = UNetPruner(unet, importance_criterion('magnitude'))
+    i = next(i for i, g in enumerate(pr.groups) if g.name == f'{name}.proj')
+    assert (pr.groups[i].ch_groups, pr.groups[i].size) == (2, hidden)
+    pr.apply({i: 5})
+    kept = [rows[b] for b in ff[0].proj.bias.tolist()]
+    assert ff[2].in_features == hidden - 5 and len(kept) == 2 * (hidden - 5)
+    assert [j + hidden for j in kept[:hidden - 5]] == kept[hidden - 5:]  # the gate of each kept unit is its own
+
+@pytest.mark.parametrize('extra, what', [
+    ({'time_embedding_type': 'fourier'}, 'positional time embedding'),
+])
+def test_a_unet_no_diffusers_config_can_prune_is_refused_in_one_line(extra, what):
+    from diffprune.models import unet_config
+    unet = UNet2DModel(**{**unet_config(16, 1, (16, 32), (False, True), norm_groups=4), **extra})
+    with pytest.raises(ValueError, match=what): prune_model(magnitude(unet), target_macs=0.5, layout='diffusers')
+
+@pytest.mark.parametrize('args, says', [
+    (['--layout', 'diffuser'], "invalid choice: 'diffuser'"),
+    (['--layout', 'diffusers', '--target-macs', '0.01'], 'no diffusers config reaches 1% of the MACs'),
+])
+def test_bad_layout_input_exits_2_with_one_line(cli, tmp_path, args, says):
+    base = ['prune', '--method', 'magnitude', '--out', tmp_path/'p']
+    r = cli(*base, *(['--target-macs', '0.5'] if '--target-macs' not in args else []), *args)
+    assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path/'p').exists()
+
+def test_run_and_demo_carry_the_layout_into_the_recipe():
+    from diffprune.cli import parser, _settings, LAYOUTS
+    from diffprune import prune
+    assert LAYOUTS == prune.LAYOUTS  # the CLI names them without importing torch
+    for cmd in (['run', '--out', 'x'], ['demo']):
+        assert _settings(parser().parse_args([*cmd, '--layout', 'diffusers'])).layout == 'diffusers'
+        assert _settings(parser().parse_args(cmd)).layout == 'free-form'
