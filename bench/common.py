@@ -1,5 +1,5 @@
 "Shared helpers of the benchmark scripts: argument parsing, JSON output, plain tables."
-import argparse, json, platform, time, os
+import argparse, json, math, platform, statistics, time, os
 from pathlib import Path
 import torch
 
@@ -56,3 +56,13 @@ def paired(runs:dict, base:str, other:str) -> dict:
     import statistics
     from diffprune.evaluation import paired_speedup
     return dict(ms=statistics.median(runs[other]), **paired_speedup(runs, base, other))
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086}
+
+def ci95(xs):
+    "Mean, std and half-width of the 95% t-interval."
+    n = len(xs)
+    m = statistics.mean(xs)
+    if n < 2: return m, 0., float('nan')
+    sd = statistics.stdev(xs)
+    return m, sd, T975.get(n - 1, 1.96) * sd / math.sqrt(n)

@@ -12,10 +12,10 @@ as runs finish, so an interrupted run continues where it stopped.
     # the paper's budget, 600 steps (10% of the teacher's 6000), as committed in results/paper_table_600.json:
     python bench/paper_table.py --steps 600 --samples 512 --seeds 3 --rows 'Diff-Pruning thr=0.05 + distill' --name paper_table_600
 """
-import json, math, time, statistics, copy
+import json, time, statistics
 from pathlib import Path
 import torch
-from common import parser, write, table
+from common import parser, write, table, ci95
 from diffprune.models import load_model
 from diffprune.diffusion import ddim_sample
 from diffprune.importance import score_model
@@ -23,14 +23,6 @@ from diffprune.prune import prune_model
 from diffprune.finetuning import finetune
 from diffprune.metrics import fid_score
 from diffprune.evaluation import consistency
-
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086}
-
-def ci95(xs):
-    "Mean, std and half-width of the 95% t-interval."
-    n = len(xs); m = statistics.mean(xs)
-    if n < 2: return m, 0., float('nan')
-    sd = statistics.stdev(xs); return m, sd, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 ROWS = {  # name: (method, threshold, alpha, reinit, stride)
     'Scratch': ('random', 0., 0., True, 1), 'Random': ('random', 0., 0., False, 1), 'Magnitude': ('magnitude', 0., 0., False, 1),

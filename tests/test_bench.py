@@ -24,3 +24,16 @@ def test_gpu_script_runs_quick_on_cpu(tmp_path):
 def test_gpu_script_refuses_an_unknown_argument_in_one_line():
     r = subprocess.run(['bash', str(ROOT/'bench'/'gpu.sh'), '--fast'], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and '--fast' in r.stderr, r.stderr
+
+def test_layouts_bench_runs_quick_and_pairs_the_layouts_at_the_same_macs(tmp_path):
+    "bench/layouts.py --quick: the three layouts of each seed, the free-form one matched to the diffusers one's MACs."
+    env = dict(os.environ, MPLBACKEND='Agg', HF_HUB_OFFLINE='1')
+    r = subprocess.run([sys.executable, 'layouts.py', '--quick', '--out', str(tmp_path)], cwd=ROOT/'bench',
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path/'layouts_quick.json').read_text())
+    runs = {x['layout']: x for x in res['runs']}
+    assert set(runs) == {'diffusers', 'free-form matched', 'free-form'}
+    assert runs['diffusers']['macs_fraction'] <= 0.5 < runs['free-form']['macs_fraction'] + 0.01
+    assert abs(runs['free-form matched']['macs_fraction'] - runs['diffusers']['macs_fraction']) < 0.01
+    assert {x['layout'] for x in res['speed']} == {'teacher', *runs} and res['verdict']
