@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['ROUND_TO', 'LAYOUTS', 'example_inputs', 'added_cond_example', 'attention_heads', 'layer_macs', 'count_macs',
-           'count_params', 'GroupInfo', 'default_round_to', 'UNetPruner', 'sync_diffusers_attrs', 'diffusers_config',
-           'fit_time_embedding', 'as_diffusers', 'widths', 'PruneResult', 'prune_model', 'kept_channels', 'jaccard',
-           'PruneExplorer']
+           'count_params', 'GroupInfo', 'default_round_to', 'UNetPruner', 'sync_diffusers_attrs', 'config_for_widths',
+           'diffusers_config', 'fit_time_embedding', 'as_diffusers', 'widths', 'PruneResult', 'prune_model',
+           'kept_channels', 'jaccard', 'PruneExplorer']
 
 # %% ../nbs/04_prune.ipynb #8eeeb82e
-import copy, math, numbers, time
+import copy, logging, math, numbers, time
 from dataclasses import dataclass
 from fastcore.basics import patch
 import torch, torch.nn as nn, numpy as np, pandas as pd
@@ -30,11 +30,18 @@ from .importance import ScoredModel
 def example_inputs(unet, batch:int=1) -> dict:
     "Keyword inputs for one forward pass of `unet` (with text-like conditioning for conditional UNets)."
     c = unet.config
+    if c.get('class_embed_type') is not None:  # 'timestep', 'identity', 'projection': class inputs of other kinds
+        raise InputError(f"this UNet's class_embed_type {c.class_embed_type!r} takes class inputs diffprune cannot "
+                         "build: it supports integer class labels (num_class_embeds) and UNets without them")
+    if c.get('encoder_hid_dim_type') not in (None, 'text_proj'):
+        raise InputError(f"this UNet's encoder_hid_dim_type {c.encoder_hid_dim_type!r} takes image embeddings "
+                         "diffprune cannot build: it supports 'text_proj' and UNets without one")
     dev, dt = next(unet.parameters()).device, next(unet.parameters()).dtype  # a half-precision UNet gets half inputs
     d = dict(sample=torch.randn(batch, *sample_shape(unet), device=dev, dtype=dt),
              timestep=torch.full((batch,), 10, dtype=torch.long, device=dev))
     if isinstance(unet, UNet2DConditionModel):
-        d['encoder_hidden_states'] = torch.randn(batch, 4, c.cross_attention_dim, device=dev, dtype=dt)
+        width = c.get('encoder_hid_dim') or c.cross_attention_dim  # 'text_proj' maps it to cross_attention_dim
+        d['encoder_hidden_states'] = torch.randn(batch, 4, width, device=dev, dtype=dt)
     if c.get('num_class_embeds'):  # class-conditional UNets (UNet2DModel or UNet2DConditionModel)
         d['class_labels'] = torch.zeros(batch, dtype=torch.long, device=dev)
     if (added := added_cond_example(unet, batch)) is not None: d['added_cond_kwargs'] = added
@@ -125,6 +132,9 @@ class UNetPruner:
                  round_to='auto', # pruned widths multiples of this; 'auto': `default_round_to` for MACs targets;
                                   # None or 1: any width
                 ):
+        if skip := [b for b in (*unet.config.down_block_types, *unet.config.up_block_types) if 'Skip' in b]:
+            raise InputError(f"diffprune cannot prune a UNet with {skip[0]} (score_sde's NCSN++ blocks): their skip "
+                             "path carries image channels no channel group splits; prune another UNet")
         self.auto = round_to == 'auto'
         if self.auto: round_to = default_round_to(next(unet.parameters()).device)
         elif round_to is not None:
@@ -293,48 +303,102 @@ def apply(self:UNetPruner, plan:dict):
 
 # %% ../nbs/04_prune.ipynb #6aa5d8bd
 LAYOUTS = ('free-form', 'diffusers')
+# the blocks whose attention heads diffprune reads from a config: `UNet2DModel`'s give a head width,
+# `UNet2DConditionModel`'s cross-attention blocks a number of heads
+_CONFIG_BLOCKS = {UNet2DModel: {'DownBlock2D', 'AttnDownBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UNetMidBlock2D',
+                                'ResnetDownsampleBlock2D', 'ResnetUpsampleBlock2D', None},
+                  UNet2DConditionModel: {'DownBlock2D', 'CrossAttnDownBlock2D', 'UpBlock2D', 'CrossAttnUpBlock2D',
+                                         'UNetMidBlock2DCrossAttn', 'UNetMidBlock2D', None}}
+
+def _first_cause(e:Exception) -> str:
+    "The first line of `e` that says what is wrong (torch's size mismatches start on the second)."
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return lines[1] if len(lines) > 1 and lines[0].endswith(':') else lines[0] if lines else type(e).__name__
+
+def _plain(unet) -> type:
+    "The diffusers class of `unet`: `UNet2DModel` for a `PrunedUNet2DModel` too."
+    return UNet2DConditionModel if isinstance(unet, UNet2DConditionModel) else UNet2DModel
 
 def _levels(unet) -> list:
     "`[(width, heads)]` per level of `unet`'s config; heads is None on a level without attention."
-    c = unet.config
-    attn = ['Attn' in d for d in c.down_block_types]
-    mid = c.get('mid_block_type', 'UNetMidBlock2D') or ''  # None: no middle block
-    attn[-1] |= 'CrossAttn' in mid or (mid == 'UNetMidBlock2D' and c.get('add_attention', True))
-    if isinstance(unet, UNet2DConditionModel):
-        h = c.num_attention_heads or c.attention_head_dim
+    c, kind = unet.config, _plain(unet)
+    mid = c.get('mid_block_type', 'UNetMidBlock2D')
+    if odd := [b for b in (*c.down_block_types, *c.up_block_types, mid) if b not in _CONFIG_BLOCKS[kind]]:
+        raise InputError(f"layout='diffusers' cannot read the heads of a {kind.__name__} with {odd[0]}: "
+                         "use layout='free-form' (--layout free-form)")
+    # a level carries attention in its down block, its up block or (the last level) the middle block
+    attn = ['Attn' in d or 'Attn' in u for d, u in zip(c.down_block_types, reversed(c.up_block_types))]
+    attn[-1] |= 'CrossAttn' in (mid or '') or (kind is UNet2DModel and mid is not None and c.get('add_attention', True))
+    if kind is UNet2DConditionModel:  # its attention_head_dim counts heads (a naming issue diffusers keeps)
+        h = c.attention_head_dim
         heads = list(h) if isinstance(h, (list, tuple)) else [h] * len(attn)
     else: heads = [1 if c.attention_head_dim is None else w // c.attention_head_dim for w in c.block_out_channels]
     return [(w, h if a else None) for w, a, h in zip(c.block_out_channels, attn, heads)]
 
 # %% ../nbs/04_prune.ipynb #0459eb2b
-def diffusers_config(unet, keep:float, # fraction of every level's width to keep, in (0, 1]
+def config_for_widths(unet, widths:list, # the new `block_out_channels`, one per level
+                      head_dim:int=None, # `UNet2DModel` with a head width: the new `attention_head_dim`
+                      round_to:int=None, # every width also a multiple of this
+                     ) -> dict | None:
+    "The config of `unet` with these level widths, or None where no diffusers config of the same layers has them."
+    c = {k: v for k, v in unet.config.items() if not k.startswith('_')}
+    groups = c.get('norm_num_groups') or 1
+    attn_groups = math.lcm(groups, c.get('attn_norm_num_groups') or groups)  # attention's GroupNorm in UNet2DModel
+    old = c['block_out_channels']
+    for new, w, (_, heads) in zip(widths, old, _levels(unet)):
+        if not 0 < new <= w or new % math.lcm(groups, round_to or 1): return None
+        if heads is not None and (new % math.lcm(attn_groups, heads)
+                                  or (head_dim is not None and new != heads * head_dim)): return None
+    # a ResNet between two equal widths has no shortcut convolution: equal neighbours must stay equal, and only they
+    if any((a == b) != (x == y) for a, b, x, y in zip(old, old[1:], widths, widths[1:])): return None
+    c.update(block_out_channels=list(widths), time_embedding_dim=unet.time_embedding.linear_1.out_features)
+    if head_dim is not None: c['attention_head_dim'] = head_dim
+    return c
+
+def diffusers_config(unet, keep, # fraction of each level's width to keep, in (0, 1]: one for all, or one per level
                      round_to:int=None, # every width also a multiple of this (None: GroupNorm groups and heads only)
                     ) -> dict | None:
     "The config of `unet` with each level's width near `keep` x its own (None if no diffusers config gives it)."
-    c = {k: v for k, v in unet.config.items() if not k.startswith('_')}
+    c, levels = unet.config, _levels(unet)
+    keep = list(keep) if isinstance(keep, (list, tuple)) else [keep] * len(levels)
     groups = c.get('norm_num_groups') or 1
     head_dim = c.get('attention_head_dim') if isinstance(unet, UNet2DModel) else None
-    if head_dim is not None: head_dim = max(1, round(keep * head_dim))  # one head width for every level
+    if head_dim is not None:  # one head width for every level: the first attention level's keep sets it
+        head_dim = max(1, round(next((k for k, (_, h) in zip(keep, levels) if h), 1.) * head_dim))
     widths = []
-    for w, heads in _levels(unet):
-        if heads is not None and head_dim is not None: new = heads * head_dim
+    for k, (w, heads) in zip(keep, levels):
+        if heads is not None and head_dim is not None: widths.append(heads * head_dim)
         else:
             q = math.lcm(groups, heads or 1, round_to or 1)
-            new = q * max(1, round(keep * w / q))
-        if new > w or new % groups or new % (heads or 1) or new % (round_to or 1): return None
-        widths.append(new)
-    old = c['block_out_channels']
-    # a ResNet between two equal widths has no shortcut convolution: equal neighbours must stay equal, and only they
-    if any((a == b) != (x == y) for a, b, x, y in zip(old, old[1:], widths, widths[1:])): return None
-    c.update(block_out_channels=widths, time_embedding_dim=unet.time_embedding.linear_1.out_features)
-    if head_dim is not None: c['attention_head_dim'] = head_dim
-    return c
+            widths.append(q * max(1, round(k * w / q)))
+    return config_for_widths(unet, widths, head_dim, round_to)
+
+def _tied_levels(unet) -> list:
+    "Lists of levels whose widths move together: equal neighbours, and every attention level of one head width."
+    c, levels = unet.config, _levels(unet)
+    tie = list(range(len(levels)))  # each level's representative
+    def join(i, j):
+        a, b = tie[i], tie[j]
+        tie[:] = [a if t == b else t for t in tie]
+    for i, (w, v) in enumerate(zip(c.block_out_channels, c.block_out_channels[1:])):
+        if w == v: join(i, i + 1)
+    if isinstance(unet, UNet2DModel) and c.attention_head_dim is not None:
+        attn = [i for i, (_, h) in enumerate(levels) if h is not None]
+        for i in attn[1:]: join(attn[0], i)
+    return [[i for i, t in enumerate(tie) if t == r] for r in dict.fromkeys(tie)]
 
 # %% ../nbs/04_prune.ipynb #04e0034e
 @patch
 def plan_for_config(self:UNetPruner, config:dict) -> dict:
     "The plan (`{group index: removed per channel group}`) that prunes `self.unet` to the widths `config` builds."
-    with torch.device('meta'): new = dict(type(self.unet).from_config(config).named_modules())
+    try:
+        with torch.device('meta'): new = dict(_plain(self.unet).from_config(config).named_modules())
+    except (ValueError, TypeError, RuntimeError) as e:  # diffusers refuses the config: say what, in one line
+        raise InputError(f"diffusers cannot build this config ({_first_cause(e)}): "
+                         "use layout='free-form' (--layout free-form)") from e
+    old = dict(self.unet.named_modules())
+    if heads := [n for n, m in new.items() if isinstance(m, Attention) and m.heads != old[n].heads]:
+        raise InputError(f"the diffusers config would regroup the heads of {heads[0]}: use layout='free-form'")
     plan = {}
     for i, g in enumerate(self.groups):
         if g.name not in new: raise InputError(f"the diffusers config has no {g.name}: use layout='free-form'")
@@ -351,45 +415,69 @@ def plan_for_config(self:UNetPruner, config:dict) -> dict:
 def diffusers_plan(self:UNetPruner, pruning_ratio:float=None, target_macs:float=None, steps:int=256) -> tuple:
     "`(plan, config)` of the diffusers layout for `pruning_ratio` (nearest) or `target_macs` (widest within)."
     c = self.unet.config
-    if c.get('time_embedding_type', 'positional') != 'positional' or c.get('class_embed_type') == 'timestep':
-        raise InputError("layout='diffusers' needs a positional time embedding (and no 'timestep' class embedding): "
-                         "use layout='free-form' (--layout free-form)")
+    if c.get('time_embedding_type', 'positional') != 'positional' or c.get('time_cond_proj_dim') is not None:
+        raise InputError("layout='diffusers' refits the time embedding of sinusoids alone, and this UNet's "
+                         f"({c.get('time_embedding_type')!r}, time_cond_proj_dim {c.get('time_cond_proj_dim')}) is "
+                         "more: use layout='free-form' (--layout free-form)")
     old = list(c.block_out_channels)
     round_to = None if self.auto else self._rounding  # 'auto' leaves the GroupNorm groups to set the step
     found = {}
     for k in range(1, steps + 1):
         if (cfg := diffusers_config(self.unet, k / steps, round_to)) is not None:
-            found.setdefault(tuple(cfg['block_out_channels']), cfg)
+            found.setdefault(tuple(cfg['block_out_channels']), (k / steps, cfg))
     configs = list(found.values())  # by keep fraction: every width, and so the MACs, grow along the list
     if not configs: raise InputError("no diffusers config prunes this UNet: use layout='free-form' (--layout free-form)")
     if pruning_ratio is not None:
         if not 0 <= pruning_ratio < 1: raise InputError(f"pruning_ratio must be in [0, 1), not {pruning_ratio}")
-        cfg = min(configs, key=lambda x: abs(np.mean(np.array(x['block_out_channels']) / old) - (1 - pruning_ratio)))
+        def miss(x): return abs(np.mean(np.array(x[1]['block_out_channels']) / old) - (1 - pruning_ratio))
+        _, cfg = min(configs, key=miss)
         return self.plan_for_config(cfg), cfg
     if not 0 < target_macs < 1: raise InputError(f"target MACs fraction must be in (0, 1), not {target_macs}")
     base = sum(self.convs.values())
-    def fits(cfg): return self.estimate(self.plan_for_config(cfg)) <= target_macs * base
-    if not fits(configs[0]):
+    def macs(cfg): return self.estimate(self.plan_for_config(cfg))
+    if macs(configs[0][1]) > target_macs * base:
         raise InputError(f"no diffusers config reaches {target_macs:.0%} of the MACs (the smallest reachable is "
-                         f"{self.estimate(self.plan_for_config(configs[0])) / base:.0%}): ask for more")
+                         f"{macs(configs[0][1]) / base:.0%}): ask for more")
     lo, hi = 0, len(configs) - 1  # configs[lo] fits; find the last that does
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fits(configs[mid]): lo = mid
+        if macs(configs[mid][1]) <= target_macs * base: lo = mid
         else: hi = mid - 1
-    return self.plan_for_config(configs[lo]), configs[lo]
+    keep, cfg = configs[lo]
+    return self._widen([keep] * len(old), cfg, target_macs * base, round_to, steps)
+
+# %% ../nbs/04_prune.ipynb #2c964685
+@patch
+def _widen(self:UNetPruner, keep:list, cfg:dict, budget:float, round_to:int=None, steps:int=256) -> tuple:
+    "`(plan, config)`: `cfg` widened a step at a time, the tied levels whose step keeps the most MACs within `budget`."
+    tied = _tied_levels(self.unet)
+    while True:
+        options = []
+        for levels in tied:  # the next wider config of these levels alone
+            for k in range(round(keep[levels[0]] * steps) + 1, steps + 1):
+                ks = [k / steps if i in levels else x for i, x in enumerate(keep)]
+                c2 = diffusers_config(self.unet, ks, round_to)
+                if c2 and c2['block_out_channels'] != cfg['block_out_channels']:
+                    options.append((self.estimate(self.plan_for_config(c2)), ks, c2))
+                    break
+        fits = [o for o in options if o[0] <= budget]
+        if not fits: return self.plan_for_config(cfg), cfg
+        _, keep, cfg = max(fits, key=lambda o: o[0])
 
 # %% ../nbs/04_prune.ipynb #bb075b4c
 @torch.no_grad()
 def fit_time_embedding(unet, width:int, # number of sinusoids of the pruned UNet (its `block_out_channels[0]`)
-                       num_train_timesteps:int=1000) -> dict:
+                       num_train_timesteps:int=1000,
+                       shifts=None, # the `freq_shift` values to try (default: quarter steps, see above)
+                      ) -> dict:
     "Least-squares `time_embedding.linear_1` of `unet` on `width` sinusoids: its weights, `freq_shift` and the error."
     c, lin = unet.config, unet.time_embedding.linear_1
     t = torch.arange(num_train_timesteps, device=lin.weight.device)
     target = lin(unet.time_proj(t).to(lin.weight.dtype)).double()  # (timesteps, time embedding width)
     half, old_half = width // 2, c.block_out_channels[0] // 2
     best = None
-    for shift in sorted({c.freq_shift, *np.arange(half - old_half + c.freq_shift - 4, half - 0.5, 0.25).tolist()}):
+    if shifts is None: shifts = {c.freq_shift, *np.arange(half - old_half + c.freq_shift - 4, half - 0.5, 0.25).tolist()}
+    for shift in sorted(shifts):
         x = Timesteps(width, c.flip_sin_to_cos, shift).to(t.device)(t).double()
         x = torch.cat([x, torch.ones_like(x[:, :1])], 1)  # the bias as a constant input
         w = torch.linalg.lstsq(x, target).solution  # (width + 1, time embedding width)
@@ -402,12 +490,16 @@ def fit_time_embedding(unet, width:int, # number of sinusoids of the pruned UNet
 # %% ../nbs/04_prune.ipynb #d7bd04b0
 def as_diffusers(unet, config:dict, time_fit:dict=None):
     "A fresh `type(unet).from_config(config)` with `unet`'s pruned weights (and `time_fit`'s time layer), strictly."
-    with torch.device('meta'): fresh = type(unet).from_config(config)
+    with torch.device('meta'): fresh = _plain(unet).from_config(config)
     state = unet.state_dict()
     if time_fit is not None:
         state['time_embedding.linear_1.weight'] = time_fit['weight']
         state['time_embedding.linear_1.bias'] = time_fit['bias']
-    fresh.load_state_dict(state, strict=True, assign=True)  # the pruned tensors themselves, on their device
+    try: fresh.load_state_dict(state, strict=True, assign=True)  # the pruned tensors themselves, on their device
+    except RuntimeError as e:  # a layer whose width the config sets apart from the plan
+        raise InputError(f"the pruned UNet does not fit its diffusers config ({_first_cause(e)}): "
+                         "use layout='free-form' (--layout free-form)") from e
+    # a strict load fills every parameter and persistent buffer; a non-persistent buffer would stay on `meta`
     if meta := [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]:
         raise InputError(f"{meta[0]} has no weights in the pruned UNet: use layout='free-form' (--layout free-form)")
     return match_attention_scale(fresh.eval())
@@ -538,7 +630,13 @@ def prune_model(scored:ScoredModel, # from `score_model`: the model, its gradien
             plan, config = pr.diffusers_plan(pruning_ratio, target_macs)
             width = config['block_out_channels'][0]
             if width != unet.config.block_out_channels[0]:
-                fit = fit_time_embedding(unet, width, scored.scheduler.config.num_train_timesteps)
+                # SDXL's added time ids take their sinusoids with the same freq_shift: it stays
+                shifts = [unet.config.freq_shift] if unet.config.get('addition_embed_type') else None
+                fit = fit_time_embedding(unet, width, scored.scheduler.config.num_train_timesteps, shifts)
+                if fit['relative_error'] > 0.01:
+                    logging.getLogger('diffprune').warning(
+                        f"layout='diffusers': the time embedding's first layer, refitted on {width} sinusoids, is off "
+                        f"by {fit['relative_error']:.1%} (relative); finetune before sampling")
         else: plan = pr.plan(pruning_ratio) if pruning_ratio is not None else pr.plan_for_macs(target_macs)
         scores = {g.name: g.scores.mean().item() for g in pr.groups}
         pr.apply(plan)

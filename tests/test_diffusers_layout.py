@@ -110,13 +110,63 @@ def test_a_geglu_hidden_unit_goes_whole_value_and_gate():
     assert ff[2].in_features == hidden - 5 and len(kept) == 2 * (hidden - 5)
     assert [j + hidden for j in kept[:hidden - 5]] == kept[hidden - 5:]  # the gate of each kept unit is its own
 
-@pytest.mark.parametrize('extra, what', [
-    ({'time_embedding_type': 'fourier'}, 'positional time embedding'),
-])
-def test_a_unet_no_diffusers_config_can_prune_is_refused_in_one_line(extra, what):
+TINY_SD = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+               norm_num_groups=8, down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+               up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'), cross_attention_dim=32, attention_head_dim=8)
+
+def tiny(**extra):
     from diffprune.models import unet_config
-    unet = UNet2DModel(**{**unet_config(16, 1, (16, 32), (False, True), norm_groups=4), **extra})
-    with pytest.raises(ValueError, match=what): prune_model(magnitude(unet), target_macs=0.5, layout='diffusers')
+    return UNet2DModel(**{**unet_config(16, 1, (32, 64), (False, True), norm_groups=8, head_dim=8), **extra})
+
+@pytest.mark.parametrize('make, says', [
+    (lambda: tiny(time_embedding_type='fourier'), "refits the time embedding of sinusoids alone"),
+    (lambda: UNet2DConditionModel(**TINY_SD, time_cond_proj_dim=16), "time_cond_proj_dim 16"),
+    (lambda: UNet2DConditionModel(**{**TINY_SD, 'down_block_types': ('DownBlock2D', 'SimpleCrossAttnDownBlock2D'),
+                                     'up_block_types': ('SimpleCrossAttnUpBlock2D', 'UpBlock2D'),
+                                     'mid_block_type': 'UNetMidBlock2DSimpleCrossAttn'}),
+     "cannot read the heads of a UNet2DConditionModel with SimpleCrossAttnDownBlock2D"),
+])
+def test_a_unet_no_diffusers_config_can_prune_is_refused_in_one_line(make, says):
+    "A time embedding that is more than sinusoids, or heads a config field cannot say: refused, never approximated."
+    with pytest.raises(ValueError, match=says) as e: prune_model(magnitude(make()), target_macs=0.5, layout='diffusers')
+    assert len(str(e.value).splitlines()) == 1 and "layout='free-form'" in str(e.value)
+
+@pytest.mark.parametrize('layout', ['free-form', 'diffusers'])
+@pytest.mark.parametrize('make, says', [
+    (lambda: tiny(class_embed_type='timestep'), "class_embed_type 'timestep'"),
+    (lambda: UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), norm_num_groups=8,
+                         layers_per_block=1, down_block_types=('SkipDownBlock2D', 'AttnSkipDownBlock2D'),
+                         up_block_types=('AttnSkipUpBlock2D', 'SkipUpBlock2D'), attention_head_dim=8), 'SkipDownBlock2D'),
+])
+def test_a_unet_diffprune_cannot_prune_is_refused_in_one_line_in_either_layout(make, says, layout):
+    with pytest.raises(ValueError, match=says) as e: prune_model(magnitude(make()), target_macs=0.5, layout=layout)
+    assert len(str(e.value).splitlines()) == 1
+
+def test_models_that_look_unusual_still_give_a_plain_config():
+    "Attention in the up blocks only, the attention's own GroupNorm groups, text_proj conditioning, a free-form input."
+    up_only = tiny(add_attention=False, down_block_types=('DownBlock2D', 'DownBlock2D'))
+    attn_groups = tiny(attn_norm_num_groups=32)
+    ff = prune_model(magnitude(tiny()), target_macs=0.7).unet  # a PrunedUNet2DModel
+    text_proj = UNet2DConditionModel(**TINY_SD, encoder_hid_dim=24, encoder_hid_dim_type='text_proj')
+    for unet in (up_only, attn_groups, ff, text_proj):
+        res = prune_model(magnitude(unet), target_macs=0.5, layout='diffusers')
+        assert_plain(res.unet, UNet2DConditionModel if unet is text_proj else UNet2DModel)
+        assert res.macs_after / res.macs_before <= 0.5
+    assert res.unet.config.encoder_hid_dim == 24
+    assert prune_model(magnitude(attn_groups), target_macs=0.5, layout='diffusers').unet.config.block_out_channels[1] % 32 == 0
+
+def test_sdxl_time_ids_keep_their_freq_shift_and_a_poor_fit_is_said(caplog, cli, tmp_path):
+    "The added time ids of SDXL share `freq_shift` with the time sinusoids, so it stays; a poor refit is a warning."
+    unet = UNet2DConditionModel(**TINY_SD, addition_embed_type='text_time', addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=64)
+    with caplog.at_level('WARNING', logger='diffprune'):
+        res = prune_model(magnitude(unet), target_macs=0.5, layout='diffusers')
+    ids = torch.tensor([[16., 16, 0, 0, 16, 16]]).flatten()
+    with torch.no_grad(): assert torch.equal(res.unet.add_time_proj(ids), unet.add_time_proj(ids))
+    assert res.unet.config.freq_shift == unet.config.freq_shift and res.time_fit_error > 0.01
+    assert any('finetune before sampling' in r.getMessage() for r in caplog.records)
+    r = cli('prune', '--method', 'magnitude', '--layout', 'diffusers', '--pruning-ratio', '0.5', '--out', tmp_path/'p')
+    assert r.returncode == 0 and "diffprune: layout='diffusers': the time embedding's first layer" in r.stderr, r.stderr
 
 @pytest.mark.parametrize('args, says', [
     (['--layout', 'diffuser'], "invalid choice: 'diffuser'"),
