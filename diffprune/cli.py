@@ -175,6 +175,13 @@ def cmd_prune(a):
 
 
 # %% ../nbs/09_cli.ipynb #3138335a
+def _say_layout(res):
+    "One line on a `diffusers` layout: the config it prunes to, and that it loads without diffprune."
+    if res.layout != 'diffusers': return
+    c = res.unet.config
+    print(f"diffusers layout: block_out_channels {list(c.block_out_channels)}, attention_head_dim "
+          f"{c.attention_head_dim}: a plain {type(res.unet).__name__} that loads without diffprune")
+
 def _prune_pixel(a, out):
     "`diffprune prune` of a pixel UNet: score, prune, and write the model folder with its pictures and tables."
     from diffprune.data import save_fig
@@ -200,6 +207,7 @@ def _prune_pixel(a, out):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(res.table().to_string())
+    _say_layout(res)
     print(f"wrote the pruned model to {out}")
 
 # %% ../nbs/09_cli.ipynb #4fa401b3
@@ -232,6 +240,7 @@ def _prune_latent(a, out, folder):
     print(res.table().to_string())
     print('MACs per image: ' + ', '.join(f"{k} {v / 1e6:.1f}M -> {macs['pruned'][k] / 1e6:.1f}M"
                                          for k, v in macs['teacher'].items()))
+    _say_layout(res)
     print(f"wrote the pruned {type(pipe).__name__} to {out}")
 
 # %% ../nbs/09_cli.ipynb #7dd8c769

@@ -59,6 +59,7 @@ def test_the_diffusers_layout_is_a_plain_config_that_loads_without_diffprune(cli
     r = cli('prune', '--layout', 'diffusers', '--target-macs', '0.5', '--calibration-size', '8', '--stride', '100',
             '--out', tmp_path/'digits')
     assert r.returncode == 0, r.stderr
+    assert 'diffusers layout: block_out_channels [' in r.stdout and 'a plain UNet2DModel' in r.stdout
     assert json.loads((tmp_path/'digits'/'result.json').read_text())['layout'] == 'diffusers'
     torch.manual_seed(0)
     cifar = prune_model(magnitude(UNet2DModel(**CIFAR10_CONFIG)), target_macs=0.5, layout='diffusers')
