@@ -25,9 +25,12 @@ def portable(v):
     return v
 
 def write(out, name, result:dict):
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    p = out/f'{name}.json'; tmp = p.with_suffix('.tmp')
-    tmp.write_text(json.dumps(portable(dict(result, machine=machine(), date=time.strftime('%Y-%m-%d'))), indent=2)); os.replace(tmp, p)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    p = out/f'{name}.json'
+    tmp = p.with_suffix('.tmp')
+    tmp.write_text(json.dumps(portable(dict(result, machine=machine(), date=time.strftime('%Y-%m-%d'))), indent=2))
+    os.replace(tmp, p)
     print(f'wrote {p}')
 
 def table(rows:list, cols:list) -> str:

@@ -24,12 +24,15 @@ from diffprune.prune import kept_channels, jaccard
 
 def paper_loop(unet, sched, x0, noise, thr, max_t=None):
     "The reference loop: backward per timestep from t=0 until the loss falls below thr x its running max."
-    unet.zero_grad(set_to_none=True); run_max = 0.; t_prime = 0
+    unet.zero_grad(set_to_none=True)
+    run_max = 0.
+    t_prime = 0
     for t in range(max_t or sched.config.num_train_timesteps):
         l = eps_loss(unet, sched, x0, noise, torch.full((len(x0),), t, device=x0.device))
         run_max = max(run_max, l.item())
         if l.item() < thr * run_max: break
-        l.backward(); t_prime = t
+        l.backward()
+        t_prime = t
     return t_prime
 
 def kept(unet, sched):
@@ -39,8 +42,12 @@ def kept(unet, sched):
 def bench(name, unet, sched, x0, thr, ks, ipps, max_t=None, seed=0):
     "Baseline, exact and fast modes on one model, side by side; rows of seconds, speedups and kept-channel agreement."
     sync = torch.cuda.synchronize if x0.is_cuda else (lambda: None)  # the clock is read after the GPU's work is done
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device); rows = []
-    t0 = time.perf_counter(); t_prime = paper_loop(unet, sched, x0, noise, thr, max_t); sync(); t_base = time.perf_counter() - t0
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
+    rows = []
+    t0 = time.perf_counter()
+    t_prime = paper_loop(unet, sched, x0, noise, thr, max_t)
+    sync()
+    t_base = time.perf_counter() - t0
     base = kept(unet, sched)
     rows.append(dict(model=name, mode='paper loop', seconds=t_base, speedup=1.0, jaccard=1.0, backward_passes=t_prime + 1, t_prime=t_prime))
     # exact: analysis and gradients in one sweep, `ipp` images (timesteps x batch) per pass; pass sizes that stack the
@@ -48,7 +55,8 @@ def bench(name, unet, sched, x0, thr, ks, ipps, max_t=None, seed=0):
     for ipp in sorted({max(1, ipp // len(x0)) * len(x0) for ipp in ipps}):
         t0 = time.perf_counter()
         ana, passes = taylor_gradients(unet, sched, x0, noise, thr, range(max_t or sched.config.num_train_timesteps), images_per_pass=ipp, progress=False)
-        sync(); t_ex = time.perf_counter() - t0
+        sync()
+        t_ex = time.perf_counter() - t0
         rows.append(dict(model=name, mode=f'exact ipp={ipp}', images_per_pass=ipp, seconds=t_ex, speedup=t_base / t_ex,
                          jaccard=jaccard(base, kept(unet, sched)), backward_passes=passes, t_prime=ana.t_prime))
     for k in ks:  # fast: a strided analysis up to T' (score_model's default stride T/50), then k stratified timesteps
@@ -56,26 +64,31 @@ def bench(name, unet, sched, x0, thr, ks, ipps, max_t=None, seed=0):
         if max_t: tp_fast = max_t - 1
         else: tp_fast = analyze_timesteps((unet, sched), x0, thr, stride=sched.config.num_train_timesteps // 50, until_threshold=True, seed=seed, progress=False).t_prime
         p = accumulate_gradients(unet, sched, x0, noise, *stratified_timesteps(range(tp_fast + 1), k, seed), progress=False)
-        sync(); t_f = time.perf_counter() - t0
+        sync()
+        t_f = time.perf_counter() - t0
         rows.append(dict(model=name, mode=f'fast k={k}', seconds=t_f, speedup=t_base / t_f, jaccard=jaccard(base, kept(unet, sched)), backward_passes=p, t_prime=tp_fast))
     return rows
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
-    p.add_argument('--digits-batch', type=int, default=64); p.add_argument('--cifar-batch', type=int, default=4)
+    p.add_argument('--digits-batch', type=int, default=64)
+    p.add_argument('--cifar-batch', type=int, default=4)
     p.add_argument('--cifar-timesteps', type=int, default=100, help="kept timesteps for the random-weight CIFAR UNet (its L_t never falls)")
-    p.add_argument('--ks', type=int, nargs='+', default=[8, 16, 32]); p.add_argument('--skip-cifar', action='store_true')
+    p.add_argument('--ks', type=int, nargs='+', default=[8, 16, 32])
+    p.add_argument('--skip-cifar', action='store_true')
     p.add_argument('--images-per-pass', type=int, nargs='+', default=[32, 64, 128], help="exact mode's pass sizes to compare")
     p.add_argument('--device', default='cpu')
     p.add_argument('--digits-timesteps', type=int, default=None, help="stop the digits sweeps here (default: at T')")
     p.add_argument('--quick', action='store_true', help="8 digits images, 20 timesteps, no CIFAR: checks the script runs")
-    a = p.parse_args(); torch.manual_seed(a.seed)
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
     if a.quick: a.digits_batch, a.digits_timesteps, a.ks, a.images_per_pass, a.skip_cifar = 8, 20, [8], [16], True
     u, s = load_model('digits', a.device)
     x = take(get_dataset('digits'), a.digits_batch, seed=a.seed).to(a.device)
     rows = bench('digits teacher', u, s, x, 0.05, a.ks, a.images_per_pass, max_t=a.digits_timesteps, seed=a.seed)
     if not a.skip_cifar:
-        cu = UNet2DModel(**CIFAR10_CONFIG).to(a.device); cs = DDPMScheduler(num_train_timesteps=1000)
+        cu = UNet2DModel(**CIFAR10_CONFIG).to(a.device)
+        cs = DDPMScheduler(num_train_timesteps=1000)
         x = torch.rand(a.cifar_batch, 3, 32, 32, generator=torch.Generator().manual_seed(a.seed)) * 2 - 1
         rows += bench('cifar10 config (random)', cu, cs, x.to(a.device), 0.05, a.ks, a.images_per_pass, max_t=a.cifar_timesteps, seed=a.seed)
     print(table(rows, ['model', 'mode', 't_prime', 'backward_passes', 'seconds', 'speedup', 'jaccard']))

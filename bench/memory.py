@@ -49,7 +49,9 @@ def phase(name:str, arg:int, quick:bool, device) -> dict:
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(arg if name == 'finetune' else 4, *sample_shape(u), generator=g) * 2 - 1
     noise = torch.randn(x0.shape, generator=g)
-    if torch.device(device).type == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     base = now_mib(device)
     t0 = time.perf_counter()
     if name == 'score exact':  # two passes of `arg` images: 4 calibration images x arg/4 timesteps each
@@ -71,7 +73,8 @@ def phase(name:str, arg:int, quick:bool, device) -> dict:
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
-    p.add_argument('--device', default='cpu'); p.add_argument('--quick', action='store_true')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--quick', action='store_true')
     p.add_argument('--images-per-pass', type=int, nargs='+', default=None, help="scoring pass sizes")
     p.add_argument('--phase', nargs=2, metavar=('NAME', 'IMAGES'), help=argparse.SUPPRESS)  # a child's one phase
     p.add_argument('--name', default='memory')

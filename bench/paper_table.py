@@ -49,13 +49,18 @@ def run(name, seed, a, teacher, real_samples):
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
-    p.add_argument('--seeds', type=int, default=5); p.add_argument('--steps', type=int, default=100)
-    p.add_argument('--target', type=float, default=0.5); p.add_argument('--lr', type=float, default=2e-4)
-    p.add_argument('--calib', type=int, default=32); p.add_argument('--samples', type=int, default=256)
+    p.add_argument('--seeds', type=int, default=5)
+    p.add_argument('--steps', type=int, default=100)
+    p.add_argument('--target', type=float, default=0.5)
+    p.add_argument('--lr', type=float, default=2e-4)
+    p.add_argument('--calib', type=int, default=32)
+    p.add_argument('--samples', type=int, default=256)
     p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS), metavar='ROW')
     p.add_argument('--name', default='paper_table', help="result file name, so that other settings keep their own results")
     a = p.parse_args()
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True); partial = out/f'{a.name}.partial.json'
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out/f'{a.name}.partial.json'
     runs = json.loads(partial.read_text()) if partial.exists() else []
     done = {(r['row'], r['seed']) for r in runs}
     teacher = load_model('digits')
@@ -66,7 +71,8 @@ if __name__ == '__main__':
                              macs=None, macs_fraction=1.0, steps=0))
         for name in a.rows:
             if (name, seed) in done: continue
-            runs.append(run(name, seed, a, teacher, tx)); print(runs[-1], flush=True)
+            runs.append(run(name, seed, a, teacher, tx))
+            print(runs[-1], flush=True)
             partial.write_text(json.dumps(runs))
     summary, ref = [], {r['seed']: r['fid'] for r in runs if r['row'] == 'Diff-Pruning thr=0.05'}
     for name in ['Pretrained', *a.rows]:

@@ -38,21 +38,26 @@ def profile_forward(unet, batch:int, repeats:int, device:str, seed:int=0) -> dic
     for e in prof.key_averages():
         if not e.key.startswith('aten::'): continue
         us = e.self_device_time_total if device.startswith('cuda') else e.self_cpu_time_total
-        ms[kind(e.key)] += us / 1000 / repeats; ops += e.count
+        ms[kind(e.key)] += us / 1000 / repeats
+        ops += e.count
     return dict(ms, total=sum(ms.values()), ops_per_forward=ops / repeats)
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
     p.add_argument('--targets', type=float, nargs='+', default=[0.75, 0.5, 0.25])
-    p.add_argument('--batch', type=int, default=64); p.add_argument('--repeats', type=int, default=10)
+    p.add_argument('--batch', type=int, default=64)
+    p.add_argument('--repeats', type=int, default=10)
     p.add_argument('--device', default='cpu')
     p.add_argument('--round-to', type=int, nargs='*', default=[16], help="also profile each target pruned with widths rounded to these multiples")
-    a = p.parse_args(); torch.manual_seed(a.seed)
-    models = {k: u.eval() for k, (u, _) in pruned_digits(a.targets, a.round_to, a.device, a.seed).items()}; teacher = models['teacher']
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    models = {k: u.eval() for k, (u, _) in pruned_digits(a.targets, a.round_to, a.device, a.seed).items()}
+    teacher = models['teacher']
     prof = {k: profile_forward(u, a.batch, a.repeats, a.device, a.seed) for k, u in models.items()}
     m0, rows = count_macs(teacher), []
     for k, u in models.items():
-        r = prof[k]; mr = m0 / count_macs(u)
+        r = prof[k]
+        mr = m0 / count_macs(u)
         rows.append(dict(model=k, macs_reduction=mr, **{c: r[c] for c in r}, speedup=prof['teacher']['total'] / r['total'],
                          **{f'{c}_speedup': prof['teacher'][c] / r[c] for c in ('conv', 'linear', 'attention', 'groupnorm', 'elementwise') if r[c] > 0}))
     cols = ['model', 'macs_reduction', 'total', 'speedup', 'conv', 'conv_speedup', 'linear', 'attention', 'groupnorm', 'elementwise',

@@ -8,7 +8,9 @@ the comparison is made at the speed a user can get.
     python bench/quality_vs_compute.py [--finetune-steps 500] [--compile]
 """
 import time, torch
-import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
 from pathlib import Path
 from common import parser, write, table
 from diffprune.models import load_model
@@ -20,12 +22,14 @@ from diffprune.metrics import fid_score
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
-    p.add_argument('--finetune-steps', type=int, default=500); p.add_argument('--samples', type=int, default=256)
+    p.add_argument('--finetune-steps', type=int, default=500)
+    p.add_argument('--samples', type=int, default=256)
     p.add_argument('--sample-steps', type=int, nargs='+', default=[10, 20, 50, 100], help="DDIM steps per sample")
     p.add_argument('--compile', action='store_true', help="time the compiled UNets (compile time apart)")
     p.add_argument('--round-to', default='auto', help="prune_model's round_to: 'auto' (the default) or a whole number")
     p.add_argument('--name', default=None, help="results file name (default: quality_vs_compute[_compiled])")
-    a = p.parse_args(); torch.manual_seed(a.seed)
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
     round_to = a.round_to if a.round_to == 'auto' else int(a.round_to)
     teacher = load_model('digits')
     pr = prune_model(score_model(teacher, 'digits', stride=2, seed=a.seed, progress=False), target_macs=0.5, round_to=round_to)
@@ -39,7 +43,9 @@ if __name__ == '__main__':
     rows = []
     for steps in a.sample_steps:
         for name, m in models.items():
-            t0 = time.perf_counter(); x = ddim_sample(*m, a.samples, steps, a.seed, a.samples, progress=False); secs = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            x = ddim_sample(*m, a.samples, steps, a.seed, a.samples, progress=False)
+            secs = time.perf_counter() - t0
             rows.append(dict(model=name, sample_steps=steps, fid=fid_score(x, 'digits:all'), ms_per_image=1000 * secs / a.samples,
                              compile_s=compile_s.get(name, 0.)))
     print(table(rows, ['model', 'sample_steps', 'fid', 'ms_per_image']))
@@ -48,7 +54,11 @@ if __name__ == '__main__':
         rs = [r for r in rows if r['model'] == name]
         ax.plot([r['ms_per_image'] for r in rs], [r['fid'] for r in rs], 'o-', label=name)
         for r in rs: ax.annotate(str(r['sample_steps']), (r['ms_per_image'], r['fid']), fontsize=7)
-    ax.set_xlabel('ms per image (CPU' + (', compiled)' if a.compile else ')')); ax.set_ylabel('FID (digits features)'); ax.set_xscale('log'); ax.legend()
-    Path(a.out).mkdir(parents=True, exist_ok=True); name = 'quality_vs_compute' + ('_compiled' if a.compile else '')
+    ax.set_xlabel('ms per image (CPU' + (', compiled)' if a.compile else ')'))
+    ax.set_ylabel('FID (digits features)')
+    ax.set_xscale('log')
+    ax.legend()
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    name = 'quality_vs_compute' + ('_compiled' if a.compile else '')
     fig.savefig(Path(a.out)/f'{name}.png', dpi=120, bbox_inches='tight')
     write(a.out, name, dict(rows=rows, round_to=pr.round_to, args=vars(a)))

@@ -63,7 +63,8 @@ def timed(models:dict, dtype, mode:str, batch:int, a) -> list:
     fwd = latency_runs(nets, batch, a.repeats, warmup=2)
     smp = latency_runs(nets, batch, max(2, a.repeats // 3), warmup=1, sampling_steps=a.sampling_steps)
     for u, _ in models.values(): u.float()
-    m0 = count_macs(models['teacher'][0]); rows = []
+    m0 = count_macs(models['teacher'][0])
+    rows = []
     for k, (u, _) in models.items():
         mr = m0 / count_macs(u)
         f, sp = paired(fwd, 'teacher', k), paired(smp, 'teacher', k)
@@ -96,7 +97,8 @@ if __name__ == '__main__':
                    help="also prune each target to widths that are multiples of these (default: 16 on a CPU, 8 on CUDA)")
     p.add_argument('--configs', nargs='+', default=None, metavar='DTYPE:MODE:BATCH',
                    help="default: fp32, eager and compiled, at batch 1 and the family's large batch ('L')")
-    p.add_argument('--repeats', type=int, default=9); p.add_argument('--sampling-steps', type=int, default=10)
+    p.add_argument('--repeats', type=int, default=9)
+    p.add_argument('--sampling-steps', type=int, default=10)
     p.add_argument('--quick', action='store_true', help="a tiny UNet, one target, a few repeats: checks the script runs")
     p.add_argument('--name', default='speedup_vs_macs', help="results file name (the device is appended)")
     a = p.parse_args()

@@ -8,7 +8,7 @@ where its agreement with thr = 0.05 falls clearly below that floor. The FID each
 
     python bench/timestep_finding.py                 # thresholds 0 .. 0.2, 3 seeds, 32 calibration images
 """
-import itertools, statistics, torch
+import itertools, statistics
 from common import parser, write, table
 from diffprune.importance import score_model
 from diffprune.prune import kept_channels, jaccard
@@ -16,8 +16,10 @@ from diffprune.prune import kept_channels, jaccard
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
     p.add_argument('--thresholds', type=float, nargs='+', default=[0., 0.01, 0.02, 0.05, 0.1, 0.2])
-    p.add_argument('--seeds', type=int, default=3); p.add_argument('--calib', type=int, default=32)
-    p.add_argument('--stride', type=int, default=5); p.add_argument('--target', type=float, default=0.5)
+    p.add_argument('--seeds', type=int, default=3)
+    p.add_argument('--calib', type=int, default=32)
+    p.add_argument('--stride', type=int, default=5)
+    p.add_argument('--target', type=float, default=0.5)
     a = p.parse_args()
     if 0.05 not in a.thresholds or 0. not in a.thresholds: p.error("--thresholds must include 0 and 0.05 (the references)")
     kept, tprime, seeds = {}, {}, range(a.seed, a.seed + a.seeds)
