@@ -328,7 +328,8 @@ def _levels(unet) -> list:
                          "use layout='free-form' (--layout free-form)")
     # a level carries attention in its down block, its up block or (the last level) the middle block
     attn = ['Attn' in d or 'Attn' in u for d, u in zip(c.down_block_types, reversed(c.up_block_types))]
-    attn[-1] |= 'CrossAttn' in (mid or '') or (kind is UNet2DModel and mid is not None and c.get('add_attention', True))
+    attn[-1] |= 'CrossAttn' in (mid or '') or (kind is UNet2DModel and mid is not None
+                                                and c.get('add_attention', True))
     if kind is UNet2DConditionModel:  # its attention_head_dim counts heads (a naming issue diffusers keeps)
         h = c.attention_head_dim
         heads = list(h) if isinstance(h, (list, tuple)) else [h] * len(attn)
@@ -426,7 +427,8 @@ def diffusers_plan(self:UNetPruner, pruning_ratio:float=None, target_macs:float=
         if (cfg := diffusers_config(self.unet, k / steps, round_to)) is not None:
             found.setdefault(tuple(cfg['block_out_channels']), (k / steps, cfg))
     configs = list(found.values())  # by keep fraction: every width, and so the MACs, grow along the list
-    if not configs: raise InputError("no diffusers config prunes this UNet: use layout='free-form' (--layout free-form)")
+    if not configs:
+        raise InputError("no diffusers config prunes this UNet: use layout='free-form' (--layout free-form)")
     if pruning_ratio is not None:
         if not 0 <= pruning_ratio < 1: raise InputError(f"pruning_ratio must be in [0, 1), not {pruning_ratio}")
         def miss(x): return abs(np.mean(np.array(x[1]['block_out_channels']) / old) - (1 - pruning_ratio))
@@ -476,7 +478,8 @@ def fit_time_embedding(unet, width:int, # number of sinusoids of the pruned UNet
     target = lin(unet.time_proj(t).to(lin.weight.dtype)).double()  # (timesteps, time embedding width)
     half, old_half = width // 2, c.block_out_channels[0] // 2
     best = None
-    if shifts is None: shifts = {c.freq_shift, *np.arange(half - old_half + c.freq_shift - 4, half - 0.5, 0.25).tolist()}
+    if shifts is None:  # from 4 below the shift keeping the fastest old frequencies up to h - 1 (h - freq_shift must stay positive)
+        shifts = {c.freq_shift, *np.arange(half - old_half + c.freq_shift - 4, half - 0.5, 0.25).tolist()}
     for shift in sorted(shifts):
         x = Timesteps(width, c.flip_sin_to_cos, shift).to(t.device)(t).double()
         x = torch.cat([x, torch.ones_like(x[:, :1])], 1)  # the bias as a constant input
@@ -489,7 +492,7 @@ def fit_time_embedding(unet, width:int, # number of sinusoids of the pruned UNet
 
 # %% ../nbs/04_prune.ipynb #d7bd04b0
 def as_diffusers(unet, config:dict, time_fit:dict=None):
-    "A fresh `type(unet).from_config(config)` with `unet`'s pruned weights (and `time_fit`'s time layer), strictly."
+    "A fresh diffusers UNet of `config` with `unet`'s pruned weights (and `time_fit`'s time layer), loaded strictly."
     with torch.device('meta'): fresh = _plain(unet).from_config(config)
     state = unet.state_dict()
     if time_fit is not None:
