@@ -10,7 +10,7 @@ with a 95% t-interval. Forward speed: the teacher and the three pruned UNets of 
 eager fp32, at batch 1 and 64; speedup is the median per-run ratio over the teacher (`paired_speedup`).
 Runs are appended to a partial file as they finish, so an interrupted run continues where it stopped.
 
-    python bench/layouts.py            # 5 seeds, 500 finetune steps, 512 samples: about 20 minutes on 2 cores
+    python bench/layouts.py            # 5 seeds, 500 finetune steps, 512 samples: about 17 minutes on 2 cores
     python bench/layouts.py --quick    # seconds: tiny settings that check the plumbing, not the result
 """
 import json, statistics, time

@@ -478,7 +478,7 @@ def fit_time_embedding(unet, width:int, # number of sinusoids of the pruned UNet
     target = lin(unet.time_proj(t).to(lin.weight.dtype)).double()  # (timesteps, time embedding width)
     half, old_half = width // 2, c.block_out_channels[0] // 2
     best = None
-    if shifts is None:  # from 4 below the shift keeping the fastest old frequencies up to h - 1 (h - freq_shift must stay positive)
+    if shifts is None:  # from 4 below the shift keeping the fastest old frequencies to just below h, where it ends
         shifts = {c.freq_shift, *np.arange(half - old_half + c.freq_shift - 4, half - 0.5, 0.25).tolist()}
     for shift in sorted(shifts):
         x = Timesteps(width, c.flip_sin_to_cos, shift).to(t.device)(t).double()
