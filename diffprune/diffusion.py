@@ -33,11 +33,14 @@ def unet_output(unet, x:torch.Tensor, t:torch.Tensor,
                 # one row per sample, or text embeddings
                 cond=None,
                ) -> torch.Tensor:
-    "The UNet's raw prediction (noise, v or x0: see `prediction_type`), with conditioning passed to conditional UNets."
+    "The UNet's raw prediction (noise, v or x0: see `prediction_type`), shaped like `x`, with its conditioning."
     if cond is None: out = unet(x, t)
     elif isinstance(cond, dict): out = unet(x, t, **cond)
     else: out = unet(x, t, encoder_hidden_states=cond)
-    return out.sample if hasattr(out, 'sample') else out
+    out = out.sample if hasattr(out, 'sample') else out
+    # a model that also learns its variance (Nichol & Dhariwal 2021; DiT) predicts 2C channels, the prediction first,
+    # as diffusers' schedulers and DiTPipeline split them: the loss and the samplers use the prediction only
+    return out[:, :x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 # %% ../nbs/01a_diffusion.ipynb #5b3e1a44
 def map_cond(cond, f):

@@ -273,3 +273,18 @@ def test_gradients_of_another_model_are_refused_in_one_line():
     with pytest.raises(ValueError, match='computed on another model'):
         with scored.gradients_on(other): pass
     assert all(p.grad is None for p in other.parameters())
+
+def test_a_model_that_learns_its_variance_is_scored_finetuned_and_sampled_by_its_prediction():
+    "Out channels 2C (improved DDPM, DiT): the loss is the prediction's (first C), not a broadcast over both halves."
+    from diffprune.models import unet_config
+    torch.manual_seed(0)
+    unet = UNet2DModel(**{**unet_config(16, 1, (16, 32), (False, True), norm_groups=4), 'out_channels': 2})
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    x0, noise, t = torch.rand(4, 1, 16, 16) * 2 - 1, torch.randn(4, 1, 16, 16), torch.tensor([1, 10, 100, 900])
+    with torch.no_grad():
+        both = unet(sched.add_noise(x0, noise, t), t).sample
+        assert torch.allclose(denoising_loss(unet, sched, x0, noise, t), (both[:, :1] - noise).pow(2).mean())
+    scored = score_model((unet, sched), x0, calibration_size=4, stride=200, progress=False)
+    pruned = prune_model(scored, target_macs=0.6)
+    ft = finetune((pruned.unet, sched), 'digits', steps=2, batch_size=4, progress=False)
+    assert ddim_sample(ft.unet, sched, 2, steps=3, progress=False).shape == (2, 1, 16, 16)
