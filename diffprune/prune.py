@@ -160,7 +160,7 @@ class UNetPruner:
         if not self.units:
             raise InputError(f"no width of this model can be pruned to a multiple of {round_to}: "
                              "use a smaller round_to (--round-to)")
-        self._cache = {}
+        self._cache, self._config_plans = {}, {}  # `_removed` by (group, count); `plan_for_config` by widths
 
     def _use(self, round_to):
         "Plan with widths that are multiples of `round_to` (None: any) from now on; `round_to` records it."
@@ -392,6 +392,8 @@ def _tied_levels(unet) -> list:
 @patch
 def plan_for_config(self:UNetPruner, config:dict) -> dict:
     "The plan (`{group index: removed per channel group}`) that prunes `self.unet` to the widths `config` builds."
+    key = (tuple(config['block_out_channels']), config.get('attention_head_dim'))  # all a layout config changes
+    if key in self._config_plans: return self._config_plans[key]
     try:
         with torch.device('meta'): new = dict(_plain(self.unet).from_config(config).named_modules())
     except (ValueError, TypeError, RuntimeError) as e:  # diffusers refuses the config: say what, in one line
@@ -409,6 +411,7 @@ def plan_for_config(self:UNetPruner, config:dict) -> dict:
             raise InputError(f"{g.name} cannot be pruned to the {_dims(new[g.name], side)} channels of the diffusers "
                              "config: use layout='free-form' (--layout free-form)")
         if n: plan[i] = n
+    self._config_plans[key] = plan  # the bisection and `_widen` ask for the same configs again
     return plan
 
 # %% ../nbs/04_prune.ipynb #26c6b372
