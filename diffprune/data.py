@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DIGITS_SPLITS', 'IMAGE_EXTS', 'InputError', 'DataError', 'image_hw', 'digits_images', 'digits_split', 'pil_to_tensor',
-           'ImageFolder', 'save_images', 'HubImages', 'ImagesDataset', 'get_dataset', 'get_loader', 'take',
-           'image_grid', 'show_images', 'save_fig']
+           'ImageFolder', 'save_images', 'HubImages', 'ImagesDataset', 'LabelledImages', 'get_dataset', 'get_loader',
+           'take', 'image_grid', 'show_images', 'save_fig']
 
 # %% ../nbs/00_data.ipynb #cd87029b
 import numbers
@@ -127,11 +127,18 @@ class ImagesDataset(Dataset):
     def __len__(self): return len(self.x)
     def __getitem__(self, i): return self.x[i]
 
+class LabelledImages(Dataset):
+    "Images with their labels: the `(image, {'class_labels': label})` items a class-conditional model trains on."
+    def __init__(self, x:torch.Tensor, labels:torch.Tensor): self.x, self.y = x, labels.long()
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i): return self.x[i], {'class_labels': self.y[i]}
+
 # %% ../nbs/00_data.ipynb #9ab02534
 def get_dataset(data:str, # 'digits', 'digits:heldout', 'cifar10', a hub dataset name or a folder of images
                 size=16, # image side the model takes, or (height, width)
                 channels:int=1, # channels the model takes
                 split:str='train', # split for digits and hub datasets
+                labels:bool=False, # items `(image, {'class_labels': y})`, for class-conditional models (digits only)
                ) -> Dataset:
     "The dataset `data` names, yielding `(channels, H, W)` images in [-1, 1]."
     size = image_hw(size)  # one spelling, whatever the config held (an int, a list or a tuple)
@@ -142,7 +149,11 @@ def get_dataset(data:str, # 'digits', 'digits:heldout', 'cifar10', a hub dataset
         split = data.partition(':')[2] or split
         if channels != 1:
             raise DataError(f"digits are 1-channel images but the model takes {channels} channels: use another --data")
-        return ImagesDataset(digits_split(split, size=size)[0])
+        x, y = digits_split(split, size=size)
+        return LabelledImages(x, y) if labels else ImagesDataset(x)
+    if labels:
+        raise DataError(f"this model is class-conditional and {data[:80]!r} has no class labels diffprune reads: "
+                        "use --data digits, or from Python a LabelledImages(images, labels) as data")
     if Path(data).exists(): return ImageFolder(data, size=size, channels=channels)
     if data.startswith(('/', '.', '~')) or data.count('/') > 1:  # a path, not a hub name like 'user/name'
         raise DataError(f"data folder {data!r} does not exist: pass a folder of PNG/JPEG images")
@@ -157,9 +168,12 @@ def get_loader(ds:Dataset, batch_size:int=64, shuffle:bool=True, seed:int=0, dro
                       generator=torch.Generator().manual_seed(seed))
 
 def take(ds:Dataset, n:int, seed:int=0) -> torch.Tensor:
-    "A seeded random batch of `n` images from `ds` (all of them if `n` is larger)."
+    "A seeded batch of `n` images of `ds` (all if `n` is larger); `(images, {'class_labels': y})` if labelled."
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
-    return torch.stack([ds[int(i)] for i in idx])
+    items = [ds[int(i)] for i in idx]
+    if isinstance(items[0], tuple):
+        return torch.stack([x for x, _ in items]), {'class_labels': torch.stack([c['class_labels'] for _, c in items])}
+    return torch.stack(items)
 
 # %% ../nbs/00_data.ipynb #627310de
 def image_grid(x:torch.Tensor, # `(N, C, H, W)` images in [0, 1]

@@ -20,7 +20,7 @@ from .data import digits_split, get_dataset, InputError
 from .models import (DIGITS_CONFIG, DIGITS_TEACHER, load_model, save_model, atomic_dir, commit_dir,
                               write_json, read_json)
 from .diffusion import (denoising_loss, regression_target, prediction_type, add_noise, unet_output,
-                                 index_cond, cond_to, stack_cond, sample_shape, ddim_sample)
+                                 index_cond, cond_to, stack_cond, sample_shape, ddim_sample, num_classes, check_cond)
 from .metrics import fid_score
 
 # %% ../nbs/05_finetuning.ipynb #869db4cb
@@ -211,7 +211,13 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     # a copy: a frozen model trains like any other
     unet = copy.deepcopy(unet).to(acc.device).train().requires_grad_(True)
     c, h, w = sample_shape(unet)
-    ds = data if isinstance(data, torch.utils.data.Dataset) else get_dataset(data, (h, w), c)
+    ds = (data if isinstance(data, torch.utils.data.Dataset) else
+          get_dataset(data, (h, w), c, labels=bool(num_classes(unet))))  # a class model trains on labelled images
+    first = ds[0]
+    if isinstance(first, tuple) and not isinstance(first[1], dict):
+        raise InputError(f"a dataset's items are images or (image, {{'class_labels': y}}), not (image, "
+                         f"{type(first[1]).__name__}): wrap labelled images in diffprune.data.LabelledImages")
+    check_cond(unet, stack_cond([first[1]]) if isinstance(first, tuple) else None, 1)
     tnet = _frozen_teacher(teacher, objective, acc.device) if alpha > 0 else None
     ema_net = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=weight_decay)
@@ -222,7 +228,11 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     pbar = tqdm(range(start + 1, steps + 1), desc='finetune', disable=not (progress and acc.is_main_process),
                 initial=start, total=steps)
     for step in pbar:
-        total = _train_step(acc, unet, opt, sched, ds, step, batch_size, seed, grad_accum, grad_clip, tnet, alpha)
+        # the step's own seed for what draws from torch's global generator in training mode (DiT's class dropout),
+        # so that a resumed run takes the same steps; the caller's generator is left as it was
+        with torch.random.fork_rng(devices=[acc.device] if acc.device.type == 'cuda' else []):
+            torch.manual_seed(seed * 1_000_003 + step)
+            total = _train_step(acc, unet, opt, sched, ds, step, batch_size, seed, grad_accum, grad_clip, tnet, alpha)
         if not math.isfinite(total):
             ck = latest_checkpoint(checkpoint_dir)
             raise FinetuneError(f"the loss became {total} at step {step}: lower the learning rate; "
@@ -260,19 +270,22 @@ class LossPlot:
 # %% ../nbs/05_finetuning.ipynb #0562d101
 def train_teacher(steps:int=8000, batch_size:int=64, lr:float=5e-4, seed:int=0,
                   config:dict=None, # a UNet2DModel config (default: DIGITS_CONFIG)
+                  model:nn.Module=None, # or a model to train, e.g. `DiTTransformer2DModel(**DIGITS_DIT_CONFIG)`
                   eval_every:int=1000, # steps between FIDs of the EMA model (512 DDIM-50 samples)
                   out=None, # folder to save each evaluated EMA checkpoint into (step_N/)
                  ) -> tuple: # (ema unet, scheduler, log of {step, loss, fid})
-    "Train a digits DDPM from scratch: Adam, clipping and a warm-up EMA, logging the EMA model's FID."
+    "Train a digits DDPM (a UNet or a class DiT) from scratch: Adam, clipping, warm-up EMA, the EMA model's FIDs."
     torch.manual_seed(seed)
-    unet = UNet2DModel(**(config or DIGITS_CONFIG))
+    unet = model if model is not None else UNet2DModel(**(config or DIGITS_CONFIG))
     ema = copy.deepcopy(unet).requires_grad_(False)
     sched = DDPMScheduler(num_train_timesteps=1000)
-    x, opt = digits_split('train')[0], torch.optim.Adam(unet.parameters(), lr)
+    (x, y), opt = digits_split('train'), torch.optim.Adam(unet.parameters(), lr)
+    classes = num_classes(unet)  # a class-conditional model learns each image with its label
     log, losses = [], []
     for step in (pbar := tqdm(range(1, steps + 1), desc='teacher')):
-        x0 = x[torch.randint(len(x), (batch_size,))]
-        loss = denoising_loss(unet, sched, x0, torch.randn_like(x0), torch.randint(0, 1000, (batch_size,)))
+        idx = torch.randint(len(x), (batch_size,))
+        x0, cond = x[idx], ({'class_labels': y[idx]} if classes else None)
+        loss = denoising_loss(unet, sched, x0, torch.randn_like(x0), torch.randint(0, 1000, (batch_size,)), cond=cond)
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

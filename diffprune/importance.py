@@ -14,9 +14,9 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .models import load_model
-from .diffusion import eps_loss, cond_to, prediction_type, sample_shape
-from .data import get_dataset, take, image_hw, InputError
-from .timesteps import analyze_timesteps, TimestepAnalysis, stacked_losses, first_rejected
+from .diffusion import eps_loss, cond_to, prediction_type, eval_mode
+from .data import image_hw, InputError
+from .timesteps import analyze_timesteps, calibration_batch, TimestepAnalysis, stacked_losses, first_rejected
 
 # %% ../nbs/03_importance.ipynb #212e3815
 # bench/memory.py: exact-mode scoring of the CIFAR-10 config (32x32 images, 128 first-level channels, fp32) held
@@ -31,7 +31,9 @@ def default_images_per_pass(unet, device=None) -> int:
     size = unet.config.get('sample_size')
     if dev.type not in ('cpu', 'cuda') or not size: return 128  # nothing to size the activations by
     h, w = image_hw(size)
-    values = h * w * unet.config.block_out_channels[0]
+    c = unet.config  # a transformer's first activations: one token per patch, of its hidden width
+    values = (h * w * c.block_out_channels[0] if 'block_out_channels' in c else
+              h * w // c.patch_size ** 2 * c.num_attention_heads * c.attention_head_dim)
     if dev.type == 'cpu': return max(1, min(128, (1 << 22) // values))
     per_image = BYTES_PER_ACTIVATION * values * next(unet.parameters()).element_size() / 4
     free = torch.cuda.mem_get_info(dev)[0]
@@ -166,12 +168,6 @@ def gradients_on(self:ScoredModel, unet=None):
         unet.zero_grad(set_to_none=True)
         for p in frozen: p.requires_grad_(False)
 
-# %% ../nbs/03_importance.ipynb #3f9a7a00
-def _calibration_batch(data, unet, n:int, seed:int) -> torch.Tensor:
-    "`n` images of `data` (a tensor is used as it is) at the UNet's sample shape, in [-1, 1]."
-    if torch.is_tensor(data): return data
-    return take(get_dataset(data, sample_shape(unet)[1:], unet.config.in_channels), n, seed)
-
 # %% ../nbs/03_importance.ipynb #68cddbd7
 def _accumulate(unet, sched, x0, noise, method:str, threshold:float, k:int, stride:int, analysis, seed:int,
                 images_per_pass:int, cond, progress:bool) -> tuple:
@@ -202,7 +198,7 @@ def score_model(model, # 'digits', a folder, a hub id or a `(unet, scheduler)` p
                 analysis:TimestepAnalysis=None, # a precomputed analysis to reuse
                 seed:int=0, device='cpu', progress:bool=True,
                 images_per_pass:int=None, # images per forward/backward pass (default: `default_images_per_pass`)
-                cond=None, # conditioning of the calibration batch (conditional UNets; `data` is then a tensor)
+                cond=None, # conditioning of the calibration batch (None: a class model's labels come with `data`)
                ) -> ScoredModel:
     "`model` with what `method` scores its channels by: Diff-Pruning's gradients (Sec. 3.3) summed over [0, T']."
     crit = importance_criterion(method)
@@ -217,11 +213,13 @@ def score_model(model, # 'digits', a folder, a hub id or a `(unet, scheduler)` p
     # a frozen model (training scripts often leave one) is scored on an unfrozen copy; a trainable one in place,
     # as a second copy of an SD-sized UNet would cost gigabytes. Either way no `.grad` is left on it.
     work = copy.deepcopy(unet).requires_grad_(True) if any(not p.requires_grad for p in unet.parameters()) else unet
-    x0 = _calibration_batch(data, work, calibration_size, seed)
+    x0, cond = calibration_batch(data, work, calibration_size, seed, cond)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     try:
-        ana, ts, passes = _accumulate(work, sched, x0, noise, method, threshold, sampled_timesteps, stride, analysis,
-                                      seed, images_per_pass or default_images_per_pass(work), cond, progress)
+        with eval_mode(work):  # deterministic: no dropout, no DiT class dropout
+            ana, ts, passes = _accumulate(work, sched, x0, noise, method, threshold, sampled_timesteps, stride,
+                                          analysis, seed, images_per_pass or default_images_per_pass(work), cond,
+                                          progress)
     except BaseException:  # an error or Ctrl-C half way leaves no gradients on the caller's model either
         work.zero_grad(set_to_none=True)
         raise

@@ -16,7 +16,7 @@ from .models import load_model, save_model, atomic_dir, commit_dir, write_json
 from .data import save_fig
 from .timesteps import analyze_timesteps
 from .importance import score_model
-from .prune import prune_model
+from .prune import prune_model, check_prune
 from .finetuning import finetune
 from .evaluation import evaluate
 
@@ -35,6 +35,7 @@ class RecipeSettings:
     stride: int = 1 # analyse every `stride`-th timestep
     sampled_timesteps: int = None # fast mode's K (None: exact)
     layout: str = 'free-form' # 'diffusers': widths a plain diffusers config builds (`prune_model`)
+    prune: str = 'width' # transformers: 'width', 'depth' (whole blocks) or 'both' (`prune_model`)
 
     steps: int = 500 # finetune steps
     batch_size: int = 64 # finetune batch
@@ -107,6 +108,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True, **kw) -> RecipeResult:
             steps.update()
             return r
         teacher = load_model(s.model, s.device)
+        check_prune(teacher[0], s.prune, s.layout)  # before minutes of analysis and scoring
         ana = step('analyse', lambda: analyze_timesteps(teacher, s.data, s.threshold, s.calibration_size, s.stride,
                                                         seed=s.seed, progress=progress)
                    if s.method == 'diff-pruning' else None)
@@ -115,7 +117,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True, **kw) -> RecipeResult:
                                                 seed=s.seed, device=s.device, progress=progress))
         pr = step('prune', lambda: prune_model(imp, pruning_ratio=s.pruning_ratio,
                                                target_macs=None if s.pruning_ratio is not None else s.target_macs,
-                                               layout=s.layout))
+                                               layout=s.layout, prune=s.prune))
         imp = None  # its gradients: not needed past the pruning, and as large as the model
         ft = step('finetune', lambda: finetune((pr.unet, pr.scheduler), s.data, s.steps, s.batch_size, s.lr, ema=s.ema,
                                                teacher=teacher if s.alpha > 0 else None, alpha=s.alpha, seed=s.seed,

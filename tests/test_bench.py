@@ -37,3 +37,18 @@ def test_layouts_bench_runs_quick_and_pairs_the_layouts_at_the_same_macs(tmp_pat
     assert runs['diffusers']['macs_fraction'] <= 0.5 < runs['free-form']['macs_fraction'] + 0.01
     assert abs(runs['free-form matched']['macs_fraction'] - runs['diffusers']['macs_fraction']) < 0.01
     assert {x['layout'] for x in res['speed']} == {'teacher', *runs} and res['verdict']
+
+def test_transformer_bench_runs_quick_with_every_method_and_kind_at_the_target(tmp_path):
+    "bench/transformer.py --quick: the four methods by width and Diff-Pruning by depth and both, each within the MACs."
+    env = dict(os.environ, MPLBACKEND='Agg', HF_HUB_OFFLINE='1')
+    r = subprocess.run([sys.executable, 'transformer.py', '--quick', '--out', str(tmp_path)], cwd=ROOT/'bench',
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path/'transformer_quick.json').read_text())
+    arms = {(x['method'], x['prune']) for x in res['runs']}
+    assert arms == {('teacher', None), *((m, 'width') for m in ('diff-pruning', 'taylor', 'magnitude', 'random')),
+                    ('diff-pruning', 'depth'), ('diff-pruning', 'both')}
+    assert all(x['macs_fraction'] <= 0.5 for x in res['runs'] if x['method'] != 'teacher')
+    depth = next(x for x in res['runs'] if x['prune'] == 'depth')
+    assert 0 in depth['blocks_kept'] and len(depth['blocks_kept']) < 8
+    assert {x['prune'] for x in res['speed']} == {'teacher', 'width', 'depth', 'both'} and len(res['verdicts']) == 8

@@ -175,8 +175,8 @@ def test_added_conditioning_diffprune_cannot_build_is_refused_in_one_line():
 # 7. Transformer pipelines
 
 @pytest.mark.parametrize('index', [
-    {'_class_name': 'DiTPipeline', 'transformer': ['diffusers', 'DiTTransformer2DModel'], 'vae': ['diffusers', 'AutoencoderKL'],
-     'scheduler': ['diffusers', 'KarrasDiffusionSchedulers']},
+    {'_class_name': 'StableDiffusion3Pipeline', 'transformer': ['diffusers', 'SD3Transformer2DModel'],
+     'vae': ['diffusers', 'AutoencoderKL'], 'scheduler': ['diffusers', 'FlowMatchEulerDiscreteScheduler']},
     {'_class_name': 'PixelTransformerPipeline', 'transformer': ['diffusers', 'Transformer2DModel'], 'scheduler': ['diffusers', 'DDPMScheduler']},
 ])
 def test_a_transformer_pipeline_folder_is_named_not_called_damaged(cli, tmp_path, index):

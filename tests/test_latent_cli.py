@@ -47,7 +47,7 @@ def test_class_pipeline_from_teacher_latents(cli, pipes, tmp_path):
     (['prune', '--model', 'CLASS', '--class-labels', '12', '--pruning-ratio', '0.3'], 'class labels must be'),
     (['prune', '--model', 'TEXT', '--class-labels', '1', '--pruning-ratio', '0.3'], 'drop the class labels'),
     (['prune', '--model', 'TEXT', '--pruning-ratio', '0.3', '--calibration-steps', '0'], '--calibration-steps must be at least 1'),
-    (['prune', '--model', 'digits', '--prompt', 'x', '--pruning-ratio', '0.3'], 'pixel-space UNet'),
+    (['prune', '--model', 'digits', '--prompt', 'x', '--pruning-ratio', '0.3'], "prune takes a pixel model's labels from its data"),
     (['sample', '--model', 'CLASS', '--prompt', 'x'], 'drop the prompt'),
 ])
 def test_bad_conditioning_is_one_line_exit_2(cli, pipes, tmp_path, args, message):

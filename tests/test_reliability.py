@@ -18,7 +18,9 @@ The table of bad inputs (also in the README's troubleshooting section). Rows cov
 | an output folder that holds another run (refused unless --overwrite) | test_cli_sample.py, here |
 | Ctrl-C | here |
 | an objective (prediction_type) diffprune does not know, a teacher of another objective | test_field_faults.py, 05_finetuning |
-| a pipeline whose denoiser is a transformer | test_field_faults.py |
+| a pipeline whose denoiser diffprune cannot prune (SD3, a generic Transformer2DModel) | test_field_faults.py |
+| a transformer MACs target below one block or one head, --prune depth on a UNet, --layout diffusers with width | test_transformer.py |
+| class labels a model does not take, lacks or cannot index; text a model does not take; unlabelled data | test_transformer.py |
 | --data with a method that does not use it | test_cli_method.py |
 | added conditioning diffprune cannot build | test_field_faults.py |
 | a feature network that cannot take the model's images | test_field_faults.py, test_evaluate.py |
