@@ -69,3 +69,35 @@ def ci95(xs):
     if n < 2: return m, 0., float('nan')
     sd = statistics.stdev(xs)
     return m, sd, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+def seeded_args(p, name:str, seeds:int, finetune_steps:int):
+    "The settings every finetune-and-FID benchmark shares, on parser `p`; `--quick` shrinks them to a plumbing check."
+    p.add_argument('--seeds', type=int, default=seeds)
+    p.add_argument('--target', type=float, default=0.5, help="fraction of the MACs to keep")
+    p.add_argument('--finetune-steps', type=int, default=finetune_steps)
+    p.add_argument('--batch-size', type=int, default=64, help="finetune batch")
+    p.add_argument('--samples', type=int, default=512)
+    p.add_argument('--calibration-size', type=int, default=32)
+    p.add_argument('--stride', type=int, default=5)
+    p.add_argument('--batches', type=int, nargs='+', default=[1, 64], help="forward batches timed")
+    p.add_argument('--repeats', type=int, default=15)
+    p.add_argument('--quick', action='store_true', help="tiny settings: one seed, 2 steps, 16 samples")
+    p.add_argument('--name', default=None, help=f"results file name (default: {name}, or {name}_quick)")
+    a = p.parse_args()
+    if a.quick:
+        a.seeds, a.finetune_steps, a.batch_size, a.samples = 1, 2, 8, 16
+        a.calibration_size, a.stride, a.batches, a.repeats = 8, 100, [1], 2
+    a.name = a.name or (f'{name}_quick' if a.quick else name)
+    return a
+
+def seeded_runs(a, run) -> list:
+    "`run(seed)`'s rows for every seed, kept in `{name}.partial.json` as each seed ends, so a rerun goes on from there."
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out/f'{a.name}.partial.json'
+    runs = json.loads(partial.read_text()) if partial.exists() else []
+    for seed in range(a.seed, a.seed + a.seeds):
+        if any(r['seed'] == seed for r in runs): continue
+        runs += run(seed)
+        partial.write_text(json.dumps(runs))
+    return runs

@@ -13,10 +13,10 @@ Runs are appended to a partial file as they finish, so an interrupted run contin
     python bench/layouts.py            # 5 seeds, 500 finetune steps, 512 samples: about 17 minutes on 2 cores
     python bench/layouts.py --quick    # seconds: tiny settings that check the plumbing, not the result
 """
-import json, statistics, time
+import statistics, time
 from pathlib import Path
 import torch
-from common import parser, write, table, paired, ci95
+from common import parser, write, table, paired, ci95, seeded_args, seeded_runs
 from diffprune.models import load_model
 from diffprune.diffusion import ddim_sample
 from diffprune.importance import score_model
@@ -87,36 +87,14 @@ def verdict(summary:list) -> str:
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
-    p.add_argument('--seeds', type=int, default=5)
-    p.add_argument('--target', type=float, default=0.5, help="fraction of the MACs to keep")
-    p.add_argument('--finetune-steps', type=int, default=500)
-    p.add_argument('--batch-size', type=int, default=64, help="finetune batch")
-    p.add_argument('--samples', type=int, default=512)
-    p.add_argument('--calibration-size', type=int, default=32)
-    p.add_argument('--stride', type=int, default=5)
-    p.add_argument('--batches', type=int, nargs='+', default=[1, 64], help="forward batches timed")
-    p.add_argument('--repeats', type=int, default=15)
-    p.add_argument('--quick', action='store_true', help="tiny settings: one seed, 2 steps, 16 samples")
-    p.add_argument('--name', default=None, help="results file name (default: layouts, or layouts_quick)")
-    a = p.parse_args()
-    if a.quick:
-        a.seeds, a.finetune_steps, a.batch_size, a.samples = 1, 2, 8, 16
-        a.calibration_size, a.stride, a.batches, a.repeats = 8, 100, [1], 2
-    name = a.name or ('layouts_quick' if a.quick else 'layouts')
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out/f'{name}.partial.json'
-    runs = json.loads(partial.read_text()) if partial.exists() else []
+    a = seeded_args(p, 'layouts', seeds=5, finetune_steps=500)
     teacher = load_model('digits')
-    for seed in range(a.seed, a.seed + a.seeds):
-        if any(r['seed'] == seed for r in runs): continue
-        runs += run(seed, a, teacher)
-        partial.write_text(json.dumps(runs))
+    runs = seeded_runs(a, lambda seed: run(seed, a, teacher))
     summary = summarise(runs)
     print(table(summary, ['layout', 'n', 'fid_mean', 'fid_ci95', 'minus_diffusers_mean', 'minus_diffusers_ci95',
                           'macs_fraction', 'params']))
     speeds = speed(a, teacher)
     print(table(speeds, ['layout', 'batch', 'forward_ms', 'speedup', 'macs_reduction', 'vs_macs']))
     print(verdict(summary))
-    write(a.out, name, dict(summary=summary, runs=runs, speed=speeds, verdict=verdict(summary), args=vars(a)))
-    partial.unlink(missing_ok=True)
+    write(a.out, a.name, dict(summary=summary, runs=runs, speed=speeds, verdict=verdict(summary), args=vars(a)))
+    (Path(a.out)/f'{a.name}.partial.json').unlink(missing_ok=True)
