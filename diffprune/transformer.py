@@ -17,7 +17,7 @@ from diffusers.models.activations import GEGLU, SwiGLU
 from .data import InputError
 from .models import is_transformer, is_pruned, as_pruned
 from .importance import ScoredModel
-from .diffusion import eps_loss, inner_model
+from .diffusion import eps_loss, inner_model, eval_mode
 from .prune import (PruneResult, PRUNE_KINDS, layer_macs, count_params, widths, check_round_to,
                              sync_diffusers_attrs)
 
@@ -127,12 +127,13 @@ def skipped_block_losses(model, scheduler, x0:torch.Tensor, # a calibration batc
     ts = list(timesteps) if timesteps is not None else list(range(0, T, max(1, T // 20)))
     def loss(): return sum(eps_loss(model, scheduler, x0, noise, torch.full((len(x0),), t), cond=cond).item()
                            for t in ts) / len(ts)
-    base, rises = loss(), []
-    for b in model.transformer_blocks:  # a skipped block hands its input on, as a block whose weights are all zero
-        h = b.register_forward_hook(lambda m, args, kw, out: args[0] if args else kw['hidden_states'],
-                                    with_kwargs=True)
-        try: rises.append(loss() - base)
-        finally: h.remove()
+    with eval_mode(model):  # deterministic: no DiT class dropout
+        base, rises = loss(), []
+        for b in model.transformer_blocks:  # a skipped block hands its input on, as one whose weights are all zero
+            h = b.register_forward_hook(lambda m, args, kw, out: args[0] if args else kw['hidden_states'],
+                                        with_kwargs=True)
+            try: rises.append(loss() - base)
+            finally: h.remove()
     return torch.tensor(rises)
 
 # %% ../nbs/04a_transformer.ipynb #f83c7ef9
