@@ -171,13 +171,15 @@ def model_card(d:dict, s:RecipeSettings) -> str:
     cal_line = (f"- FID calibration, computed the same way: train vs held-out digits "
                 f"{fid_cal['train_vs_heldout']:.2f}, digits vs uniform noise {fid_cal['real_vs_noise']:.1f}"
                 if fid_cal else '')
+    pipe = ('ClassPixelPipeline' if d.get('prune', {}).get('blocks_kept') is not None  # a pixel transformer's
+            else 'DiffusionPipeline')                                                 # pipeline is diffprune's
     macs_line = (f"- MACs count convolutions and linear layers; attention matmuls add {d['teacher']['attn_macs']:,} "
                  f"(teacher) and {d['pruned']['attn_macs']:,} (pruned).")
     return f"""# Pruned model: {s.model} with {s.method}
 
 A structurally pruned copy of `{s.model}`, made with diffprune (Diff-Pruning, Fang et al., NeurIPS 2023) and finetuned
 for {s.steps} steps on `{s.data}`. Load it with `diffprune.models.load_model('model')`, or with diffusers itself
-(`import diffprune`, then `DiffusionPipeline.from_pretrained('model')`); `diffprune push model REPO_ID` shares it on
+(`import diffprune`, then `{pipe}.from_pretrained('model')`); `diffprune push model REPO_ID` shares it on
 the Hub with its model card (`model/README.md`).
 
 ## Settings
