@@ -101,3 +101,17 @@ def seeded_runs(a, run) -> list:
         runs += run(seed)
         partial.write_text(json.dumps(runs))
     return runs
+
+def speed_rows(models:dict, a, key:str) -> list:
+    "Forward ms, paired speedup over `models['teacher']` and its share of the MACs ratio, per model and `a.batches`."
+    from diffprune.prune import count_macs, count_params
+    from diffprune.evaluation import latency_runs
+    m0, rows = count_macs(models['teacher'][0]), []
+    for batch in a.batches:
+        with torch.no_grad(): runs = latency_runs(models, batch, a.repeats, warmup=2)
+        for k, (u, _) in models.items():
+            f, macs = paired(runs, 'teacher', k), count_macs(u)
+            rows.append({key: k, 'batch': batch, 'params': count_params(u), 'macs_reduction': m0 / macs,
+                         'forward_ms': f['ms'], 'speedup': f['speedup'], 'speedup_low': f['speedup_low'],
+                         'speedup_high': f['speedup_high'], 'vs_macs': f['speedup'] * macs / m0})
+    return rows

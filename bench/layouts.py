@@ -15,15 +15,13 @@ Runs are appended to a partial file as they finish, so an interrupted run contin
 """
 import statistics, time
 from pathlib import Path
-import torch
-from common import parser, write, table, paired, ci95, seeded_args, seeded_runs
+from common import parser, write, table, ci95, seeded_args, seeded_runs, speed_rows
 from diffprune.models import load_model
 from diffprune.diffusion import ddim_sample
 from diffprune.importance import score_model
-from diffprune.prune import prune_model, count_macs, count_params
+from diffprune.prune import prune_model
 from diffprune.finetuning import finetune
 from diffprune.metrics import fid_score
-from diffprune.evaluation import latency_runs
 
 LAYOUTS = ('diffusers', 'free-form matched', 'free-form')
 
@@ -53,15 +51,7 @@ def speed(a, teacher) -> list:
     "Forward ms and paired speedup over the teacher of the three layouts (first seed), eager fp32."
     imp = score_model(teacher, 'digits', calibration_size=a.calibration_size, stride=a.stride, seed=a.seed, progress=False)
     models = {'teacher': teacher, **{k: (r.unet.eval(), r.scheduler) for k, r in pruned(imp, a.target).items()}}
-    m0, rows = count_macs(teacher[0]), []
-    for batch in a.batches:
-        with torch.no_grad(): runs = latency_runs(models, batch, a.repeats, warmup=2)
-        for k, (u, _) in models.items():
-            f = paired(runs, 'teacher', k)
-            rows.append(dict(layout=k, batch=batch, params=count_params(u), macs_reduction=m0 / count_macs(u),
-                             forward_ms=f['ms'], speedup=f['speedup'], speedup_low=f['speedup_low'],
-                             speedup_high=f['speedup_high'], vs_macs=f['speedup'] * count_macs(u) / m0))
-    return rows
+    return speed_rows(models, a, 'layout')
 
 def summarise(runs:list) -> list:
     "Mean FID per layout with its interval, and its paired difference to `diffusers` over seeds."

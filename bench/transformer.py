@@ -17,15 +17,13 @@ MACs reduction. Runs are appended to a partial file as they finish, so an interr
 """
 import statistics, time
 from pathlib import Path
-import torch
-from common import parser, write, table, paired, ci95, seeded_args, seeded_runs
+from common import parser, write, table, ci95, seeded_args, seeded_runs, speed_rows
 from diffprune.models import load_model
 from diffprune.diffusion import ddim_sample
 from diffprune.importance import score_model
-from diffprune.prune import prune_model, count_macs, count_params
+from diffprune.prune import prune_model, count_params
 from diffprune.finetuning import finetune
 from diffprune.metrics import fid_score
-from diffprune.evaluation import latency_runs
 
 METHODS = ('diff-pruning', 'taylor', 'magnitude', 'random')
 KINDS = ('width', 'depth', 'both')
@@ -64,15 +62,7 @@ def speed(a, teacher) -> list:
                       progress=False)
     models = {'teacher': teacher}
     for k in KINDS: models[k] = (prune_model(imp, target_macs=a.target, prune=k).unet.eval(), teacher[1])
-    m0, rows = count_macs(teacher[0]), []
-    for batch in a.batches:
-        with torch.no_grad(): runs = latency_runs(models, batch, a.repeats, warmup=2)
-        for k, (u, _) in models.items():
-            f = paired(runs, 'teacher', k)
-            rows.append(dict(prune=k, batch=batch, params=count_params(u), macs_reduction=m0 / count_macs(u),
-                             forward_ms=f['ms'], speedup=f['speedup'], speedup_low=f['speedup_low'],
-                             speedup_high=f['speedup_high'], vs_macs=f['speedup'] * count_macs(u) / m0))
-    return rows
+    return speed_rows(models, a, 'prune')
 
 def summarise(runs:list) -> list:
     "Mean FID per arm with its interval, and its paired difference to Diff-Pruning width over seeds."

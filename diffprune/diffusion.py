@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PREDICTION_TYPES', 'alpha_bar', 'add_noise', 'inner_model', 'eval_mode', 'unet_output', 'map_cond', 'repeat_cond',
            'index_cond', 'cond_to', 'stack_cond', 'prediction_type', 'regression_target', 'x0_and_eps',
-           'denoising_loss', 'eps_loss', 'ddim_timesteps', 'sample_shape', 'num_classes', 'class_cond', 'check_cond',
-           'initial_noise', 'compile_with', 'cond_for', 'compile_unet', 'ddim_sample', 'ddpm_sample']
+           'denoising_loss', 'eps_loss', 'ddim_timesteps', 'sample_shape', 'num_classes', 'class_cond', 'takes_text',
+           'check_cond', 'initial_noise', 'compile_with', 'cond_for', 'compile_unet', 'ddim_sample', 'ddpm_sample']
 
 # %% ../nbs/01a_diffusion.ipynb #5a8a8d22
 import contextlib, functools, inspect, logging, time
@@ -162,6 +162,10 @@ def class_cond(unet, n:int):
     k = num_classes(unet)
     return {'class_labels': torch.arange(n) % k} if k else None
 
+def takes_text(unet) -> bool:
+    "True when the model's forward takes text embeddings (`encoder_hidden_states`: conditional UNets, PixArt)."
+    return 'encoder_hidden_states' in inspect.signature(type(inner_model(unet)).forward).parameters
+
 def check_cond(unet, cond, n:int=None):
     "Refuse conditioning `unet` does not take or lacks (labels, text), labels out of range, or rows other than `n`."
     keys = set(cond) if isinstance(cond, dict) else set() if cond is None else {'encoder_hidden_states'}
@@ -169,7 +173,7 @@ def check_cond(unet, cond, n:int=None):
     if k and 'class_labels' not in keys:
         raise InputError(f"this {what} is class-conditional ({k} classes): give class labels with every sample")
     if not k and 'class_labels' in keys: raise InputError(f"this {what} takes no class labels: drop them")
-    text = 'encoder_hidden_states' in inspect.signature(type(inner_model(unet)).forward).parameters
+    text = takes_text(unet)
     if text and 'encoder_hidden_states' not in keys:
         raise InputError(f"this {what} is text-conditioned: give prompt embeddings (encoder_hidden_states)")
     if not text and 'encoder_hidden_states' in keys:

@@ -9,7 +9,7 @@ __all__ = ['ROUND_TO', 'LAYOUTS', 'PRUNE_KINDS', 'example_inputs', 'added_cond_e
            'widths', 'PruneResult', 'check_prune', 'prune_model', 'kept_channels', 'jaccard', 'PruneExplorer']
 
 # %% ../nbs/04_prune.ipynb #8eeeb82e
-import copy, inspect, logging, math, numbers, time
+import copy, logging, math, numbers, time
 from dataclasses import dataclass
 from fastcore.basics import patch
 import torch, torch.nn as nn, numpy as np, pandas as pd
@@ -23,7 +23,7 @@ from diffusers.models.activations import GEGLU, SwiGLU
 from diffusers.models.embeddings import Timesteps
 from .data import InputError
 from .models import save_model, match_attention_scale, is_pruned, as_pruned, is_transformer
-from .diffusion import sample_shape, num_classes
+from .diffusion import sample_shape, num_classes, takes_text
 from .importance import ScoredModel
 
 # %% ../nbs/04_prune.ipynb #9d6baea9
@@ -33,7 +33,7 @@ def _transformer_inputs(model, batch:int) -> dict:
     d = dict(hidden_states=torch.randn(batch, *sample_shape(model), device=p.device, dtype=p.dtype),
              timestep=torch.full((batch,), 10, dtype=torch.long, device=p.device))
     if num_classes(model): d['class_labels'] = torch.zeros(batch, dtype=torch.long, device=p.device)
-    if 'encoder_hidden_states' in inspect.signature(type(getattr(model, '_orig_mod', model)).forward).parameters:
+    if takes_text(model):
         # 120 tokens: PixArt-alpha's prompt length, which the cross-attention's key and value layers cost by
         d['encoder_hidden_states'] = torch.randn(batch, 120, c.caption_channels or c.cross_attention_dim,
                                                  device=p.device, dtype=p.dtype)

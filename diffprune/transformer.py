@@ -111,7 +111,7 @@ class TransformerPruner:
         "`(unit kind, layer)` of every layer whose MACs shrink with that kind's units ('block': only with the block)."
         kinds = {}
         for k, a in zip(('attn1', 'attn2'), attentions(block)):
-            for l in (a.to_q, a.to_k, a.to_v, a.to_out[0], a): kinds[l] = k
+            for l in (a.to_q, a.to_k, a.to_v, a.to_out[0]): kinds[l] = k
         for l in (block.ff.net[0].proj, block.ff.net[2]): kinds[l] = 'mlp'
         return [(kinds.get(m, 'block'), m) for m in block.modules()]
 
