@@ -51,7 +51,7 @@ def pruned_digits(targets, round_to=(), device='cpu', seed:int=0) -> dict:
     for t in targets:
         for n in (None, *round_to):
             r = prune_model(imp, target_macs=t, round_to=n)
-            models[f'{t:.2f}' + (f' round_to={n}' if n else '')] = (r.unet.to(device).eval(), r.scheduler)
+            models[f'{t:.2f}' + (f' round_to={n}' if n else '')] = (r.denoiser.to(device).eval(), r.scheduler)
     return models
 
 def paired(runs:dict, base:str, other:str) -> dict:
@@ -104,7 +104,7 @@ def seeded_runs(a, run) -> list:
 
 def speed_rows(models:dict, a, key:str) -> list:
     "Forward ms, paired speedup over `models['teacher']` and its share of the MACs ratio, per model and `a.batches`."
-    from diffprune.prune import count_macs, count_params
+    from diffprune.sizes import count_macs, count_params
     from diffprune.evaluation import latency_runs
     m0, rows = count_macs(models['teacher'][0]), []
     for batch in a.batches:

@@ -20,7 +20,8 @@ from diffprune.data import get_dataset, take
 from diffprune.timesteps import analyze_timesteps
 from diffprune.importance import (accumulate_gradients, taylor_gradients, stratified_timesteps, ScoredModel,
                                   importance_criterion, take_gradients)
-from diffprune.prune import kept_channels, jaccard
+from diffprune.prune import jaccard
+from diffprune.unet import kept_channels
 
 def paper_loop(unet, sched, x0, noise, thr, max_t=None):
     "The reference loop: backward per timestep from t=0 until the loss falls below thr x its running max."

@@ -38,10 +38,10 @@ def run(seed:int, a, teacher) -> list:
     rows = []
     for name, pr in pruned(imp, a.target).items():
         t0 = time.time()
-        ft = finetune((pr.unet, pr.scheduler), 'digits', a.finetune_steps, a.batch_size, seed=seed, progress=False)
-        x = ddim_sample(ft.unet, ft.scheduler, a.samples, 50, seed, progress=False)
+        ft = finetune((pr.denoiser, pr.scheduler), 'digits', a.finetune_steps, a.batch_size, seed=seed, progress=False)
+        x = ddim_sample(ft.denoiser, ft.scheduler, a.samples, 50, seed, progress=False)
         rows.append(dict(layout=name, seed=seed, fid=fid_score(x, 'digits:all'), params=pr.params_after,
-                         macs_fraction=pr.macs_after / pr.macs_before, widths=list(pr.unet.config.block_out_channels)
+                         macs_fraction=pr.macs_after / pr.macs_before, widths=list(pr.denoiser.config.block_out_channels)
                          if name == 'diffusers' else None, time_fit_error=pr.time_fit_error,
                          finetune_final_loss=ft.summary().get('final_loss'), seconds=time.time() - t0))
         print(rows[-1], flush=True)
@@ -50,7 +50,7 @@ def run(seed:int, a, teacher) -> list:
 def speed(a, teacher) -> list:
     "Forward ms and paired speedup over the teacher of the three layouts (first seed), eager fp32."
     imp = score_model(teacher, 'digits', calibration_size=a.calibration_size, stride=a.stride, seed=a.seed, progress=False)
-    models = {'teacher': teacher, **{k: (r.unet.eval(), r.scheduler) for k, r in pruned(imp, a.target).items()}}
+    models = {'teacher': teacher, **{k: (r.denoiser.eval(), r.scheduler) for k, r in pruned(imp, a.target).items()}}
     return speed_rows(models, a, 'layout')
 
 def summarise(runs:list) -> list:

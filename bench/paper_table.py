@@ -38,10 +38,10 @@ def run(name, seed, a, teacher, real_samples):
     pr = prune_model(imp, target_macs=a.target)
     if reinit:
         torch.manual_seed(seed)
-        for m in pr.unet.modules():
-            if hasattr(m, 'reset_parameters') and m is not pr.unet: m.reset_parameters()
-    ft = finetune((pr.unet, pr.scheduler), 'digits', a.steps, 64, a.lr, teacher=teacher if alpha else None, alpha=alpha, seed=seed, progress=False)
-    x = ddim_sample(ft.unet, ft.scheduler, a.samples, 50, seed, progress=False)
+        for m in pr.denoiser.modules():
+            if hasattr(m, 'reset_parameters') and m is not pr.denoiser: m.reset_parameters()
+    ft = finetune((pr.denoiser, pr.scheduler), 'digits', a.steps, 64, a.lr, teacher=teacher if alpha else None, alpha=alpha, seed=seed, progress=False)
+    x = ddim_sample(ft.denoiser, ft.scheduler, a.samples, 50, seed, progress=False)
     return dict(row=name, seed=seed, fid=fid_score(x, 'digits:all'), ssim=consistency(real_samples, x)['ssim'],
                 params=pr.params_after, macs=pr.macs_after, macs_fraction=pr.macs_after / pr.macs_before,
                 t_prime=imp.analysis.t_prime if imp.analysis else None, kept=len(imp.analysis.kept_timesteps) if imp.analysis else None,

@@ -11,7 +11,7 @@ pruned with `round_to=16` (every pruned width a multiple of 16).
 import torch
 from torch.profiler import profile, ProfilerActivity
 from common import parser, write, table, pruned_digits
-from diffprune.prune import count_macs
+from diffprune.sizes import count_macs
 from diffprune.diffusion import sample_shape
 
 KINDS = [  # (kind, substrings of aten op names), first match wins

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from pathlib import Path
 from common import parser, write, table
 from diffprune.models import load_model
-from diffprune.diffusion import ddim_sample, compile_unet
+from diffprune.diffusion import ddim_sample, compile_denoiser
 from diffprune.importance import score_model
 from diffprune.prune import prune_model
 from diffprune.finetuning import finetune
@@ -33,12 +33,12 @@ if __name__ == '__main__':
     round_to = a.round_to if a.round_to == 'auto' else int(a.round_to)
     teacher = load_model('digits')
     pr = prune_model(score_model(teacher, 'digits', stride=2, seed=a.seed, progress=False), target_macs=0.5, round_to=round_to)
-    ft = finetune((pr.unet, pr.scheduler), 'digits', a.finetune_steps, seed=a.seed, progress=False)
-    models = {'teacher': teacher, 'pruned (0.5 MACs)': (ft.unet, ft.scheduler)}
+    ft = finetune((pr.denoiser, pr.scheduler), 'digits', a.finetune_steps, seed=a.seed, progress=False)
+    models = {'teacher': teacher, 'pruned (0.5 MACs)': (ft.denoiser, ft.scheduler)}
     compile_s = {}
     if a.compile:  # each UNet compiled once for the batch every sampling run uses (all samples in one pass)
         for name, (u, s) in models.items():
-            net, compile_s[name] = compile_unet(u.eval(), a.samples)
+            net, compile_s[name] = compile_denoiser(u.eval(), a.samples)
             models[name] = (net, s)
     rows = []
     for steps in a.sample_steps:

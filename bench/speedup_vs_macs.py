@@ -22,9 +22,10 @@ import time, torch
 from common import parser, write, table, paired
 from diffprune.models import load_model, tiny_unet, CIFAR10_CONFIG
 from diffprune.importance import score_model
-from diffprune.prune import prune_model, count_macs, count_params
+from diffprune.prune import prune_model
+from diffprune.sizes import count_macs, count_params
 from diffprune.evaluation import latency_runs
-from diffprune.diffusion import compile_unet
+from diffprune.diffusion import compile_denoiser
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 LARGE = {'cpu': {'digits': 64, 'cifar10': 32, 'tiny': 4}, 'cuda': {'digits': 512, 'cifar10': 128, 'tiny': 4}}
@@ -47,7 +48,7 @@ def pruned_family(family:str, targets, round_to, device:str, seed:int) -> dict:
     for t in targets:
         for n in (None, *round_to):
             r = prune_model(scored, target_macs=t, round_to=n)
-            models[f'{t:.2f}' + (f' round_to={n}' if n else '')] = (r.unet.eval(), r.scheduler)
+            models[f'{t:.2f}' + (f' round_to={n}' if n else '')] = (r.denoiser.eval(), r.scheduler)
     return {k: (m.to(device), sch) for k, (m, sch) in models.items()}
 
 def timed(models:dict, dtype, mode:str, batch:int, a) -> list:
@@ -57,7 +58,7 @@ def timed(models:dict, dtype, mode:str, batch:int, a) -> list:
         net = u.to(DTYPES[dtype])
         if mode != 'eager':
             backend = 'eager' if a.quick else 'inductor'
-            net, compile_s[k] = compile_unet(net, batch, mode=None if mode == 'default' else mode, backend=backend)
+            net, compile_s[k] = compile_denoiser(net, batch, mode=None if mode == 'default' else mode, backend=backend)
             if net is u: raise SystemExit(f"{k}: torch.compile failed for {dtype}:{mode}:{batch} (see above)")
         nets[k] = (net, s)
     fwd = latency_runs(nets, batch, a.repeats, warmup=2)

@@ -11,7 +11,8 @@ where its agreement with thr = 0.05 falls clearly below that floor. The FID each
 import itertools, statistics
 from common import parser, write, table
 from diffprune.importance import score_model
-from diffprune.prune import kept_channels, jaccard
+from diffprune.prune import jaccard
+from diffprune.unet import kept_channels
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])

@@ -21,7 +21,8 @@ from common import parser, write, table, ci95, seeded_args, seeded_runs, speed_r
 from diffprune.models import load_model
 from diffprune.diffusion import ddim_sample
 from diffprune.importance import score_model
-from diffprune.prune import prune_model, count_params
+from diffprune.prune import prune_model
+from diffprune.sizes import count_params
 from diffprune.finetuning import finetune
 from diffprune.metrics import fid_score
 
@@ -46,9 +47,9 @@ def run(seed:int, a, teacher) -> list:
                      params=count_params(teacher[0])))
     for method, kind in arms():
         t0 = time.time()
-        pr = prune_model(scored[method], target_macs=a.target, prune=kind)
-        ft = finetune((pr.unet, pr.scheduler), 'digits', a.finetune_steps, a.batch_size, seed=seed, progress=False)
-        x = ddim_sample(ft.unet, ft.scheduler, a.samples, 50, seed, progress=False)
+        pr = prune_model(scored[method], target_macs=a.target, removes=kind)
+        ft = finetune((pr.denoiser, pr.scheduler), 'digits', a.finetune_steps, a.batch_size, seed=seed, progress=False)
+        x = ddim_sample(ft.denoiser, ft.scheduler, a.samples, 50, seed, progress=False)
         rows.append(dict(method=method, prune=kind, seed=seed, fid=fid_score(x, 'digits:all'), params=pr.params_after,
                          macs_fraction=pr.macs_after / pr.macs_before, blocks_kept=pr.blocks_kept,
                          t_prime=scored[method].analysis.t_prime if scored[method].analysis else None,
@@ -61,7 +62,7 @@ def speed(a, teacher) -> list:
     imp = score_model(teacher, 'digits', calibration_size=a.calibration_size, stride=a.stride, seed=a.seed,
                       progress=False)
     models = {'teacher': teacher}
-    for k in KINDS: models[k] = (prune_model(imp, target_macs=a.target, prune=k).unet.eval(), teacher[1])
+    for k in KINDS: models[k] = (prune_model(imp, target_macs=a.target, removes=k).denoiser.eval(), teacher[1])
     return speed_rows(models, a, 'prune')
 
 def summarise(runs:list) -> list:

@@ -16,10 +16,11 @@ import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from safetensors.torch import save_file, load_file
 from diffusers import UNet2DModel, DDPMScheduler
-from .data import digits_split, get_dataset, InputError
-from .models import (DIGITS_CONFIG, DIGITS_TEACHER, load_model, save_model, atomic_dir, commit_dir,
-                              write_json, read_json)
-from .diffusion import (denoising_loss, regression_target, prediction_type, add_noise, unet_output,
+from .checks import InputError, OldName, check_count, check_positive, check_range
+from .data import digits_split, get_dataset, save_fig
+from .files import atomic_folder, write_json, read_json
+from .models import DIGITS_CONFIG, DIGITS_TEACHER, load_model, save_model, write_model
+from .diffusion import (denoising_loss, regression_target, prediction_type, add_noise, model_output,
                                  index_cond, cond_to, stack_cond, sample_shape, ddim_sample, num_classes, check_cond)
 from .metrics import fid_score
 
@@ -38,12 +39,12 @@ def step_batch(ds, step:int, micro:int, batch_size:int, num_train_timesteps:int,
             torch.randint(0, num_train_timesteps, (batch_size,), generator=g), cond)
 
 # %% ../nbs/05_finetuning.ipynb #120837cf
-def finetune_loss(unet, scheduler, x0, noise, t, teacher=None, alpha:float=0., cond=None) -> torch.Tensor:
+def finetune_loss(model, scheduler, x0, noise, t, teacher=None, alpha:float=0., cond=None) -> torch.Tensor:
     "The model's own loss (`denoising_loss`), mixed with distillation from `teacher` by `alpha`."
-    if teacher is None or alpha == 0: return denoising_loss(unet, scheduler, x0, noise, t, cond=cond)
+    if teacher is None or alpha == 0: return denoising_loss(model, scheduler, x0, noise, t, cond=cond)
     xt = add_noise(scheduler, x0, noise, t)
-    with torch.no_grad(): target_t = unet_output(teacher, xt, t, cond)
-    pred = unet_output(unet, xt, t, cond)
+    with torch.no_grad(): target_t = model_output(teacher, xt, t, cond)
+    pred = model_output(model, xt, t, cond)
     return (alpha * (pred - target_t).pow(2).mean()
             + (1 - alpha) * (pred - regression_target(scheduler, x0, noise, t)).pow(2).mean())
 
@@ -66,21 +67,16 @@ def _load_opt(opt, tensors:dict, groups:list):
                          'param_groups': [{**g, 'betas': tuple(g['betas'])} if 'betas' in g else g for g in groups]})
 
 # %% ../nbs/05_finetuning.ipynb #140468bf
-def save_checkpoint(folder, step:int, unet, ema, scheduler, opt, state:dict, keep:int=2) -> Path:
+def save_checkpoint(folder, step:int, model, ema, scheduler, opt, state:dict, keep:int=2) -> Path:
     "Write checkpoint `step_<step>` atomically into `folder`, keeping the `keep` newest."
     folder = Path(folder)
     path = folder/f'step_{step:08d}'
-    tmp = atomic_dir(path)
-    try:
-        save_model(unet, scheduler, tmp/'model')
+    with atomic_folder(path) as tmp:
+        save_model(model, scheduler, tmp/'model')
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, tmp/'ema.safetensors')
         tensors, groups = _opt_tensors(opt)
         save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp/'optimizer.safetensors')
         write_json(dict(step=step, param_groups=groups, **state), tmp/'state.json')
-        commit_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(folder.glob('step_*'))[:-keep]: shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -91,11 +87,11 @@ def latest_checkpoint(folder) -> Path:
     return cks[-1] if cks else None
 
 # %% ../nbs/05_finetuning.ipynb #5498de30
-def _resume(checkpoint_dir, unet, ema_net, opt) -> tuple:
-    "Load the newest checkpoint in `checkpoint_dir` into `unet`, `ema_net` and `opt`; its `(step, history)`."
+def _resume(checkpoint_dir, model, ema_net, opt) -> tuple:
+    "Load the newest checkpoint in `checkpoint_dir` into `model`, `ema_net` and `opt`; its `(step, history)`."
     ck = latest_checkpoint(checkpoint_dir)
     st = read_json(ck/'state.json')
-    unet.load_state_dict(load_model(ck/'model')[0].state_dict())
+    model.load_state_dict(load_model(ck/'model')[0].state_dict())
     ema_net.load_state_dict(load_file(ck/'ema.safetensors'))
     _load_opt(opt, load_file(ck/'optimizer.safetensors'), st['param_groups'])
     return st['step'], st['history']
@@ -118,8 +114,8 @@ class FinetuneError(InputError):
 # %% ../nbs/05_finetuning.ipynb #5363eb59
 @dataclass
 class FinetuneResult:
-    "The finetuned model (EMA weights unless asked otherwise), the raw and EMA models, and the loss history."
-    unet: nn.Module
+    "The finetuned denoiser (EMA weights unless asked otherwise), the raw and EMA models, and the loss history."
+    denoiser: nn.Module
     scheduler: object
     raw: nn.Module
     ema: nn.Module
@@ -130,6 +126,7 @@ class FinetuneResult:
         tail = self.history[-max(1, min(50, len(self.history))):]
         return dict(steps=self.steps, final_loss=sum(tail) / len(tail), seconds=round(self.seconds, 2))
     def __repr__(self): return f'FinetuneResult({self.summary()})'
+    unet = OldName('denoiser')  # until 0.6
 
 # %% ../nbs/05_finetuning.ipynb #1b54b97f
 def plot_losses(history:list, ax=None, window:int=25):
@@ -151,12 +148,27 @@ def plot(self:FinetuneResult, ax=None):
     "The loss per step and its running mean; returns the figure."
     return plot_losses(self.history, ax)
 
+# %% ../nbs/05_finetuning.ipynb #1722a4b8
+@patch
+def write_files(self:FinetuneResult, folder, record:dict=None):
+    "Write `loss.png` and `result.json` (`record`, the loss history, the summary) into `folder`."
+    save_fig(self.plot(), Path(folder)/'loss.png')
+    write_json(dict(**(record or {}), history=self.history, **self.summary()), Path(folder)/'result.json')
+
+@patch
+def save(self:FinetuneResult, path, meta:dict=None, # the model's metadata (`source`, `prune`, ...)
+         record:dict=None, # the run's record for result.json
+        ) -> Path:
+    "Save the finetuned model folder into `path` (its checkpoints stay) with `loss.png` and `result.json`."
+    with atomic_folder(path, merge=True) as tmp:
+        write_model(self.denoiser, self.scheduler, tmp, meta=dict(finetune=self.summary(), **(meta or {})))
+        self.write_files(tmp, record)
+    return Path(path)
+
 # %% ../nbs/05_finetuning.ipynb #6a203770
 def _check_finetune_args(steps, lr, alpha, teacher, resume, checkpoint_dir):
     "Refuse settings `finetune` cannot run with, before any work is done."
-    if steps < 1: raise InputError(f"steps must be at least 1, not {steps}")
-    if lr <= 0: raise InputError(f"learning rate must be positive, not {lr}")
-    if not 0 <= alpha <= 1: raise InputError(f"alpha must be in [0, 1], not {alpha}")
+    check_count(steps, name='steps'), check_positive(lr, name='learning rate'), check_range(alpha, 0, 1, name='alpha')
     if alpha > 0 and teacher is None: raise InputError("distillation (alpha > 0) needs a teacher")
     if resume and latest_checkpoint(checkpoint_dir) is None:
         raise InputError(f"nothing to resume: no checkpoint in {str(checkpoint_dir)!r}")
@@ -171,7 +183,7 @@ def _frozen_teacher(teacher, objective:str, device):
     # a copy: the caller's teacher keeps its requires_grad and mode (a shared teacher is scored again after this)
     return copy.deepcopy(tnet).to(device).eval().requires_grad_(False)
 
-def _train_step(acc, unet, opt, sched, ds, step:int, batch_size:int, seed:int, grad_accum:int, grad_clip:float,
+def _train_step(acc, model, opt, sched, ds, step:int, batch_size:int, seed:int, grad_accum:int, grad_clip:float,
                 tnet, alpha:float) -> float:
     "One optimizer step over `grad_accum` micro-batches, this process taking its share; the mean loss of all."
     per, rank, total = batch_size // acc.num_processes, acc.process_index, 0.
@@ -181,49 +193,49 @@ def _train_step(acc, unet, opt, sched, ds, step:int, batch_size:int, seed:int, g
         x0, noise, t, cond = (x0[part].to(acc.device), noise[part].to(acc.device), t[part].to(acc.device),
                               cond_to(index_cond(cond, part), acc.device))
         with acc.autocast():
-            loss = finetune_loss(unet, sched, x0, noise, t, tnet, alpha, cond) / grad_accum
+            loss = finetune_loss(model, sched, x0, noise, t, tnet, alpha, cond) / grad_accum
         acc.backward(loss)
         total += loss.detach()
-    if grad_clip: acc.clip_grad_norm_(unet.parameters(), grad_clip)
+    if grad_clip: acc.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return acc.reduce(total, 'mean').item()
 
 # %% ../nbs/05_finetuning.ipynb #31361731
-def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `(unet, scheduler)` pair (copied)
+def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `(denoiser, scheduler)` pair (copied)
              data='digits', steps:int=500, batch_size:int=64, # global batch (over all processes) per micro-step
              lr:float=2e-4, weight_decay:float=0., grad_clip:float=1.0, grad_accum:int=1,
              ema:float=0.999, # long-run EMA decay (warmed up)
-             use_ema:bool=True, # return the EMA weights as `unet` (else the raw ones)
+             use_ema:bool=True, # return the EMA weights as `denoiser` (else the raw ones)
              teacher=None, alpha:float=0., # distillation: teacher model and its weight in the loss
              checkpoint_dir=None, checkpoint_every:int=0, resume:bool=False,
              seed:int=0, mixed_precision:str='no', device=None, progress:bool=True,
              callback=None, callback_every:int=10, # callback(step, history) on the main process
             ) -> FinetuneResult:
-    "Finetune a (pruned) UNet with its own objective's loss (noise, v or x0), warm-up EMA and clipping, on Accelerate."
+    "Finetune a (pruned) denoiser with its own objective (noise, v or x0), warm-up EMA and clipping, on Accelerate."
     from accelerate import Accelerator
     _check_finetune_args(steps, lr, alpha, teacher, resume, checkpoint_dir)
     acc = Accelerator(mixed_precision=mixed_precision, cpu=(device == 'cpu'))
     if batch_size % acc.num_processes:
         raise InputError(f"batch size {batch_size} is not divisible by the {acc.num_processes} processes")
-    unet, sched = load_model(model)
+    net, sched = load_model(model)
     objective = prediction_type(sched)
-    # a copy: a frozen model trains like any other
-    unet = copy.deepcopy(unet).to(acc.device).train().requires_grad_(True)
-    c, h, w = sample_shape(unet)
+    # a copy: a frozen net trains like any other
+    net = copy.deepcopy(net).to(acc.device).train().requires_grad_(True)
+    c, h, w = sample_shape(net)
     ds = (data if isinstance(data, torch.utils.data.Dataset) else
-          get_dataset(data, (h, w), c, labels=bool(num_classes(unet))))  # a class model trains on labelled images
+          get_dataset(data, (h, w), c, labels=bool(num_classes(net))))  # a class net trains on labelled images
     first = ds[0]
     if isinstance(first, tuple) and not isinstance(first[1], dict):
         raise InputError(f"a dataset's items are images or (image, {{'class_labels': y}}), not (image, "
                          f"{type(first[1]).__name__}): wrap labelled images in diffprune.data.LabelledImages")
-    check_cond(unet, stack_cond([first[1]]) if isinstance(first, tuple) else None, 1)
+    check_cond(net, stack_cond([first[1]]) if isinstance(first, tuple) else None, 1)
     tnet = _frozen_teacher(teacher, objective, acc.device) if alpha > 0 else None
-    ema_net = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=weight_decay)
+    ema_net = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=weight_decay)
     start, history = 0, []
-    if resume: start, history = _resume(checkpoint_dir, unet, ema_net, opt)
-    unet, opt = acc.prepare(unet, opt)
+    if resume: start, history = _resume(checkpoint_dir, net, ema_net, opt)
+    net, opt = acc.prepare(net, opt)
     t0 = time.time()
     pbar = tqdm(range(start + 1, steps + 1), desc='finetune', disable=not (progress and acc.is_main_process),
                 initial=start, total=steps)
@@ -232,22 +244,22 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
         # so that a resumed run takes the same steps; the caller's generator is left as it was
         with torch.random.fork_rng(devices=[acc.device] if acc.device.type == 'cuda' else []):
             torch.manual_seed(seed * 1_000_003 + step)
-            total = _train_step(acc, unet, opt, sched, ds, step, batch_size, seed, grad_accum, grad_clip, tnet, alpha)
+            total = _train_step(acc, net, opt, sched, ds, step, batch_size, seed, grad_accum, grad_clip, tnet, alpha)
         if not math.isfinite(total):
             ck = latest_checkpoint(checkpoint_dir)
             raise FinetuneError(f"the loss became {total} at step {step}: lower the learning rate; "
                                 + (f"the last good checkpoint is {ck}" if ck else "no checkpoint was written"))
-        ema_update(ema_net, acc.unwrap_model(unet), ema_decay(step, ema))
+        ema_update(ema_net, acc.unwrap_model(net), ema_decay(step, ema))
         history.append(total)
         if step % 10 == 0: pbar.set_postfix(loss=f'{sum(history[-10:]) / 10:.4f}')
         if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
             if acc.is_main_process:
-                save_checkpoint(checkpoint_dir, step, acc.unwrap_model(unet), ema_net, sched, opt,
+                save_checkpoint(checkpoint_dir, step, acc.unwrap_model(net), ema_net, sched, opt,
                                 dict(seed=seed, history=history, batch_size=batch_size, lr=lr))
             acc.wait_for_everyone()
         if callback and acc.is_main_process and step % callback_every == 0: callback(step, history)
-    raw = acc.unwrap_model(unet).eval()
-    return FinetuneResult(unet=ema_net if use_ema else raw, scheduler=sched, raw=raw, ema=ema_net, history=history,
+    raw = acc.unwrap_model(net).eval()
+    return FinetuneResult(denoiser=ema_net if use_ema else raw, scheduler=sched, raw=raw, ema=ema_net, history=history,
                           steps=steps, seconds=time.time() - t0)
 
 # %% ../nbs/05_finetuning.ipynb #89c92686
@@ -273,24 +285,24 @@ def train_teacher(steps:int=8000, batch_size:int=64, lr:float=5e-4, seed:int=0,
                   model:nn.Module=None, # or a model to train, e.g. `DiTTransformer2DModel(**DIGITS_DIT_CONFIG)`
                   eval_every:int=1000, # steps between FIDs of the EMA model (512 DDIM-50 samples)
                   out=None, # folder to save each evaluated EMA checkpoint into (step_N/)
-                 ) -> tuple: # (ema unet, scheduler, log of {step, loss, fid})
+                 ) -> tuple: # (ema model, scheduler, log of {step, loss, fid})
     "Train a digits DDPM (a UNet or a class DiT) from scratch: Adam, clipping, warm-up EMA, the EMA model's FIDs."
     torch.manual_seed(seed)
-    unet = model if model is not None else UNet2DModel(**(config or DIGITS_CONFIG))
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    model = model if model is not None else UNet2DModel(**(config or DIGITS_CONFIG))
+    ema = copy.deepcopy(model).requires_grad_(False)
     sched = DDPMScheduler(num_train_timesteps=1000)
-    (x, y), opt = digits_split('train'), torch.optim.Adam(unet.parameters(), lr)
-    classes = num_classes(unet)  # a class-conditional model learns each image with its label
+    (x, y), opt = digits_split('train'), torch.optim.Adam(model.parameters(), lr)
+    classes = num_classes(model)  # a class-conditional model learns each image with its label
     log, losses = [], []
     for step in (pbar := tqdm(range(1, steps + 1), desc='teacher')):
         idx = torch.randint(len(x), (batch_size,))
         x0, cond = x[idx], ({'class_labels': y[idx]} if classes else None)
-        loss = denoising_loss(unet, sched, x0, torch.randn_like(x0), torch.randint(0, 1000, (batch_size,)), cond=cond)
+        loss = denoising_loss(model, sched, x0, torch.randn_like(x0), torch.randint(0, 1000, (batch_size,)), cond=cond)
         opt.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema_update(ema, unet, ema_decay(step))
+        ema_update(ema, model, ema_decay(step))
         losses.append(loss.item())
         if step % 50 == 0: pbar.set_postfix(loss=f'{sum(losses[-50:]) / 50:.4f}')
         if step % eval_every == 0:

@@ -6,13 +6,16 @@
 __all__ = ['RecipeSettings', 'RecipeResult', 'run_recipe', 'summary_text', 'model_card', 'write_report']
 
 # %% ../nbs/08_report.ipynb #ea901adf
-import shutil, time
+import time
 from dataclasses import dataclass
 from pathlib import Path
 import torch, pandas as pd
 from fastcore.basics import patch
 from tqdm.auto import tqdm
-from .models import load_model, save_model, atomic_dir, commit_dir, write_json
+from .checks import THRESHOLD
+from .files import atomic_folder, write_json
+from .family import family_of
+from .models import load_model, write_model
 from .data import save_fig
 from .timesteps import analyze_timesteps
 from .importance import score_model
@@ -27,7 +30,7 @@ class RecipeSettings:
     model: str = 'digits' # the teacher: 'digits', a model folder or a hub id
     data: str = 'digits' # calibration, finetuning and FID images
     method: str = 'diff-pruning' # one of `METHODS`
-    threshold: float = 0.05 # Diff-Pruning's thr
+    threshold: float = THRESHOLD # Diff-Pruning's thr
 
     target_macs: float = 0.5 # fraction of the MACs to keep
     pruning_ratio: float = None # or: fraction of each group's channels to remove (then `target_macs` is unused)
@@ -35,7 +38,7 @@ class RecipeSettings:
     stride: int = 1 # analyse every `stride`-th timestep
     sampled_timesteps: int = None # fast mode's K (None: exact)
     layout: str = 'free-form' # 'diffusers': widths a plain diffusers config builds (`prune_model`)
-    prune: str = 'width' # transformers: 'width', 'depth' (whole blocks) or 'both' (`prune_model`)
+    removes: str = 'width' # 'width', or a transformer's 'depth' (whole blocks) or 'both' (`prune_model`)
 
     steps: int = 500 # finetune steps
     batch_size: int = 64 # finetune batch
@@ -74,7 +77,7 @@ def to_dict(self:RecipeResult) -> dict:
              latency_batch=ev['settings']['latency_batch'], sampling_batch=ev['settings']['sampling_batch'])
     if self.analysis is not None:
         d.update(t_prime=self.analysis.t_prime, kept_timesteps=self.analysis.kept_timesteps)
-    if 'fid_calibration' in ev: d['fid_calibration'] = ev['fid_calibration']
+    if 'fid_references' in ev: d['fid_references'] = ev['fid_references']
     return d
 
 # %% ../nbs/08_report.ipynb #43fbd9ad
@@ -108,7 +111,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True, **kw) -> RecipeResult:
             steps.update()
             return r
         teacher = load_model(s.model, s.device)
-        check_prune(teacher[0], s.prune, s.layout)  # before minutes of analysis and scoring
+        check_prune(teacher[0], s.removes, s.layout)  # before minutes of analysis and scoring
         ana = step('analyse', lambda: analyze_timesteps(teacher, s.data, s.threshold, s.calibration_size, s.stride,
                                                         seed=s.seed, progress=progress)
                    if s.method == 'diff-pruning' else None)
@@ -117,12 +120,12 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True, **kw) -> RecipeResult:
                                                 seed=s.seed, device=s.device, progress=progress))
         pr = step('prune', lambda: prune_model(imp, pruning_ratio=s.pruning_ratio,
                                                target_macs=None if s.pruning_ratio is not None else s.target_macs,
-                                               layout=s.layout, prune=s.prune))
+                                               layout=s.layout, removes=s.removes))
         imp = None  # its gradients: not needed past the pruning, and as large as the model
-        ft = step('finetune', lambda: finetune((pr.unet, pr.scheduler), s.data, s.steps, s.batch_size, s.lr, ema=s.ema,
+        ft = step('finetune', lambda: finetune((pr.denoiser, pr.scheduler), s.data, s.steps, s.batch_size, s.lr, ema=s.ema,
                                                teacher=teacher if s.alpha > 0 else None, alpha=s.alpha, seed=s.seed,
                                                progress=progress))
-        ev = step('evaluate', lambda: evaluate((ft.unet, ft.scheduler), teacher,
+        ev = step('evaluate', lambda: evaluate((ft.denoiser, ft.scheduler), teacher,
                                                'digits:all' if s.data == 'digits' else s.data,
                                                s.num_samples, s.sample_steps, s.seed, device=s.device,
                                                progress=progress, compile=s.compile))
@@ -146,9 +149,9 @@ def summary_text(d:dict) -> str:
         how = {k: f"in {d[k]['compile_s']:.0f} s" if d[k]['compiled'] else 'FAILED, eager' for k in ('teacher', 'pruned')}
         lines.append(f"torch.compile ({d['settings'].get('compile')}): teacher {how['teacher']}, "
                      f"pruned {how['pruned']}; not in the times above")
-    if 'fid_calibration' in d:
-        lines.append(f"FID calibration: train vs held-out digits {d['fid_calibration']['train_vs_heldout']:.2f}, "
-                     f"digits vs noise {d['fid_calibration']['real_vs_noise']:.1f}")
+    if 'fid_references' in d:
+        lines.append(f"FID references: train vs held-out digits {d['fid_references']['train_vs_heldout']:.2f}, "
+                     f"digits vs noise {d['fid_references']['real_vs_noise']:.1f}")
     if 't_prime' in d:
         lines.append(f"kept timesteps [0, {d['t_prime']}] ({len(d['kept_timesteps'])} of them), "
                      f"threshold {d['settings']['threshold']}")
@@ -157,9 +160,11 @@ def summary_text(d:dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/08_report.ipynb #5dc7edc7
-def model_card(d:dict, s:RecipeSettings) -> str:
+def model_card(d:dict, s:RecipeSettings,
+               pipeline:str='DiffusionPipeline', # the class that loads the model folder (its family's, 00c)
+              ) -> str:
     "report.md: what was pruned, how, and what came out."
-    fid_cal = d.get('fid_calibration')
+    fid_cal = d.get('fid_references')
     table = '\n'.join('    ' + l for l in summary_text(d).splitlines()[:6])  # the size and speed rows, as a code block
     kept = (f"[0, {d['t_prime']}], {len(d['kept_timesteps'])} timesteps" if 't_prime' in d
             else 'not used by this method')
@@ -168,18 +173,16 @@ def model_card(d:dict, s:RecipeSettings) -> str:
                   f"for a MACs reduction of {d['macs_reduction']:.2f}x")
     fid_line = (f"- FID ({'digits features' if fid_cal else 'Inception'}; {s.num_samples} samples, "
                 f"DDIM-{s.sample_steps}): teacher {d['teacher']['fid']:.2f}, pruned {d['pruned']['fid']:.2f}")
-    cal_line = (f"- FID calibration, computed the same way: train vs held-out digits "
+    cal_line = (f"- FID references, computed the same way: train vs held-out digits "
                 f"{fid_cal['train_vs_heldout']:.2f}, digits vs uniform noise {fid_cal['real_vs_noise']:.1f}"
                 if fid_cal else '')
-    pipe = ('ClassPixelPipeline' if d.get('prune', {}).get('blocks_kept') is not None  # a pixel transformer's
-            else 'DiffusionPipeline')                                                 # pipeline is diffprune's
     macs_line = (f"- MACs count convolutions and linear layers; attention matmuls add {d['teacher']['attn_macs']:,} "
                  f"(teacher) and {d['pruned']['attn_macs']:,} (pruned).")
     return f"""# Pruned model: {s.model} with {s.method}
 
 A structurally pruned copy of `{s.model}`, made with diffprune (Diff-Pruning, Fang et al., NeurIPS 2023) and finetuned
 for {s.steps} steps on `{s.data}`. Load it with `diffprune.models.load_model('model')`, or with diffusers itself
-(`import diffprune`, then `{pipe}.from_pretrained('model')`); `diffprune push model REPO_ID` shares it on
+(`import diffprune`, then `{pipeline}.from_pretrained('model')`); `diffprune push model REPO_ID` shares it on
 the Hub with its model card (`model/README.md`).
 
 ## Settings
@@ -220,23 +223,18 @@ Final loss {d['finetune']['final_loss']:.4f} after {d['finetune']['steps']} step
 # %% ../nbs/08_report.ipynb #b7c1e640
 def write_report(r:RecipeResult, out) -> Path:
     "Write the report folder for `r` into `out`, atomically."
-    tmp = atomic_dir(out)
-    try:
-        d = r.to_dict()
-        r.finetuned.unet.eval()
-        save_model(r.finetuned.unet, r.finetuned.scheduler, tmp/'model',
-                   meta=dict(source=r.settings.model, prune=r.pruned.summary(), finetune=r.finetuned.summary(),
-                             evaluation=dict(fid=d['pruned']['fid'], teacher_fid=d['teacher']['fid'], ssim=d['ssim'],
-                                             speedup=d['speedup'])))
+    family, d = family_of(r.finetuned.denoiser), r.to_dict()
+    with atomic_folder(out) as tmp:
+        write_model(r.finetuned.denoiser.eval(), r.finetuned.scheduler, tmp/'model',
+                    meta=dict(source=r.settings.model, prune=r.pruned.summary(), finetune=r.finetuned.summary(),
+                              evaluation=dict(fid=d['pruned']['fid'], teacher_fid=d['teacher']['fid'], ssim=d['ssim'],
+                                              speedup=d['speedup'])))
         figs = {'widths.png': r.pruned.plot_widths(), 'importance.png': r.pruned.plot_importance(),
                 'samples.png': r.evaluation.grid(), 'finetune_loss.png': r.finetuned.plot()}
         if r.analysis is not None: figs['losses.png'] = r.analysis.plot()
         for k, f in figs.items(): save_fig(f, tmp/k)
-        (tmp/'report.md').write_text(model_card(d, r.settings))
+        pipeline = family.pipeline if family.pipeline_library == 'diffprune' else 'DiffusionPipeline'
+        (tmp/'report.md').write_text(model_card(d, r.settings, pipeline))
         r.pruned.width_table().to_csv(tmp/'widths.csv')
         write_json(d, tmp/'result.json')
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Path(out)

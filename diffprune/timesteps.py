@@ -15,38 +15,41 @@ from tqdm.auto import tqdm
 from .models import load_model
 from .diffusion import (eps_loss, repeat_cond, cond_to, prediction_type, sample_shape, num_classes, check_cond,
                                  eval_mode)
-from .data import get_dataset, take, InputError
+from .checks import InputError, THRESHOLD, check_threshold, check_count
+from pathlib import Path
+from .data import get_dataset, take, save_fig
+from .files import atomic_folder, write_json
 
 # %% ../nbs/02_timesteps.ipynb #01dc2d62
-def stacked_losses(unet, scheduler, x0:torch.Tensor, noise:torch.Tensor,
+def stacked_losses(model, scheduler, x0:torch.Tensor, noise:torch.Tensor,
                    timesteps, # the timesteps of this pass
-                   cond=None, # conditioning of `x0` (see `unet_output`)
+                   cond=None, # conditioning of `x0` (see `model_output`)
                   ) -> torch.Tensor:
     "Mean loss of `x0` at each of `timesteps`, from one forward pass over copies of `x0` stacked one per timestep."
     tb = torch.as_tensor(timesteps)
-    l = eps_loss(unet, scheduler, x0.repeat(len(tb), 1, 1, 1), noise.repeat(len(tb), 1, 1, 1),
+    l = eps_loss(model, scheduler, x0.repeat(len(tb), 1, 1, 1), noise.repeat(len(tb), 1, 1, 1),
                  tb.repeat_interleave(len(x0)).to(x0.device), reduction='none', cond=repeat_cond(cond, len(tb)))
     return l.view(len(tb), len(x0)).mean(1)
 
 # %% ../nbs/02_timesteps.ipynb #f5609691
 @torch.no_grad()
-def timestep_losses(unet, scheduler, x0:torch.Tensor, # calibration batch `(B, C, H, W)` in [-1, 1]
+def timestep_losses(model, scheduler, x0:torch.Tensor, # calibration batch `(B, C, H, W)` in [-1, 1]
                     noise:torch.Tensor=None, # one noise tensor like `x0`, reused for every t (default: seeded)
                     timesteps=None, # timesteps to analyse (default: all)
                     images_per_pass:int=512, # images per forward pass (timesteps are mixed in one pass)
                     stop_threshold:float=None, # stop after a pass where L_t < stop_threshold x running max first holds
-                    cond=None, # conditioning of `x0` for conditional UNets (see `unet_output`)
+                    cond=None, # conditioning of `x0` for conditional models (see `model_output`)
                     seed:int=0, progress:bool=True) -> torch.Tensor:
-    "Mean L_t (`eps_loss`) of `unet` at each of `timesteps`, on `x0` with the same `noise` at every t."
+    "Mean L_t (`eps_loss`) of `model` at each of `timesteps`, on `x0` with the same `noise` at every t."
     T = scheduler.config.num_train_timesteps
     ts = torch.arange(T) if timesteps is None else torch.as_tensor(timesteps)
     if noise is None: noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    dev = next(unet.parameters()).device
+    dev = next(model.parameters()).device
     x0, noise, cond = x0.to(dev), noise.to(dev), cond_to(cond, dev)
     per = max(1, images_per_pass // len(x0))
     out, run_max = [], -float('inf')
     for i in tqdm(range(0, len(ts), per), desc='L_t', disable=not progress, leave=False):
-        out.append(stacked_losses(unet, scheduler, x0, noise, ts[i:i + per], cond).cpu())
+        out.append(stacked_losses(model, scheduler, x0, noise, ts[i:i + per], cond).cpu())
         if stop_threshold is not None:
             stop, run_max = first_rejected(out[-1].tolist(), stop_threshold, run_max)
             if stop is not None: break
@@ -58,7 +61,7 @@ def threshold_t_prime(losses, # L_t at each analysed timestep, in increasing t
                       threshold:float, # thr in [0, 1]
                      ) -> int:
     "T': the last analysed timestep before `L_t < threshold * max_{s<=t} L_s` first holds."
-    if not 0 <= threshold <= 1: raise InputError(f"threshold must be in [0, 1], not {threshold}")
+    threshold = check_threshold(threshold)
     losses, timesteps = list(map(float, losses)), [int(t) for t in timesteps]
     if any(b <= a for a, b in zip(timesteps, timesteps[1:])): raise InputError("timesteps must be increasing")
     i, _ = first_rejected(losses, threshold)
@@ -133,24 +136,33 @@ def plot(self:TimestepAnalysis, ax=None):
     ax.set_title(f"{len(self.kept_timesteps)} of {len(t)} analysed timesteps kept")
     return ax.figure
 
+# %% ../nbs/02_timesteps.ipynb #60caa6e8
+@patch
+def save(self:TimestepAnalysis, path, record:dict=None) -> Path:
+    "Write `losses.png` and `result.json` (`record` and `to_dict`) into the folder `path`, whole or not at all."
+    with atomic_folder(path) as tmp:
+        save_fig(self.plot(), tmp/'losses.png')
+        write_json(dict(**(record or {}), **self.to_dict()), tmp/'result.json')
+    return Path(path)
+
 # %% ../nbs/02_timesteps.ipynb #3a60cb9a
 def calibration_batch(data, # a dataset name or folder (see `get_dataset`), a `Dataset`, or images / latents
-                      unet, n:int, seed:int=0,
+                      model, n:int, seed:int=0,
                       cond=None, # the batch's conditioning; None: a class-conditional model's labels from `data`
                      ) -> tuple:
-    "`(x0, cond)`: `n` seeded images of `data` (a tensor is used as it is), checked against what `unet` takes."
+    "`(x0, cond)`: `n` seeded images of `data` (a tensor is used as it is), checked against what `model` takes."
     if not torch.is_tensor(data):
-        labelled = bool(num_classes(unet)) and cond is None  # the labels come with the images
+        labelled = bool(num_classes(model)) and cond is None  # the labels come with the images
         ds = data if isinstance(data, torch.utils.data.Dataset) else get_dataset(
-            data, sample_shape(unet)[1:], unet.config.in_channels, labels=labelled)
+            data, sample_shape(model)[1:], model.config.in_channels, labels=labelled)
         got = take(ds, n, seed)
         data, cond = got if isinstance(got, tuple) else (got, cond)
-    check_cond(unet, cond, len(data))
+    check_cond(model, cond, len(data))
     return data, cond
 
-def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, scheduler)` pair
+def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(denoiser, scheduler)` pair
                       data='digits', # dataset name or folder (see `get_dataset`), or an image tensor in [-1, 1]
-                      threshold:float=0.05,
+                      threshold:float=THRESHOLD,
                       calibration_size:int=64, # calibration images drawn from `data`
                       stride:int=1, # analyse every `stride`-th timestep
                       until_threshold:bool=False, # stop once the rule has found T' (the curve beyond is not computed)
@@ -158,14 +170,13 @@ def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(unet, 
                       images_per_pass:int=512, # images per forward pass
                       seed:int=0, device='cpu', progress:bool=True) -> TimestepAnalysis:
     "Diff-Pruning's timestep analysis: L_t on one calibration batch and noise, and the threshold rule."
-    if not 0 <= threshold <= 1: raise InputError(f"threshold must be in [0, 1], not {threshold}")
-    if stride < 1: raise InputError(f"stride must be at least 1, not {stride}")
-    unet, sched = load_model(model, device)
+    threshold, stride = check_threshold(threshold), check_count(stride, name='stride')
+    denoiser, sched = load_model(model, device)
     prediction_type(sched)  # the loss needs the model's objective: an unknown one is refused before any work
-    x0, cond = calibration_batch(data, unet, calibration_size, seed, cond)
+    x0, cond = calibration_batch(data, denoiser, calibration_size, seed, cond)
     ts = list(range(0, sched.config.num_train_timesteps, stride))
-    with eval_mode(unet):  # deterministic: no dropout, no DiT class dropout
-        losses = timestep_losses(unet, sched, x0, timesteps=ts, images_per_pass=images_per_pass,
+    with eval_mode(denoiser):  # deterministic: no dropout, no DiT class dropout
+        losses = timestep_losses(denoiser, sched, x0, timesteps=ts, images_per_pass=images_per_pass,
                                  stop_threshold=threshold if until_threshold else None,
                                  cond=cond, seed=seed, progress=progress)
     return TimestepAnalysis(ts[:len(losses)], losses.tolist(), threshold)

@@ -3,7 +3,7 @@ on two cores; `pytest -m slow`). The default tier runs the same recipe CPU-sized
 import json
 import pytest
 from diffprune.models import load_model
-from diffprune.prune import count_params
+from diffprune.sizes import count_params
 
 @pytest.mark.slow
 def test_demo_halves_the_macs_keeps_fid_near_the_teacher_and_writes_its_report(console, tmp_path):

@@ -64,8 +64,8 @@ def test_the_diffusers_layout_is_a_plain_config_that_loads_without_diffprune(cli
     assert json.loads((tmp_path/'digits'/'result.json').read_text())['layout'] == 'diffusers'
     torch.manual_seed(0)
     cifar = prune_model(magnitude(UNet2DModel(**CIFAR10_CONFIG)), target_macs=0.5, layout='diffusers')
-    assert_plain(cifar.unet, UNet2DModel)
-    assert cifar.macs_after / cifar.macs_before <= 0.5 and cifar.unet.config.block_out_channels[0] < 128
+    assert_plain(cifar.denoiser, UNet2DModel)
+    assert cifar.macs_after / cifar.macs_before <= 0.5 and cifar.denoiser.config.block_out_channels[0] < 128
     cifar.save(tmp_path/'cifar10')
     pipe = tiny_latent_pipeline('text', tokenizer_dir=tmp_path/'tok')
     sd, res, _ = prune_pipeline(pipe, calibration_size=4, stride=200, target_macs=0.6, calibration_steps=2,
@@ -89,7 +89,7 @@ def test_the_refitted_time_embedding_gives_the_teachers_at_every_timestep():
     "A narrower first level means fewer sinusoids; the fitted first time layer gives the old embedding back."
     teacher, sched = load_model('digits')
     res = prune_model(magnitude(teacher), pruning_ratio=0.25, layout='diffusers')
-    u, t = res.unet, torch.arange(sched.config.num_train_timesteps)
+    u, t = res.denoiser, torch.arange(sched.config.num_train_timesteps)
     assert u.config.block_out_channels[0] < teacher.config.block_out_channels[0]
     with torch.no_grad(): got, want = (m.time_embedding(m.time_proj(t)) for m in (u, teacher))
     assert torch.allclose(got, want, atol=1e-4 * want.abs().max())
@@ -97,7 +97,7 @@ def test_the_refitted_time_embedding_gives_the_teachers_at_every_timestep():
 
 def test_a_geglu_hidden_unit_goes_whole_value_and_gate():
     "Hidden unit j of a GEGLU is rows j and H + j of its projection: a plan removing n units removes n pairs."
-    from diffprune.prune import UNetPruner
+    from diffprune.unet import UNetPruner
     unet = tiny_latent_pipeline('text').unet
     name = next(n for n, m in unet.named_modules() if isinstance(m, GEGLU))  # a feed-forward's `net.0`
     ff = unet.get_submodule(name[:-len('.0')])
@@ -107,7 +107,7 @@ def test_a_geglu_hidden_unit_goes_whole_value_and_gate():
     pr = UNetPruner(unet, importance_criterion('magnitude'))
     i = next(i for i, g in enumerate(pr.groups) if g.name == f'{name}.proj')
     assert (pr.groups[i].ch_groups, pr.groups[i].size) == (2, hidden)
-    pr.apply({i: 5})
+    pr.apply({'groups': {i: 5}})
     kept = [rows[b] for b in ff[0].proj.bias.tolist()]
     assert ff[2].in_features == hidden - 5 and len(kept) == 2 * (hidden - 5)
     assert [j + hidden for j in kept[:hidden - 5]] == kept[hidden - 5:]  # the gate of each kept unit is its own
@@ -150,14 +150,14 @@ def test_models_that_look_unusual_still_give_a_plain_config():
     "Attention in the up blocks only, the attention's own GroupNorm groups, text_proj conditioning, a free-form input."
     up_only = tiny(add_attention=False, down_block_types=('DownBlock2D', 'DownBlock2D'))
     attn_groups = tiny(attn_norm_num_groups=32)
-    ff = prune_model(magnitude(tiny()), target_macs=0.7).unet  # a PrunedUNet2DModel
+    ff = prune_model(magnitude(tiny()), target_macs=0.7).denoiser  # a PrunedUNet2DModel
     text_proj = UNet2DConditionModel(**TINY_SD, encoder_hid_dim=24, encoder_hid_dim_type='text_proj')
     for unet in (up_only, attn_groups, ff, text_proj):
         res = prune_model(magnitude(unet), target_macs=0.5, layout='diffusers')
-        assert_plain(res.unet, UNet2DConditionModel if unet is text_proj else UNet2DModel)
+        assert_plain(res.denoiser, UNet2DConditionModel if unet is text_proj else UNet2DModel)
         assert res.macs_after / res.macs_before <= 0.5
-    assert res.unet.config.encoder_hid_dim == 24
-    widths = prune_model(magnitude(attn_groups), target_macs=0.5, layout='diffusers').unet.config.block_out_channels
+    assert res.denoiser.config.encoder_hid_dim == 24
+    widths = prune_model(magnitude(attn_groups), target_macs=0.5, layout='diffusers').denoiser.config.block_out_channels
     assert widths[1] % 32 == 0  # the attention level: a multiple of the attention's 32 GroupNorm groups
 
 def test_sdxl_time_ids_keep_their_freq_shift_and_a_poor_fit_is_said(caplog, cli, tmp_path):
@@ -167,8 +167,8 @@ def test_sdxl_time_ids_keep_their_freq_shift_and_a_poor_fit_is_said(caplog, cli,
     with caplog.at_level('WARNING', logger='diffprune'):
         res = prune_model(magnitude(unet), target_macs=0.5, layout='diffusers')
     ids = torch.tensor([[16., 16, 0, 0, 16, 16]]).flatten()
-    with torch.no_grad(): assert torch.equal(res.unet.add_time_proj(ids), unet.add_time_proj(ids))
-    assert res.unet.config.freq_shift == unet.config.freq_shift and res.time_fit_error > 0.01
+    with torch.no_grad(): assert torch.equal(res.denoiser.add_time_proj(ids), unet.add_time_proj(ids))
+    assert res.denoiser.config.freq_shift == unet.config.freq_shift and res.time_fit_error > 0.01
     assert any('finetune before sampling' in r.getMessage() for r in caplog.records)
     r = cli('prune', '--method', 'magnitude', '--layout', 'diffusers', '--pruning-ratio', '0.5', '--out', tmp_path/'p')
     assert r.returncode == 0, r.stderr

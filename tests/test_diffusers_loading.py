@@ -56,7 +56,7 @@ for load in (lambda: DDPMPipeline.from_pretrained({str(pruned)!r}),
 
 def test_a_saved_folder_carries_a_hub_model_card_with_valid_metadata(pruned, tmp_path):
     from huggingface_hub import ModelCard
-    from diffprune.models import hub_card
+    from diffprune.hub import hub_card
     card = ModelCard((pruned/'README.md').read_text())  # the Hub's own parser
     assert card.data.library_name == 'diffusers' and card.data.pipeline_tag == 'unconditional-image-generation'
     assert 'pruning' in card.data.tags and 'diff-pruning' not in card.data.tags  # pruned by magnitude
@@ -85,7 +85,7 @@ class StandIn:
 def test_push_uploads_the_folder_and_its_card_through_huggingface_hub_and_it_loads_back(pruned, tmp_path, monkeypatch):
     import shutil
     monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)  # the stand-in is local; a real push needs the network
-    from diffprune.models import push_to_hub
+    from diffprune.hub import push_to_hub
     folder = tmp_path/'m'
     shutil.copytree(pruned, folder)
     hub = StandIn(tmp_path/'hub')

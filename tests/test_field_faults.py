@@ -10,7 +10,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from diffprune.models import save_model, load_model, tiny_unet
 from diffprune.diffusion import PREDICTION_TYPES, denoising_loss, ddim_sample, ddpm_sample, sample_shape
 from diffprune.importance import score_model, ScoredModel, importance_criterion
-from diffprune.prune import prune_model, kept_channels, count_macs, example_inputs
+from diffprune.prune import prune_model
+from diffprune.unet import kept_channels
+from diffprune.sizes import count_macs, example_inputs
 from diffprune.finetuning import finetune
 from diffprune.data import digits_split
 
@@ -57,7 +59,7 @@ def test_finetuning_a_v_model_keeps_its_v_loss(tmp_path):
     held = lambda u: denoising_loss(u, sched, x0, noise, t).item()
     save_model(v_model, sched, tmp_path/'v')
     more = finetune(tmp_path/'v', 'digits', steps=40, batch_size=32, lr=2e-4, seed=1, use_ema=False, progress=False)
-    assert held(more.unet) < 1.1 * held(v_model), (held(v_model), held(more.unet))
+    assert held(more.denoiser) < 1.1 * held(v_model), (held(v_model), held(more.denoiser))
     assert more.scheduler.config.prediction_type == 'v_prediction'
 
 def test_an_objective_diffprune_does_not_know_is_one_line(cli, tmp_path):
@@ -116,7 +118,7 @@ def test_pruned_heads_compute_the_same_under_every_attention_processor(tmp_path)
     u = tiny_unet(head_dim=8)
     res = prune_model(ScoredModel(u, DDPMScheduler(), 'magnitude', importance_criterion('magnitude')), pruning_ratio=0.5)
     res.save(tmp_path/'m')
-    for unet in (res.unet, load_model(tmp_path/'m')[0]):
+    for unet in (res.denoiser, load_model(tmp_path/'m')[0]):
         x = example_inputs(unet, 2)
         attns = [m for m in unet.modules() if isinstance(m, Attention)]
         with torch.no_grad():
@@ -163,12 +165,12 @@ def test_sdxl_style_added_conditioning_scores_prunes_and_finetunes():
             'added_cond_kwargs': {'text_embeds': torch.randn(6, 16), 'time_ids': torch.rand(6, 6) * 64}}
     macs = count_macs(u)
     res = prune_model(score_model((u, sched), z, 'diff-pruning', calibration_size=6, stride=100, cond=cond, progress=False), target_macs=0.6)
-    assert res.macs_after <= 0.62 * macs and res.macs_after == count_macs(res.unet)
-    r = finetune((res.unet, sched), LatentData(z, cond), steps=2, batch_size=2, progress=False)
+    assert res.macs_after <= 0.62 * macs and res.macs_after == count_macs(res.denoiser)
+    r = finetune((res.denoiser, sched), LatentData(z, cond), steps=2, batch_size=2, progress=False)
     assert len(r.history) == 2
 
 def test_added_conditioning_diffprune_cannot_build_is_refused_in_one_line():
-    from diffprune.prune import added_cond_example
+    from diffprune.unet import added_cond_example
     u = sdxl_like(); u.register_to_config(addition_embed_type='image_hint')
     with pytest.raises(ValueError, match="addition_embed_type 'image_hint'"): added_cond_example(u)
 
@@ -269,7 +271,7 @@ def test_scoring_interrupted_half_way_leaves_no_gradients_on_the_callers_model(m
 def test_gradients_of_another_model_are_refused_in_one_line():
     sched = DDPMScheduler(num_train_timesteps=1000)
     scored = score_model((tiny_unet(), sched), method='taylor', calibration_size=4, stride=250, progress=False)
-    other = prune_model(scored, pruning_ratio=0.5).unet
+    other = prune_model(scored, pruning_ratio=0.5).denoiser
     with pytest.raises(ValueError, match='computed on another model'):
         with scored.gradients_on(other): pass
     assert all(p.grad is None for p in other.parameters())
@@ -286,5 +288,5 @@ def test_a_model_that_learns_its_variance_is_scored_finetuned_and_sampled_by_its
         assert torch.allclose(denoising_loss(unet, sched, x0, noise, t), (both[:, :1] - noise).pow(2).mean())
     scored = score_model((unet, sched), x0, calibration_size=4, stride=200, progress=False)
     pruned = prune_model(scored, target_macs=0.6)
-    ft = finetune((pruned.unet, sched), 'digits', steps=2, batch_size=4, progress=False)
-    assert ddim_sample(ft.unet, sched, 2, steps=3, progress=False).shape == (2, 1, 16, 16)
+    ft = finetune((pruned.denoiser, sched), 'digits', steps=2, batch_size=4, progress=False)
+    assert ddim_sample(ft.denoiser, sched, 2, steps=3, progress=False).shape == (2, 1, 16, 16)

@@ -2,7 +2,7 @@
 import json
 import pytest
 from diffprune.latent import tiny_latent_pipeline, save_pipeline, load_pipeline, pipeline_images
-from diffprune.prune import count_params
+from diffprune.sizes import count_params
 
 @pytest.fixture(scope='module')
 def pipes(tmp_path_factory):

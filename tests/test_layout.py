@@ -22,19 +22,37 @@ def library_imports(path:Path) -> set:
             found |= {a.name.split('.')[1] for a in node.names if a.name.startswith('diffprune.')}
     return found
 
-# the one arrow that points back, on purpose: `prune_model` (04) is the one call that prunes any denoiser, and hands a
-# transformer to 04a's `prune_transformer` by a lazy import inside the call; 04a builds on 04's results and MACs
-BACKWARD_BY_DESIGN = {('prune', 'transformer')}
-
 def test_imports_only_point_forward_in_notebook_order():
+    "No circle and no arrow back, with nothing whitelisted: a module imports only modules of earlier notebooks."
     order = notebook_order(); rank = {m: i for i, m in enumerate(order)}
-    assert {'data', 'models', 'diffusion', 'metrics', 'prune', 'transformer', 'latent', 'report', 'cli'} <= set(order)
+    assert {'checks', 'data', 'files', 'hub', 'family', 'models', 'diffusion', 'metrics', 'sizes', 'prune', 'unet',
+            'transformer', 'latent', 'report', 'cli'} <= set(order)
     backward = [f'{m} ({order[m]}) imports {d} ({order[d]})' for m in order
-                for d in library_imports(ROOT/'diffprune'/f'{m}.py') if d in rank and rank[d] >= rank[m] and d != m
-                and (m, d) not in BACKWARD_BY_DESIGN]
+                for d in library_imports(ROOT/'diffprune'/f'{m}.py') if d in rank and rank[d] >= rank[m] and d != m]
     assert not backward, backward
-    src = (ROOT/'diffprune'/'prune.py').read_text()  # and that arrow stays inside the call, not at import time
-    assert src.count('from .transformer import') == 1 and '\nfrom .transformer' not in src
+
+# the modules of the denoiser families: the only ones that may name a denoiser's diffusers class
+FAMILIES = {'unet', 'transformer'}
+DENOISER_CLASSES = ('UNet2DModel', 'UNet2DConditionModel', 'DiTTransformer2DModel', 'PixArtTransformer2DModel',
+                    'Transformer2DModel')
+
+def test_outside_the_family_modules_nothing_branches_on_the_kind_of_denoiser():
+    "No `isinstance` on a denoiser class, no `is_transformer`, no `transformer_blocks` outside a family's own module."
+    found = []
+    for p in sorted((ROOT/'diffprune').glob('*.py')):
+        if p.stem in FAMILIES or p.name == '_modidx.py': continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, 'id', None) == 'isinstance':
+                names = {n.id if isinstance(n, ast.Name) else getattr(n, 'attr', None) for n in ast.walk(node.args[1])}
+                if names & set(DENOISER_CLASSES): found.append(f'{p.name}:{node.lineno} isinstance on {names}')
+            if isinstance(node, ast.Name) and node.id == 'is_transformer': found.append(f'{p.name}:{node.lineno}')
+            if isinstance(node, ast.Constant) and node.value == 'transformer_blocks': found.append(f'{p.name}:{node.lineno}')
+    assert not found, found
+
+def test_no_module_is_over_600_lines():
+    "One job per room: every library module stays under 600 lines."
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT/'diffprune').glob('*.py') if p.name != '_modidx.py'}
+    assert max(sizes.values()) <= 600, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
 
 def test_fid_is_computed_in_one_module():
     "Every FID goes through `metrics`: no other module builds a torchmetrics FID or updates its statistics."
@@ -45,7 +63,7 @@ def test_fid_is_computed_in_one_module():
 PRIVATE_TP = ('_is_atten_group', '_downstream_node_as_root_if_attention', '_get_channel_groups')
 
 def test_torch_pruning_is_within_the_bound_whose_private_api_prune_relies_on():
-    "prune.py calls three private MetaPruner methods, in one helper only, so settings.ini bounds torch-pruning's version."
+    "unet.py calls three private MetaPruner methods, in one helper only, so settings.ini bounds torch-pruning's version."
     import configparser, torch_pruning as tp
     from packaging.requirements import Requirement
     cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(ROOT/'settings.ini')
@@ -53,7 +71,7 @@ def test_torch_pruning_is_within_the_bound_whose_private_api_prune_relies_on():
     assert req.specifier and tp.__version__ in req.specifier, (tp.__version__, str(req.specifier))
     assert any(s.operator == '<' for s in req.specifier), 'no upper bound'
     assert all(hasattr(tp.pruner.MetaPruner, name) for name in PRIVATE_TP)
-    src = (ROOT/'diffprune'/'prune.py').read_text()
+    src = (ROOT/'diffprune'/'unet.py').read_text()
     helper = src[src.index('    def _rooted('):src.index('    def _narrowest_root(')]
     assert all(src.count(f'.{n}(') == helper.count(f'.{n}(') == 1 for n in PRIVATE_TP)
 

@@ -6,7 +6,9 @@ from diffprune.models import load_model, save_model, tiny_unet, CIFAR10_CONFIG
 from diffprune.diffusion import ddim_sample
 from diffprune.importance import (ScoredModel, take_gradients, importance_criterion, score_model, accumulate_gradients,
                                   per_timestep_gradients)
-from diffprune.prune import prune_model, example_inputs, kept_channels, jaccard, count_macs, UNetPruner
+from diffprune.prune import prune_model, jaccard
+from diffprune.unet import kept_channels, UNetPruner
+from diffprune.sizes import example_inputs, count_macs
 from diffprune.data import take, get_dataset
 
 SCHED = DDPMScheduler(num_train_timesteps=1000)
@@ -24,14 +26,14 @@ def roundtrip(res, tmp_path):
     res.save(tmp_path/'m')
     u2, s2 = load_model(tmp_path/'m')
     x = example_inputs(u2, 2)
-    with torch.no_grad(): assert torch.equal(u2(**x).sample, res.unet(**x).sample)
+    with torch.no_grad(): assert torch.equal(u2(**x).sample, res.denoiser(**x).sample)
     return u2, s2
 
 def test_digits_teacher_diff_pruning_prunes_samples_and_reloads_identically(tmp_path):
     res = prune_model(score_model('digits', method='diff-pruning', stride=20, calibration_size=16, progress=False), target_macs=0.5)
     assert res.params_after < res.params_before and abs(res.macs_after / res.macs_before - 0.5) < 0.03
     u2, s2 = roundtrip(res, tmp_path)
-    a = ddim_sample(res.unet, res.scheduler, 4, steps=5, seed=3, progress=False)
+    a = ddim_sample(res.denoiser, res.scheduler, 4, steps=5, seed=3, progress=False)
     b = ddim_sample(u2, s2, 4, steps=5, seed=3, progress=False)
     assert torch.equal(a, b)
     # the reloaded model works inside diffusers' own pipeline
@@ -43,7 +45,7 @@ def test_multihead_attention_is_pruned_per_head_and_reloads(tmp_path):
     u = tiny_unet(head_dim=8)
     heads = {n: m.heads for n, m in u.named_modules() if type(m).__name__ == 'Attention'}
     res = prune_model(magnitude(u), pruning_ratio=0.5)
-    for n, m in res.unet.named_modules():
+    for n, m in res.denoiser.named_modules():
         if n in heads:
             assert m.heads == heads[n] and m.to_q.out_features % m.heads == 0 and m.to_q.out_features < 32
     roundtrip(res, tmp_path)
@@ -52,12 +54,12 @@ def test_cifar10_config_target_macs_within_3_percent_and_reloads(tmp_path):
     torch.manual_seed(0)
     res = prune_model(magnitude(UNet2DModel(**CIFAR10_CONFIG)), target_macs=0.56)
     assert abs(res.macs_after / res.macs_before - 0.56) <= 0.03 * 0.56
-    assert res.macs_after == count_macs(res.unet)
+    assert res.macs_after == count_macs(res.denoiser)
     roundtrip(res, tmp_path)
 
 def test_conditional_unet_keeps_cross_attention_inputs_and_reloads(tmp_path):
     res = prune_model(magnitude(tiny_cond()), pruning_ratio=0.3)
-    for m in res.unet.modules():
+    for m in res.denoiser.modules():
         if type(m).__name__ == 'Attention' and m.is_cross_attention: assert m.to_k.in_features == 24 and m.to_v.in_features == 24
     assert res.macs_after < res.macs_before
     roundtrip(res, tmp_path)
@@ -106,8 +108,8 @@ def test_default_round_to_rounds_macs_targets_on_the_cpu_and_leaves_ratios_free(
     assert by_ratio.round_to is None and by_ratio.params_after < by_ratio.params_before
     # one pruner gives the same plan for a target before and after a ratio's plan (the any-width fallback does not stick)
     with scored.gradients_on():
-        pr = UNetPruner(scored.unet, scored.criterion)
+        pr = UNetPruner(scored.denoiser, scored.criterion)
         first = pr.plan_for_macs(0.5)
-        pr.plan(0.1)
+        pr.ratio_plan(0.1)
         assert pr.round_to is None and pr.plan_for_macs(0.5) == first and pr.round_to == 8
     with pytest.raises(ValueError, match='round_to'): prune_model(scored, target_macs=0.5, round_to=True)

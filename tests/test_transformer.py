@@ -3,10 +3,12 @@ depth or both to a MACs target; pickle-free folders diffusers loads; conditionin
 import json, subprocess, sys
 import pytest, torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, DDPMScheduler
-from diffprune.models import dit_config, save_model, load_model, ClassPixelPipeline
-from diffprune.diffusion import unet_output, ddim_sample
+from diffprune import ClassPixelPipeline
+from diffprune.models import dit_config, save_model, load_model
+from diffprune.diffusion import model_output, ddim_sample
 from diffprune.importance import ScoredModel, importance_criterion, score_model
-from diffprune.prune import prune_model, count_macs
+from diffprune.prune import prune_model
+from diffprune.sizes import count_macs
 from diffprune.transformer import TransformerPruner, head_rows, mlp_rows
 from diffprune.finetuning import finetune
 
@@ -37,7 +39,7 @@ def out(m, cond=None, seed=1):
     g = torch.Generator().manual_seed(seed)
     x, t = torch.randn(3, 1, 16, 16, generator=g), torch.tensor([4, 300, 900])
     with torch.no_grad():
-        return unet_output(m, x, t, cond if cond is not None else {'class_labels': torch.tensor([0, 4, 9])})
+        return model_output(m, x, t, cond if cond is not None else {'class_labels': torch.tensor([0, 4, 9])})
 
 def zero_units(m, block, heads=(), units=(), whole=False):
     "Zero the weights of heads / MLP units of one block (or all of it): removing them must change nothing."
@@ -63,10 +65,10 @@ def test_width_pruning_removes_exactly_the_zero_heads_and_units(activation):
     zero_units(m, 1, heads=[2], units=range(0, 64, 2))  # block 1: head 2 and a quarter of the MLP (even units)
     for i in (0, 2, 3): zero_units(m, i, heads=[0], units=range(32))
     r = prune_model(magnitude(m), pruning_ratio=0.25, round_to=None)
-    b = r.unet.transformer_blocks[1]
+    b = r.denoiser.transformer_blocks[1]
     assert b.attn1.heads == 3 and b.attn1.to_q.out_features == 24 and b.ff.net[2].in_features == 96
-    torch.testing.assert_close(out(r.unet), out(m), atol=1e-6, rtol=1e-5)
-    assert r.macs_after == count_macs(r.unet) < r.macs_before and type(r.unet).__name__ == 'PrunedDiTTransformer2DModel'
+    torch.testing.assert_close(out(r.denoiser), out(m), atol=1e-6, rtol=1e-5)
+    assert r.macs_after == count_macs(r.denoiser) < r.macs_before and type(r.denoiser).__name__ == 'PrunedDiTTransformer2DModel'
 
 def test_depth_pruning_removes_the_zero_block_and_keeps_dit_block_0():
     "An all-zero adaLN-zero block hands its input on: removing it changes nothing; DiT's block 0 never goes."
@@ -74,10 +76,10 @@ def test_depth_pruning_removes_the_zero_block_and_keeps_dit_block_0():
     zero_units(m, 2, whole=True)
     with torch.no_grad():  # block 0 is the smallest by far, yet its embedding feeds the final layer
         for p in m.transformer_blocks[0].parameters(): p.mul_(1e-3)
-    r = prune_model(magnitude(m), pruning_ratio=0.25, prune='depth')
-    assert r.blocks_kept == [0, 1, 3] and r.unet.config.num_layers == 3 and r.removes == 'depth'
-    torch.testing.assert_close(out(r.unet), out(m), atol=1e-6, rtol=1e-5)
-    assert type(r.unet) is DiTTransformer2DModel  # its config builds it: plain diffusers loads it
+    r = prune_model(magnitude(m), pruning_ratio=0.25, removes='depth')
+    assert r.blocks_kept == [0, 1, 3] and r.denoiser.config.num_layers == 3 and r.removes == 'depth'
+    torch.testing.assert_close(out(r.denoiser), out(m), atol=1e-6, rtol=1e-5)
+    assert type(r.denoiser) is DiTTransformer2DModel  # its config builds it: plain diffusers loads it
 
 @pytest.mark.parametrize('prune', ['width', 'depth', 'both'])
 def test_a_macs_target_is_a_ceiling_and_the_estimate_is_exact(prune):
@@ -85,22 +87,22 @@ def test_a_macs_target_is_a_ceiling_and_the_estimate_is_exact(prune):
     m = tiny_dit(layers=6)
     s = score_model((m, SCHED), 'digits', calibration_size=8, sampled_timesteps=4, progress=False)
     for target in (0.7, 0.5):
-        r = prune_model(s, target_macs=target, prune=prune)
+        r = prune_model(s, target_macs=target, removes=prune)
         assert r.macs_after <= target * r.macs_before, (prune, target)
         pr = TransformerPruner(m, 'diff-pruning', s.gradients)
-        assert abs(pr.estimate(pr.plan(prune, target_macs=target)) - r.macs_after) < 1e-6 * r.macs_before
+        assert abs(pr.estimate(pr.plan(target_macs=target, removes=prune)) - r.macs_after) < 1e-6 * r.macs_before
         assert r.macs_after > (target - 0.2) * r.macs_before  # close to it, not far below
 
 def test_pruned_dits_save_and_load_through_diffusers_and_the_pipeline(tmp_path):
     "Width-pruned: the diffprune class loads it, plain diffusers refuses it in words; depth-pruned: plain diffusers."
     m = tiny_dit()
     for prune in ('width', 'depth'):
-        r = prune_model(magnitude(m), pruning_ratio=0.5, prune=prune)
+        r = prune_model(magnitude(m), pruning_ratio=0.5, removes=prune)
         r.save(tmp_path/prune)
         idx = json.loads((tmp_path/prune/'model_index.json').read_text())
         assert idx['_class_name'] == 'ClassPixelPipeline' and 'transformer' in idx and 'unet' not in idx
         back, _ = load_model(tmp_path/prune)
-        torch.testing.assert_close(out(back), out(r.unet))
+        torch.testing.assert_close(out(back), out(r.denoiser))
         pipe = ClassPixelPipeline.from_pretrained(tmp_path/prune)
         imgs = pipe([1, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type='pt').images
         assert imgs.shape == (2, 1, 16, 16) and 0 <= imgs.min() and imgs.max() <= 1
@@ -116,13 +118,13 @@ def test_pixart_is_scored_with_its_text_and_pruned_both_ways(tmp_path):
     m, cond = tiny_pixart(), text_cond(6)
     x0 = torch.rand(6, 1, 16, 16) * 2 - 1
     s = score_model((m, SCHED), x0, cond=cond, sampled_timesteps=4, progress=False)
-    r = prune_model(s, target_macs=0.6, prune='both')
-    b = r.unet.transformer_blocks[0]
+    r = prune_model(s, target_macs=0.6, removes='both')
+    b = r.denoiser.transformer_blocks[0]
     assert r.macs_after <= 0.6 * r.macs_before and b.attn2.to_k.in_features == 32
     c3 = text_cond(3, seed=5)
-    save_model(r.unet, SCHED, tmp_path/'p')
+    save_model(r.denoiser, SCHED, tmp_path/'p')
     back, _ = load_model(tmp_path/'p')
-    torch.testing.assert_close(out(back, c3), out(r.unet, c3))
+    torch.testing.assert_close(out(back, c3), out(r.denoiser, c3))
     with pytest.raises(ValueError, match='takes no class labels'):
         score_model((m, SCHED), x0, cond={'class_labels': torch.zeros(6, dtype=torch.long)})
     with pytest.raises(ValueError, match='is text-conditioned'): score_model((m, SCHED), x0)
@@ -140,7 +142,7 @@ def test_class_labels_travel_with_calibration_and_finetuning_and_are_checked():
     assert a.history != finetune((m, SCHED), 'digits', steps=3, batch_size=8, progress=False, seed=2).history
 
 def test_the_cli_prunes_samples_finetunes_and_evaluates_the_shipped_dit(cli, tmp_path):
-    r = cli('prune', '--model', 'digits-dit', '--target-macs', '0.5', '--prune', 'both', '--sampled-timesteps', '4',
+    r = cli('prune', '--model', 'digits-dit', '--target-macs', '0.5', '--removes', 'both', '--sampled-timesteps', '4',
             '--calibration-size', '8', '--out', tmp_path/'p')
     assert r.returncode == 0, r.stderr[-1500:]
     assert 'blocks kept:' in r.stdout and 'PrunedDiTTransformer2DModel' in r.stdout
@@ -159,13 +161,13 @@ def test_the_cli_prunes_samples_finetunes_and_evaluates_the_shipped_dit(cli, tmp
     assert ev['macs'] < ev['teacher']['macs'] and ev['macs_reduction'] > 1.9
 
 @pytest.mark.parametrize('args, needle', [
-    (['prune', '--model', 'digits-dit', '--target-macs', '0.05', '--prune', 'depth', '--method', 'magnitude'],
+    (['prune', '--model', 'digits-dit', '--target-macs', '0.05', '--removes', 'depth', '--method', 'magnitude'],
      'depth pruning cannot go below'),
     (['prune', '--model', 'digits-dit', '--target-macs', '0.01', '--method', 'magnitude'], 'width pruning cannot go below'),
-    (['prune', '--model', 'digits', '--target-macs', '0.5', '--prune', 'depth', '--method', 'magnitude'],
+    (['prune', '--model', 'digits', '--target-macs', '0.5', '--removes', 'depth', '--method', 'magnitude'],
      'a UNet is pruned by width'),
     (['prune', '--model', 'digits-dit', '--pruning-ratio', '0.3', '--layout', 'diffusers', '--method', 'magnitude'],
-     'use --prune depth, or --layout free-form'),
+     "use removes='depth' (--removes depth), or layout='free-form'"),
     (['sample', '--model', 'digits-dit', '--class-labels', '12'], r'class labels must be in [0, 10)'),
     (['sample', '--model', 'digits', '--class-labels', '1'], 'takes no class labels'),
     (['prune', '--model', 'digits-dit', '--pruning-ratio', '0.3', '--data', 'my-images'], 'has no class labels'),
@@ -180,7 +182,7 @@ def test_latent_transformer_pipelines_prune_finetune_and_sample_from_folders(cli
     "A DiTPipeline (class labels) and a PixArtAlphaPipeline (prompt embeddings and mask) folder, through the CLI."
     from diffprune.latent import tiny_latent_pipeline, save_pipeline, load_pipeline, denoiser
     save_pipeline(tiny_latent_pipeline(kind, tokenizer_dir=tmp_path/'tok'), tmp_path/'teacher')
-    r = cli('prune', '--model', tmp_path/'teacher', '--target-macs', '0.6', '--prune', 'both', '--sampled-timesteps',
+    r = cli('prune', '--model', tmp_path/'teacher', '--target-macs', '0.6', '--removes', 'both', '--sampled-timesteps',
             '2', '--calibration-size', '4', '--calibration-steps', '2', '--out', tmp_path/'p')
     assert r.returncode == 0, r.stderr[-1500:]
     idx = json.loads((tmp_path/'p'/'model_index.json').read_text())
@@ -208,7 +210,7 @@ def test_hub_checkpoints_that_name_their_transformer_transformer2dmodel_load(tmp
 
 def test_both_never_goes_below_a_target_width_alone_meets_and_training_mode_scores_the_same():
     m = tiny_dit(layers=6)
-    r = prune_model(magnitude(m), target_macs=0.95, prune='both')
+    r = prune_model(magnitude(m), target_macs=0.95, removes='both')
     assert r.blocks_kept == list(range(6)) and 0.9 < r.macs_after / r.macs_before <= 0.95
     m.train()  # DiT drops class labels at random in training mode: scoring is in eval mode, and the mode comes back
     x0, y = torch.rand(4, 1, 16, 16) * 2 - 1, {'class_labels': torch.tensor([1, 2, 3, 4])}
@@ -219,7 +221,7 @@ def test_both_never_goes_below_a_target_width_alone_meets_and_training_mode_scor
     assert m.training and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 def test_a_compiled_dit_keeps_block_0_and_a_wrapped_pixart_takes_its_text():
-    r = prune_model(magnitude(torch.compile(tiny_dit(), backend='eager')), target_macs=0.5, prune='depth')
+    r = prune_model(magnitude(torch.compile(tiny_dit(), backend='eager')), target_macs=0.5, removes='depth')
     assert r.blocks_kept[0] == 0
     m, c = tiny_pixart(), text_cond(3)
     torch.testing.assert_close(out(torch.nn.DataParallel(m), c), out(m, c))
@@ -238,13 +240,14 @@ def test_round_to_is_checked_and_auto_rounding_is_for_macs_targets_only():
     with pytest.raises(ValueError, match='use a smaller round_to'): prune_model(magnitude(m), pruning_ratio=0.5, round_to=1000)
     r = prune_model(magnitude(m), pruning_ratio=0.05)  # 'auto': any width for a ratio, as for UNets
     assert r.macs_after < r.macs_before and r.round_to is None
-    with pytest.raises(ValueError, match='no whole block of 1 goes'): prune_model(magnitude(tiny_dit(layers=1)), pruning_ratio=0.5, prune='depth')
+    with pytest.raises(ValueError, match='no whole block of 1 goes'): prune_model(magnitude(tiny_dit(layers=1)), pruning_ratio=0.5, removes='depth')
 
 def test_prune_kind_and_layout_are_refused_before_scoring(cli, tmp_path, monkeypatch):
     import diffprune.importance
     monkeypatch.setattr(diffprune.importance, 'score_model', lambda *a, **k: pytest.fail('scored before refusing'))
     r = cli('prune', '--model', 'digits', '--target-macs', '0.5', '--prune', 'both', '--out', tmp_path/'o')
     assert r.returncode == 2 and 'a UNet is pruned by width' in r.stderr
+    assert 'diffprune: --prune is now --removes' in r.stderr  # the old flag (until 0.6) works, and says so
 
 def test_a_torchvision_style_dataset_is_refused_in_words_and_the_pixel_pipeline_gives_pil(tmp_path):
     ds = torch.utils.data.TensorDataset(torch.zeros(8, 1, 16, 16), torch.full((8,), 3))  # (image, label tensor) items
