@@ -10,7 +10,7 @@ __all__ = ['SUBCOMMANDS', 'UsageError', 'check_out', 'cmd_sample', 'cmd_analyze'
 import argparse, contextlib, logging, sys, time, os, shutil, tempfile, warnings
 from pathlib import Path
 from . import quiet_loading
-from .checks import (METHODS, LAYOUTS, REMOVES, COMPILE_MODES, THRESHOLD, arg, check_threshold,
+from .checks import (InputError, METHODS, LAYOUTS, REMOVES, COMPILE_MODES, THRESHOLD, arg, check_threshold,
                               check_pruning_ratio, check_target_macs, check_target, check_count, check_range,
                               check_positive)
 
@@ -39,7 +39,8 @@ def cmd_sample(a):
     from diffprune.latent import latent_folder
     folder = latent_folder(a.model)
     x, secs, compile_s, extra = (_sample_latent(a, folder) if folder is not None else _sample_pixel(a))
-    title = f"{a.model}: {a.sampler.upper() + '-' if folder is None else ''}{a.sample_steps} steps, seed {a.seed}"
+    steps = f'{a.sampler.upper()}-{a.sample_steps}' if folder is None else f'{a.sample_steps} steps'
+    title = f"{a.model}: {steps}, seed {a.seed}"
     save_samples(x, out, dict(model=str(a.model), num=a.num, sample_steps=a.sample_steps, sampler=a.sampler,
                               seed=a.seed, class_labels=a.class_labels, seconds=secs, compile=a.compile,
                               compile_s=compile_s, **extra), title=title)
@@ -173,9 +174,11 @@ def _prune_latent(a, out, folder):
     pipe = load_pipeline(folder, a.device)
     check_prune(denoiser(pipe), a.removes, a.layout)  # before minutes of scoring
     images = latent_images(pipe, a.data, a.calibration_size, a.seed)
-    pruned, res, _ = prune_pipeline(pipe, images, a.calibration_size, a.prompt, a.class_labels, a.method, a.threshold,
-                                    a.sampled_timesteps, a.stride, a.target_macs, a.pruning_ratio, a.calibration_steps,
-                                    a.seed, round_to=a.round_to, layout=a.layout, removes=a.removes)
+    pruned, res, _ = prune_pipeline(pipe, images, a.calibration_size, a.prompt, a.class_labels, method=a.method,
+                                    threshold=a.threshold, sampled_timesteps=a.sampled_timesteps, stride=a.stride,
+                                    target_macs=a.target_macs, pruning_ratio=a.pruning_ratio,
+                                    calibration_steps=a.calibration_steps, seed=a.seed, round_to=a.round_to,
+                                    layout=a.layout, removes=a.removes)
     macs = {'teacher': pipeline_macs(pipe), 'pruned': pipeline_macs(pruned)}
     save_pipeline(pruned, out, dict(source=str(a.model), seed=a.seed, prune=res.summary()), result=res,
                   record=dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, prompt=a.prompt,
@@ -522,9 +525,8 @@ def _report(message:str):
     print(message, file=sys.stderr)
 
 def _users_to_fix(e:Exception) -> bool:
-    "Whether `e` is the user's to fix: a `UsageError` or the library's `InputError` (loaded by then if it raised one)."
-    data = sys.modules.get('diffprune.data')
-    return isinstance(e, UsageError) or (data is not None and isinstance(e, data.InputError))
+    "Whether `e` is the user's to fix: a `UsageError` or the library's `InputError` (`checks`, imported above)."
+    return isinstance(e, (UsageError, InputError))
 
 @contextlib.contextmanager
 def _notes_on_stderr():

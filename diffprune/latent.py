@@ -240,7 +240,7 @@ def pipeline_macs(pipe) -> dict:
 # %% ../nbs/07_latent.ipynb #b7923d24
 def prune_pipeline(pipe, # a latent diffusers pipeline (its denoiser is pruned)
                    images:torch.Tensor=None, # calibration images in [-1, 1]; None: the teacher generates latents
-                   calibration_size:int=32, prompts=None, class_labels=None,
+                   calibration_size:int=32, prompts=None, class_labels=None, *,
                    method:str='diff-pruning', threshold:float=THRESHOLD, sampled_timesteps:int=None, stride:int=None,
                    target_macs:float=None, pruning_ratio:float=None,
                    calibration_steps:int=20, # DDIM steps of the teacher's calibration latents

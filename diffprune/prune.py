@@ -134,7 +134,7 @@ def plot_widths(self:PruneResult, ax=None):
     "Output width of the layers the family shows (a UNet's convolutions, a transformer's q and MLP layers), as bars."
     t, family, after = self.width_table(), family_of(self.denoiser), dict(self.denoiser.named_modules())
     t = t[[family.shows(k, after.get(self.name_after(k))) for k in t.index]]
-    if ax is None: _, ax = plt.subplots(figsize=(max(6, len(t) * 0.18), 3))
+    if ax is None: _, ax = plt.subplots(figsize=(min(10, max(6, len(t) * 0.1)), 3))
     x = np.arange(len(t))
     ax.bar(x, t.out_before, color='lightgray', label='before')
     ax.bar(x, t.out_after, color='C0', label='after')
@@ -151,7 +151,7 @@ def plot_widths(self:PruneResult, ax=None):
 def plot_importance(self:PruneResult, ax=None):
     "Mean importance of every group's channels (normalised to the largest), by root layer; returns the figure."
     names, v = list(self.group_scores), np.array(list(self.group_scores.values()))
-    if ax is None: _, ax = plt.subplots(figsize=(max(6, len(v) * 0.18), 3))
+    if ax is None: _, ax = plt.subplots(figsize=(min(10, max(6, len(v) * 0.1)), 3))
     ax.bar(np.arange(len(v)), v / max(v.max(), 1e-30))
     ax.set_xticks(np.arange(len(v)))
     ax.set_xticklabels(names, rotation=90, fontsize=5)

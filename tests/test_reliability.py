@@ -19,7 +19,7 @@ The table of bad inputs (also in the README's troubleshooting section). Rows cov
 | Ctrl-C | here |
 | an objective (prediction_type) diffprune does not know, a teacher of another objective | test_field_faults.py, 05_finetuning |
 | a pipeline whose denoiser diffprune cannot prune (SD3, a generic Transformer2DModel) | test_field_faults.py |
-| a transformer MACs target below one block or one head, --prune depth on a UNet, --layout diffusers with width | test_transformer.py |
+| a transformer MACs target below one block or one head, --removes depth on a UNet, --layout diffusers with width | test_transformer.py |
 | class labels a model does not take, lacks or cannot index; text a model does not take; unlabelled data | test_transformer.py |
 | --data with a method that does not use it | test_cli_method.py |
 | added conditioning diffprune cannot build | test_field_faults.py |

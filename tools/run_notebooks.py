@@ -2,12 +2,13 @@
 
 The cells that run are the ones `nbdev_test` runs: none flagged with a `tst_flags` word of settings.ini (`slow`,
 `colab`, `retrain`) unless `--flags` names it, none with `#| eval: false`, and not the closing `nbdev_export()` cell. With `--write` each notebook is saved with the outputs of that run, so GitHub, Colab
-and the docs show the lesson without running it; run `nbdev_clean` afterwards, as before any commit.
+and the docs show the lesson without running it: figures at display size (execnb's retina default would store them
+at twice that), each PNG stored with at most 256 colours. Run `nbdev_clean` afterwards, as before any commit.
 
     python tools/run_notebooks.py nbs/05_finetuning.ipynb            # time each cell, change nothing
     python tools/run_notebooks.py --write nbs/[0-9]*.ipynb         # refresh the committed outputs
 """
-import argparse, os, sys, time
+import argparse, base64, io, os, sys, time
 from pathlib import Path
 
 from execnb.nbio import read_nb, write_nb
@@ -29,7 +30,7 @@ def skipped(cell, flags:set) -> bool:
 def run(path:Path, flags:set, write:bool) -> list:
     "Run one notebook in a fresh shell; returns `[(seconds, cell index, first line)]`; raises on the first error."
     os.environ['IN_TEST'] = '1'
-    nb, shell, times = read_nb(path), CaptureShell(path), []
+    nb, shell, times = read_nb(path), CaptureShell(path, mpl_format='png'), []  # images at display size
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == 'code' and skipped(cell, flags): cell.outputs = []
     with working_directory(path.parent):
@@ -39,8 +40,21 @@ def run(path:Path, flags:set, write:bool) -> list:
             shell.cell(cell)
             times.append((time.time() - t0, i, cell.source.splitlines()[0] if cell.source else ''))
             if shell.exc: raise RuntimeError(shell.prettytb(fname=path))
-    if write: write_nb(nb, path)
+    if write:
+        for cell in nb.cells:
+            for out in cell.get('outputs', []): shrink_png(out)
+        write_nb(nb, path)
     return times
+
+def shrink_png(out):
+    "Store an output's PNG with at most 256 colours, optimised (a plot's look, at a third of the bytes)."
+    from PIL import Image
+    data = out.get('data', {})
+    if 'image/png' not in data: return
+    raw = base64.b64decode(data['image/png'])
+    im, buf = Image.open(io.BytesIO(raw)), io.BytesIO()
+    im.convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(buf, 'PNG', optimize=True)
+    if buf.tell() < len(raw): data['image/png'] = base64.b64encode(buf.getvalue()).decode()
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
