@@ -73,7 +73,7 @@ class Evaluation:
     settings: dict = field(default_factory=dict)
     speed: dict = None # `paired_speedup` of the forward pass, teacher / model
 
-    calibration = OldName('references')  # until 0.6
+    calibration = OldName('references')  # the old name, kept until 0.7
 
 # %% ../nbs/06_evaluation.ipynb #6b1ce6d2
 @patch

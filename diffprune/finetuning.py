@@ -126,7 +126,7 @@ class FinetuneResult:
         tail = self.history[-max(1, min(50, len(self.history))):]
         return dict(steps=self.steps, final_loss=sum(tail) / len(tail), seconds=round(self.seconds, 2))
     def __repr__(self): return f'FinetuneResult({self.summary()})'
-    unet = OldName('denoiser')  # until 0.6
+    unet = OldName('denoiser')  # the old name, kept until 0.7
 
 # %% ../nbs/05_finetuning.ipynb #1b54b97f
 def plot_losses(history:list, ax=None, window:int=25):

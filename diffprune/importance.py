@@ -193,7 +193,7 @@ class ScoredModel:
         self.gradients = gradients or {}
         self.analysis, self.timesteps, self.passes, self.seconds = analysis, timesteps, passes, seconds
 
-    unet = OldName('denoiser')  # until 0.6
+    unet = OldName('denoiser')  # the old name, kept until 0.7
 
     def summary(self) -> dict:
         d = dict(method=self.method, gradient_timesteps=len(self.timesteps or []), backward_passes=self.passes,

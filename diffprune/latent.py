@@ -247,7 +247,7 @@ def prune_pipeline(pipe, # a latent diffusers pipeline (its denoiser is pruned)
                    seed:int=0, progress:bool=True, round_to='auto',
                    layout:str='free-form', # or 'diffusers' (see `prune_model`)
                    removes:str='width', # 'width', or a transformer's 'depth' or 'both' (see `prune_model`)
-                   prune:str=None, # the old name of `removes` (until 0.6)
+                   prune:str=None, # the old name of `removes` (kept until 0.7)
                   ) -> tuple:
     "Diff-Pruning on the denoiser of a latent pipeline: `(pruned pipeline, PruneResult, (latents, cond))`."
     z, cond = pipeline_latents(pipe, images, calibration_size, prompts, class_labels, calibration_steps, seed,

@@ -77,10 +77,10 @@ class PruneResult:
     round_to: int = None # the width multiple the plan kept (None: any width)
     layout: str = 'free-form' # one of `LAYOUTS`
     time_fit_error: float = None # 'diffusers' layout with a narrower first level: `fit_time_embedding`'s error
-    removes: str = 'width' # what `prune` removed: 'width' (channels, heads, MLP units), 'depth' (blocks) or 'both'
+    removes: str = 'width' # what pruning removed: 'width' (channels, heads, MLP units), 'depth' (blocks) or 'both'
     blocks_kept: list = None # a transformer's blocks that stay, by their index before pruning
 
-    unet = OldName('denoiser')  # until 0.6
+    unet = OldName('denoiser')  # the old name, kept until 0.7
 
     def summary(self) -> dict:
         d = dict(method=self.method, pruning_ratio=self.pruning_ratio, target_macs=self.target_macs,
@@ -197,7 +197,7 @@ def prune_model(scored:ScoredModel, *, # from `score_model`: the denoiser, its g
                 round_to='auto', # every pruned width a multiple of this; 'auto': `default_round_to`; None: any
                 layout:str='free-form', # 'free-form': any width per group; 'diffusers': widths a plain config builds
                 removes:str='width', # 'width' (channels, heads, MLP units), 'depth' (whole blocks) or 'both'
-                prune:str=None, # the old name of `removes` (until 0.6)
+                prune:str=None, # the old name of `removes` (kept until 0.7)
                ) -> PruneResult:
     "Prune a copy of `scored.denoiser` to `pruning_ratio` or `target_macs` in one shot, by its family's pruner."
     if prune is not None:
