@@ -19,6 +19,9 @@ _API = {  # `dp.NAME`: the one call per step, and what a notebook needs around t
     'ClassPixelPipeline': 'transformer', 'register_family': 'family', 'Family': 'family'}
 # diffusers loads a `model_index.json` component ["diffprune", class] by the diffusers base class this package names
 _DIFFUSERS_BASES = ('ModelMixin',)
+# the denoiser families diffprune ships (nbs/00c_family.ipynb) as `module:attribute`; other packages add theirs as
+# entry points of the `diffprune.families` group
+_FAMILIES = {'unet': 'unet:UNET', 'transformer': 'transformer:TRANSFORMER'}
 
 def __getattr__(name):
     "`import diffprune as dp; dp.score_model(...)`: imports the module on first use, so importing diffprune is free."

@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['METHODS', 'THRESHOLD', 'LAYOUTS', 'REMOVES', 'COMPILE_MODES', 'InputError', 'ModelError', 'check_range',
            'check_positive', 'check_threshold', 'check_pruning_ratio', 'check_target_macs', 'check_target',
-           'check_count', 'check_choice', 'is_hub_id', 'arg', 'old_names', 'OldName']
+           'check_count', 'check_choice', 'is_hub_id', 'arg', 'old_names', 'OldName', 'old_keywords']
 
 # %% ../nbs/00_checks.ipynb #2e80f1dc
-import argparse, numbers, warnings
+import argparse, functools, importlib, numbers, warnings
 from pathlib import Path
 
 # %% ../nbs/00_checks.ipynb #bc119409
@@ -106,18 +106,23 @@ def arg(check, convert=float, **names):
     return parse
 
 # %% ../nbs/00_checks.ipynb #8c89598e
-def _say_renamed(old:str, new:str, since:str):
+def _say_renamed(old:str, new:str, since:str, stacklevel:int=3):
     warnings.warn(f"diffprune: {old} is now {new} (since {since}); the old name goes in the next minor version",
-                  FutureWarning, stacklevel=3)
+                  FutureWarning, stacklevel=stacklevel)
 
 def old_names(namespace:dict, # the module's `globals()`
-              renamed:dict, # `{old name: new name}` (defined in that module), or `{old name: (new name, object)}`
+              renamed:dict, # `{old: new}`: a name in that module, 'diffprune.module.name' where it moved, or
+                            # `(new, object)` where the old name takes the old arguments
               since:str='0.6.0'):
     "A module `__getattr__` that serves the old names of `renamed`, each with a FutureWarning."
     module = namespace['__name__']
     def __getattr__(name):
         if name not in renamed: raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        new, obj = renamed[name] if isinstance(renamed[name], tuple) else (renamed[name], namespace[renamed[name]])
+        new, obj = renamed[name] if isinstance(renamed[name], tuple) else (renamed[name], None)
+        if obj is None and '.' in new:  # moved to another module: imported on first use, as modules import each other
+            where, _, attr = new.rpartition('.')
+            obj = getattr(importlib.import_module(where), attr)
+        elif obj is None: obj = namespace[new]
         _say_renamed(f'{module}.{name}', new, since)
         return obj
     return __getattr__
@@ -133,3 +138,17 @@ class OldName:
     def __set__(self, obj, value):
         _say_renamed(self.old, self.new, self.since)
         setattr(obj, self.new, value)
+
+def old_keywords(since:str='0.6.0', **renamed):
+    "A decorator: the function also takes the old keyword names of `renamed` (`old='new'`), each with a FutureWarning."
+    def decorate(f):
+        @functools.wraps(f)
+        def called(*args, **kwargs):
+            for old, new in renamed.items():
+                if old not in kwargs: continue
+                if new in kwargs: raise InputError(f"{f.__name__} got {old}= and {new}=: give {new}= only")
+                _say_renamed(f'{f.__qualname__.removesuffix(".__init__")}({old}=)', f'{new}=', since)
+                kwargs[new] = kwargs.pop(old)
+            return f(*args, **kwargs)
+        return called
+    return decorate

@@ -128,7 +128,11 @@ def cmd_analyze(a):
 # %% ../nbs/09_cli.ipynb #46c8e2b8
 def _check_prune_args(a):
     "Refuse what argparse cannot see alone: both targets or neither, --data where the method uses none."
-    check_target(a.pruning_ratio, a.target_macs, names=('--pruning-ratio', '--target-macs'))
+    targets = ('--pruning-ratio', '--target-macs')
+    if a.keep_blocks is None or a.removes == 'both': check_target(a.pruning_ratio, a.target_macs, names=targets)
+    elif (a.pruning_ratio, a.target_macs) != (None, None):
+        raise UsageError("--keep-blocks is the plan: drop --pruning-ratio and --target-macs (or add --removes both "
+                         "to prune the kept blocks' width to them)")
     if a.data is not None and a.method in ('magnitude', 'random'):  # it would be recorded as if it had been used
         raise UsageError(f"--method {a.method} scores the weights, not data: "
                          "drop --data (diff-pruning and taylor use it)")
@@ -158,11 +162,11 @@ def _prune_pixel(a, out):
     _no_conditioning(a, 'prune')
     if a.method in ('diff-pruning', 'taylor'): a.data = str(a.data or 'digits')  # recorded only where it is used
     model = load_model(a.model, a.device)
-    check_prune(model[0], a.removes, a.layout)  # before minutes of scoring
+    check_prune(model[0], a.removes, a.layout, a.keep_blocks)  # before minutes of scoring
     imp = score_model(model, a.data, a.method, a.threshold, calibration_size=a.calibration_size,
                       sampled_timesteps=a.sampled_timesteps, stride=a.stride, seed=a.seed, device=a.device)
     res = prune_model(imp, pruning_ratio=a.pruning_ratio, target_macs=a.target_macs, round_to=a.round_to,
-                      layout=a.layout, removes=a.removes)
+                      layout=a.layout, removes=a.removes, keep_blocks=a.keep_blocks)
     res.save(out, extra=dict(source=str(a.model), data=a.data, seed=a.seed))
     _say(res, 'model', out)
 
@@ -171,14 +175,16 @@ def _prune_latent(a, out, folder):
     "`diffprune prune` of a latent pipeline, calibrated on encoded images (--data) or the teacher's latents."
     from diffprune.latent import load_pipeline, prune_pipeline, pipeline_macs, save_pipeline, latent_images, denoiser
     from diffprune.prune import check_prune
+    from diffprune.diffusion import prediction_type
     pipe = load_pipeline(folder, a.device)
-    check_prune(denoiser(pipe), a.removes, a.layout)  # before minutes of scoring
+    prediction_type(pipe.scheduler)  # before minutes of scoring: an objective diffprune knows, a plan it can make
+    check_prune(denoiser(pipe), a.removes, a.layout, a.keep_blocks)
     images = latent_images(pipe, a.data, a.calibration_size, a.seed)
     pruned, res, _ = prune_pipeline(pipe, images, a.calibration_size, a.prompt, a.class_labels, method=a.method,
                                     threshold=a.threshold, sampled_timesteps=a.sampled_timesteps, stride=a.stride,
                                     target_macs=a.target_macs, pruning_ratio=a.pruning_ratio,
                                     calibration_steps=a.calibration_steps, seed=a.seed, round_to=a.round_to,
-                                    layout=a.layout, removes=a.removes)
+                                    layout=a.layout, removes=a.removes, keep_blocks=a.keep_blocks)
     macs = {'teacher': pipeline_macs(pipe), 'pruned': pipeline_macs(pruned)}
     save_pipeline(pruned, out, dict(source=str(a.model), seed=a.seed, prune=res.summary()), result=res,
                   record=dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, prompt=a.prompt,
@@ -402,6 +408,9 @@ def _prune_args(p):
     _model_data(p)
     p.add_argument('--method', choices=METHODS, default='diff-pruning')
     _targets(p)
+    p.add_argument('--keep-blocks', type=int, nargs='+', metavar='INDEX',
+                   help="the transformer blocks to keep, by index, in place of a target: a depth plan chosen elsewhere "
+                        "(the scores are not used for it: --method magnitude skips scoring)")
     p.add_argument('--round-to', type=_round_to, default='auto', metavar='N',
                    help="keep pruned widths multiples of N; 'auto' (the default): 8 with --target-macs where the "
                         "model allows, else any width; 16 is faster on CPUs but cost FID; 1: any width")

@@ -12,7 +12,7 @@ import torch, pandas as pd
 from fastcore.basics import patch
 import matplotlib.pyplot as plt
 from pathlib import Path
-from .checks import InputError, OldName, check_count
+from .checks import InputError, OldName, old_keywords, check_count
 from .data import show_images, save_fig
 from .files import atomic_folder, write_json
 from .models import load_model
@@ -74,6 +74,8 @@ class Evaluation:
     speed: dict = None # `paired_speedup` of the forward pass, teacher / model
 
     calibration = OldName('references')  # the old name, kept until 0.7
+
+Evaluation.__init__ = old_keywords(**{'calibration': 'references'})(Evaluation.__init__)  # kept until 0.7
 
 # %% ../nbs/06_evaluation.ipynb #6b1ce6d2
 @patch
@@ -234,5 +236,6 @@ def show(self:SampleExplorer, seed:int, steps:int) -> dict:
         fig, axs = plt.subplots(1, 2, figsize=(10, 2.5))
         show_images(a, nrow=8, ax=axs[0], title='teacher')
         show_images(b, nrow=8, ax=axs[1], title='student')
-        plt.show(fig)
+        from IPython.display import display
+        display(fig); plt.close(fig)  # this figure, in the output area
     return c

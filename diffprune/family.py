@@ -6,12 +6,15 @@
 __all__ = ['ANY', 'Family', 'prediction', 'register_family', 'families', 'inner_model', 'covered', 'family_of', 'family_named']
 
 # %% ../nbs/00c_family.ipynb #2fe95380
-import functools, importlib.metadata, inspect
+import functools, importlib, importlib.metadata, inspect, warnings
 import torch, torch.nn as nn
 from fastcore.basics import patch
+import diffprune
 from .checks import InputError, REMOVES, LAYOUTS, check_choice
 
 # %% ../nbs/00c_family.ipynb #d16afb7e
+def _side(size) -> tuple: return (size, size) if isinstance(size, int) else tuple(size)
+
 class Family:
     "What diffprune asks of one kind of denoiser; subclass it and `register_family` an instance (see the table above)."
     name = 'denoiser' # the family's name, in messages
@@ -34,18 +37,23 @@ class Family:
         return next((c for c in (*self.classes, *self.pruned.values()) if c.__name__ == name), None)
 
     def example_inputs(self, model, batch:int=1) -> dict:
-        "Keyword inputs of one forward pass of `batch` images, with example conditioning where the model takes it."
-        raise self._missing(model, 'how to call its model (example_inputs)')
+        "Keyword inputs of one forward pass of `batch` images (default: the sample and a timestep, and class labels)."
+        p, first = next(model.parameters()), list(inspect.signature(type(model).forward).parameters)[1]
+        c = model.config
+        d = {first: torch.randn(batch, c.in_channels, *_side(c.sample_size), device=p.device, dtype=p.dtype),
+             'timestep': torch.full((batch,), 10, dtype=torch.long, device=p.device)}
+        if self.num_classes(model): d['class_labels'] = torch.zeros(batch, dtype=torch.long, device=p.device)
+        return d
 
     def activation_values(self, model) -> int:
-        "Values of the model's first full-width activation per image: what a gradient pass holds in memory (03)."
-        raise self._missing(model, 'how large its activations are (activation_values)')
+        "Values of the model's first full-width activation per image: what a gradient pass holds (03); None: unknown."
+        return None
 
     def pruner(self, model, scored, round_to='auto', layout:str='free-form', seed:int=0):
         "What plans and makes the cut of `model` by `scored`'s scores: `plan`, `estimate`, `apply`, `report`."
         raise self._missing(model, 'how to prune (pruner)')
 
-    def _missing(self, model, what:str) -> Exception:
+    def _missing(self, model, what:str='how to prune (pruner)') -> Exception:
         "The error of a method a family must write: the user's to fix for a model no family covers, else the family's."
         if self.classes: return NotImplementedError(f"the {self.name} family must say {what}")
         return InputError(f"diffprune has no family for a {type(model).__name__}: it prunes {covered()} "
@@ -57,15 +65,22 @@ def prediction(out, x:torch.Tensor) -> torch.Tensor:
     out = out.sample if hasattr(out, 'sample') else out[0] if isinstance(out, tuple) else out
     return out[:, :x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
+@functools.cache
+def _timestep_second(cls) -> bool:
+    "True when `cls.forward` takes the timestep second (a UNet, a DiT), False where text comes first (PixArt)."
+    names = list(inspect.signature(cls.forward).parameters)[1:]  # `self` dropped
+    return len(names) < 2 or names[1] != 'encoder_hidden_states'
+
 @patch
 def predict(self:Family, model, x:torch.Tensor, t:torch.Tensor, cond:dict) -> torch.Tensor:
     "The raw prediction of `model` at the noisy `x` and timesteps `t`, shaped like `x`, given its conditioning `cond`."
-    return prediction(model(x, t, **cond), x)
+    out = model(x, t, **cond) if _timestep_second(type(inner_model(model))) else model(x, timestep=t, **cond)
+    return prediction(out, x)
 
 @patch
 def num_classes(self:Family, model) -> int:
-    "Classes a class-conditional model takes (0 for one that takes none)."
-    return 0
+    "Classes a class-conditional model takes: its config's `num_class_embeds` (0 for one that takes none)."
+    return int(getattr(getattr(model, 'config', None), 'get', lambda k: None)('num_class_embeds') or 0)
 
 @patch
 def takes_text(self:Family, model) -> bool:
@@ -76,6 +91,7 @@ def takes_text(self:Family, model) -> bool:
 @patch
 def check(self:Family, model, removes:str='width', layout:str='free-form'):
     "Refuse, before any scoring, a `removes` or `layout` this family cannot prune `model` to."
+    if not self.classes: raise self._missing(model)  # no family covers it
     check_choice(removes, REMOVES, 'removes')
     check_choice(layout, LAYOUTS, 'layout')
     if removes not in self.removes:
@@ -112,6 +128,11 @@ def pipeline_kwargs(self:Family, pipe, kind:str) -> dict:
     "Keywords the pipeline's sampler needs for `kind` ('text', 'class' or 'unconditional') sampling (default: none)."
     return {}
 
+@patch
+def complete(self:Family, model):
+    "`model` with what diffusers' pipelines read of its config filled in where it was left to a default (default: as is)."
+    return model
+
 # %% ../nbs/00c_family.ipynb #19cad3a9
 _REGISTERED = []
 
@@ -121,14 +142,29 @@ def register_family(family:Family) -> Family:
     _REGISTERED.insert(0, family)
     return family
 
+def _load(spec:str, what:str):
+    "The family `spec` (`module:attribute`) names, or None with a warning: one broken plugin stops nothing else."
+    try:
+        module, _, attr = spec.partition(':')
+        f = getattr(importlib.import_module(module), attr)
+        if isinstance(f, importlib.import_module('diffprune.family').Family): return f  # the library's class, also
+        # where this runs in the notebook that defines its own
+        problem = f"is a {type(f).__name__}, not a Family instance"
+    except Exception as e: problem = f"cannot be loaded ({type(e).__name__}: {e})"
+    warnings.warn(f"diffprune: the {what} family {spec!r} {problem}; it is left out")
+    return None
+
 @functools.cache
-def _entry_point_families() -> tuple:
-    "The families the installed packages declare as `diffprune.families` entry points, loaded once."
-    return tuple(ep.load() for ep in importlib.metadata.entry_points(group='diffprune.families'))
+def _known() -> tuple:
+    "The built-in families (`diffprune._FAMILIES`), then those installed packages declare as entry points, once."
+    specs = [(f'diffprune.{s}', 'built-in') for s in diffprune._FAMILIES.values()]
+    specs += [(ep.value, 'plugin') for ep in importlib.metadata.entry_points(group='diffprune.families')]
+    found = [f for spec, what in specs if (f := _load(spec, what)) is not None]
+    return tuple(dict.fromkeys(found))  # a family declared twice counts once
 
 def families() -> list:
-    "Every family diffprune knows: the ones registered by hand (newest first), then the installed ones."
-    return [*_REGISTERED, *(f for f in _entry_point_families() if f not in _REGISTERED)]
+    "Every family diffprune knows: the ones registered by hand (newest first), the built-in ones, the plugins."
+    return [*_REGISTERED, *(f for f in _known() if f not in _REGISTERED)]
 
 # %% ../nbs/00c_family.ipynb #a855e479
 def inner_model(model):

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from safetensors.torch import save_file, load_file
 from diffusers import UNet2DModel, DDPMScheduler
-from .checks import InputError, OldName, check_count, check_positive, check_range
+from .checks import InputError, OldName, old_keywords, check_count, check_positive, check_range
 from .data import digits_split, get_dataset, save_fig
 from .files import atomic_folder, write_json, read_json
 from .models import DIGITS_CONFIG, DIGITS_TEACHER, load_model, save_model, write_model
@@ -39,6 +39,7 @@ def step_batch(ds, step:int, micro:int, batch_size:int, num_train_timesteps:int,
             torch.randint(0, num_train_timesteps, (batch_size,), generator=g), cond)
 
 # %% ../nbs/05_finetuning.ipynb #120837cf
+@old_keywords(unet='model')
 def finetune_loss(model, scheduler, x0, noise, t, teacher=None, alpha:float=0., cond=None) -> torch.Tensor:
     "The model's own loss (`denoising_loss`), mixed with distillation from `teacher` by `alpha`."
     if teacher is None or alpha == 0: return denoising_loss(model, scheduler, x0, noise, t, cond=cond)
@@ -67,6 +68,7 @@ def _load_opt(opt, tensors:dict, groups:list):
                          'param_groups': [{**g, 'betas': tuple(g['betas'])} if 'betas' in g else g for g in groups]})
 
 # %% ../nbs/05_finetuning.ipynb #140468bf
+@old_keywords(unet='model')
 def save_checkpoint(folder, step:int, model, ema, scheduler, opt, state:dict, keep:int=2) -> Path:
     "Write checkpoint `step_<step>` atomically into `folder`, keeping the `keep` newest."
     folder = Path(folder)
@@ -127,6 +129,8 @@ class FinetuneResult:
         return dict(steps=self.steps, final_loss=sum(tail) / len(tail), seconds=round(self.seconds, 2))
     def __repr__(self): return f'FinetuneResult({self.summary()})'
     unet = OldName('denoiser')  # the old name, kept until 0.7
+
+FinetuneResult.__init__ = old_keywords(**{'unet': 'denoiser'})(FinetuneResult.__init__)  # kept until 0.7
 
 # %% ../nbs/05_finetuning.ipynb #1b54b97f
 def plot_losses(history:list, ax=None, window:int=25):
@@ -273,7 +277,8 @@ class LossPlot:
         self.last = step
         self.label.value = f'step {step}: loss {sum(history[-10:]) / len(history[-10:]):.4f}'
         self.out.clear_output(wait=True)
-        with self.out: plt.show(plot_losses(history))
+        from IPython.display import display
+        with self.out: fig = plot_losses(history); display(fig); plt.close(fig)
     __call__ = update
     def _ipython_display_(self):
         from IPython.display import display

@@ -13,9 +13,9 @@ import torch, numpy as np
 import torch_pruning as tp
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .checks import InputError, METHODS, THRESHOLD, OldName, check_threshold, check_choice, check_count
-from .family import family_of
-from .models import load_model
+from .checks import InputError, METHODS, THRESHOLD, OldName, old_keywords, check_threshold, check_choice, check_count
+from .family import ANY, family_of, inner_model
+from .models import load_model, is_fused, unfuse_projections
 from .diffusion import eps_loss, cond_to, prediction_type, eval_mode
 from .timesteps import analyze_timesteps, calibration_batch, TimestepAnalysis, stacked_losses, first_rejected
 
@@ -24,28 +24,49 @@ from .timesteps import analyze_timesteps, calibration_batch, TimestepAnalysis, s
 # 49 MiB per image in a pass on CUDA, 47 on a CPU: about 390 bytes per first-level activation value
 BYTES_PER_ACTIVATION = 390
 
+@old_keywords(unet='model')
 def default_images_per_pass(model, device=None) -> int:
     "Images per gradient pass (at most 128): on a CPU up to ~4M first-level activation values; on CUDA what fits."
     # on CUDA: 70% of the free memory at BYTES_PER_ACTIVATION per first-level value (scaled by the model's element
     # size), so that an SD-sized UNet (64x64 latents x 320 channels, ~0.5 GB an image) does not run out of memory
     dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model = inner_model(model)  # a compiled or data-parallel model: its own config
     if dev.type not in ('cpu', 'cuda') or not model.config.get('sample_size'): return 128  # nothing to size them by
     values = family_of(model).activation_values(model)  # a UNet's first level; a transformer's tokens x width
+    if not values: return 128  # a model no family covers: nothing to size them by
     if dev.type == 'cpu': return max(1, min(128, (1 << 22) // values))
     per_image = BYTES_PER_ACTIVATION * values * next(model.parameters()).element_size() / 4
     free = torch.cuda.mem_get_info(dev)[0]
     if torch.cuda.is_initialized(): free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # cached
     return max(1, min(128, int(0.7 * free / per_image)))
 
+# %% ../nbs/03_importance.ipynb #42b6e9f4
+def _bank(model, into:dict):
+    "Add `model`'s `.grad` into the float32 sums `into` (`{parameter name: tensor}`, inner names), emptying `.grad`."
+    for n, p in inner_model(model).named_parameters():
+        if p.grad is None: continue
+        g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+        if n in into: into[n].add_(g)
+        else: into[n] = g
+        p.grad = None
+
+def _backward(loss, model, into:dict=None):
+    "Back-propagate `loss`; with `into`, bank the gradients there (`_bank`), else leave them adding up in `.grad`."
+    loss.backward()
+    if into is not None: _bank(model, into)
+
 # %% ../nbs/03_importance.ipynb #41337d74
+@old_keywords(unet='model')
 def accumulate_gradients(model, scheduler, x0:torch.Tensor, # calibration batch in [-1, 1]
                          noise:torch.Tensor, # one noise tensor like `x0`, reused for every timestep
                          timesteps, # timesteps whose losses are summed
                          weights=None, # optional weight per timestep (fast mode's strata sizes)
                          timesteps_per_pass:int=None, # timesteps stacked per pass (default: `default_images_per_pass`)
                          cond=None, # conditioning of `x0` (conditional models)
-                         progress:bool=True) -> int:
-    "Set `.grad` of `model`'s parameters to `sum_t w_t dL_t/dw`; returns the number of backward passes."
+                         progress:bool=True,
+                         into:dict=None, # sum the gradients here in float32 (`_bank`) instead of in `.grad`
+                        ) -> int:
+    "Set `.grad` of `model`'s parameters (or `into`) to `sum_t w_t dL_t/dw`; returns the number of backward passes."
     ts = [int(t) for t in timesteps]
     w = torch.ones(len(ts)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     per = timesteps_per_pass or max(1, default_images_per_pass(model) // len(x0))
@@ -54,26 +75,31 @@ def accumulate_gradients(model, scheduler, x0:torch.Tensor, # calibration batch 
     model.zero_grad(set_to_none=True)
     passes = 0
     for i in tqdm(range(0, len(ts), per), desc='gradients', disable=not progress, leave=False):
-        (stacked_losses(model, scheduler, x0, noise, ts[i:i + per], cond) * w[i:i + per].to(dev)).sum().backward()
+        _backward((stacked_losses(model, scheduler, x0, noise, ts[i:i + per], cond) * w[i:i + per].to(dev)).sum(),
+                  model, into)
         passes += 1
     return passes
 
 # %% ../nbs/03_importance.ipynb #2a7772f7
-def per_timestep_gradients(model, scheduler, x0, noise, timesteps, progress:bool=True) -> int:
+@old_keywords(unet='model')
+def per_timestep_gradients(model, scheduler, x0, noise, timesteps, progress:bool=True, into:dict=None) -> int:
     "The paper's loop: one backward pass per timestep, gradients accumulated in `.grad` (exact mode's reference)."
     model.zero_grad(set_to_none=True)
     for t in tqdm(timesteps, desc='per-timestep', disable=not progress, leave=False):
-        eps_loss(model, scheduler, x0, noise, torch.full((len(x0),), int(t))).backward()
+        _backward(eps_loss(model, scheduler, x0, noise, torch.full((len(x0),), int(t))), model, into)
     return len(timesteps)
 
 # %% ../nbs/03_importance.ipynb #fe92f17e
+@old_keywords(unet='model')
 def taylor_gradients(model, scheduler, x0:torch.Tensor, # calibration batch in [-1, 1]
                      noise:torch.Tensor, # one noise tensor like `x0`, reused for every timestep
                      threshold:float=THRESHOLD, # Diff-Pruning's thr (0: every timestep is kept)
                      timesteps=None, # timesteps in increasing order (default: all)
                      images_per_pass:int=None, # images per pass, `x0` x timesteps (default: `default_images_per_pass`)
                      cond=None, # conditioning of `x0` (conditional models)
-                     progress:bool=True) -> tuple:
+                     progress:bool=True,
+                     into:dict=None, # sum the gradients here in float32 (`_bank`) instead of in `.grad`
+                    ) -> tuple:
     "Exact mode in one sweep: L_t and gradients from t=0 until the threshold rule stops. Returns `(analysis, passes)`."
     threshold = check_threshold(threshold)
     ts = list(range(scheduler.config.num_train_timesteps)) if timesteps is None else [int(t) for t in timesteps]
@@ -92,7 +118,7 @@ def taylor_gradients(model, scheduler, x0:torch.Tensor, # calibration batch in [
         seen_t += tb[:kept + 1]  # the rejected timestep too: it fixes T'
         seen_l += vals[:kept + 1]
         if kept:
-            l[:kept].sum().backward()
+            _backward(l[:kept].sum(), model, into)
             passes += 1
         bar.update(len(tb))
         if stop is not None: break
@@ -140,11 +166,15 @@ _SCORED = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.modules.batc
 
 class GroupImportance(tp.importance.Importance):
     "Eq. 8 as a torch-pruning importance: one score per channel of a dependency group (mean over layers, mean 1)."
-    def __init__(self, method:str): self.method = method
+    def __init__(self, method:str,
+                 gradients:dict=None, # `{parameter: its summed gradient}` (float32); None: each parameter's `.grad`
+                ):
+        self.method, self.gradients = method, gradients
 
     def _layer(self, layer, fn, idxs:list) -> torch.Tensor:
         "`channel_scores` of one layer at the group's channels `idxs`, or None for a layer that holds none."
-        w, g = layer.weight, layer.weight.grad
+        w = layer.weight
+        g = w.grad if self.gradients is None else self.gradients.get(w)
         transposed = getattr(layer, 'transposed', False)
         if transposed: w, g = w.transpose(0, 1), None if g is None else g.transpose(0, 1)
         if fn in _OUT: return channel_scores(self.method, w[idxs], None if g is None else g[idxs])
@@ -171,15 +201,17 @@ class GroupImportance(tp.importance.Importance):
         return total / total.mean()
 
 # %% ../nbs/03_importance.ipynb #81990fad
-def importance_criterion(method:str) -> tp.importance.Importance:
+def importance_criterion(method:str, gradients:dict=None, # `{parameter: gradient}`; None: `.grad`
+                        ) -> tp.importance.Importance:
     "The torch-pruning importance that scores a dependency group's channels by `method` (one of `METHODS`)."
     check_choice(method, METHODS, 'method')
-    return tp.importance.RandomImportance() if method == 'random' else GroupImportance(method)
+    return tp.importance.RandomImportance() if method == 'random' else GroupImportance(method, gradients)
 
 # %% ../nbs/03_importance.ipynb #aa6f6a38
+@old_keywords(unet='model')
 def take_gradients(model) -> dict:
-    "`{parameter name: .grad}` of `model`, its `.grad` cleared: the gradients are handed over, not left on the model."
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    "`{parameter name: .grad}` of `model` (its own names), `.grad` cleared: the gradients are handed over, not left."
+    grads = {n: p.grad for n, p in inner_model(model).named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return grads
 
@@ -202,12 +234,14 @@ class ScoredModel:
         return d
     def __repr__(self): return f'ScoredModel({", ".join(f"{k}={v}" for k, v in self.summary().items())})'
 
+ScoredModel.__init__ = old_keywords(**{'unet': 'denoiser'})(ScoredModel.__init__)  # kept until 0.7
+
 # %% ../nbs/03_importance.ipynb #4842415d
 @patch
 @contextlib.contextmanager
 def gradients_on(self:ScoredModel, model=None):
     "`model` (default: the scored denoiser) trainable, with `.grad` from `gradients`, until the block ends."
-    model = self.denoiser if model is None else model
+    model = inner_model(self.denoiser if model is None else model)  # its own names, as the gradients are keyed
     frozen = [p for p in model.parameters() if not p.requires_grad]  # torch-pruning skips frozen layers
     try:
         for n, p in model.named_parameters():  # a parameter the loss does not reach scores zero
@@ -216,6 +250,7 @@ def gradients_on(self:ScoredModel, model=None):
                 raise InputError(f"the gradient of {n} has shape {tuple(g.shape)}, the model's {tuple(p.shape)}: "
                                  "these gradients were computed on another model")
             p.requires_grad_(True)
+            if g is not None and g.dtype != p.dtype: g = g.to(p.dtype)  # `.grad` must be the parameter's dtype
             p.grad = g if g is not None else torch.zeros_like(p) if self.gradients else None  # shared, not copied
         yield model
     finally:
@@ -224,12 +259,12 @@ def gradients_on(self:ScoredModel, model=None):
 
 # %% ../nbs/03_importance.ipynb #68cddbd7
 def _accumulate(model, sched, x0, noise, method:str, threshold:float, k:int, stride:int, analysis, seed:int,
-                images_per_pass:int, cond, progress:bool) -> tuple:
-    "`(analysis, timesteps, backward passes)` of the gradients `score_model` asks for, left in `model`'s `.grad`."
+                images_per_pass:int, cond, progress:bool, into:dict) -> tuple:
+    "`(analysis, timesteps, backward passes)` of the gradients `score_model` asks for, summed in float32 in `into`."
     T = sched.config.num_train_timesteps
     if method == 'diff-pruning' and not k and analysis is None:  # exact: analysis and gradients in one sweep
         ana, passes = taylor_gradients(model, sched, x0, noise, threshold, range(0, T, stride), images_per_pass,
-                                       cond, progress)
+                                       cond, progress, into)
         return ana, ana.kept_timesteps, passes
     ana = None
     if method == 'diff-pruning':
@@ -238,7 +273,8 @@ def _accumulate(model, sched, x0, noise, method:str, threshold:float, k:int, str
         kept = list(range(ana.t_prime + 1)) if k else ana.kept_timesteps  # fast mode draws from all of [0, T']
     else: kept = list(range(0, T, stride))
     ts, w = stratified_timesteps(kept, k, seed) if k else (kept, None)
-    passes = accumulate_gradients(model, sched, x0, noise, ts, w, max(1, images_per_pass // len(x0)), cond, progress)
+    passes = accumulate_gradients(model, sched, x0, noise, ts, w, max(1, images_per_pass // len(x0)), cond, progress,
+                                  into)
     return ana, ts, passes
 
 # %% ../nbs/03_importance.ipynb #902f4c2c
@@ -255,27 +291,32 @@ def score_model(model, # 'digits', a folder, a hub id or a `(denoiser, scheduler
                 cond=None, # conditioning of the calibration batch (None: a class model's labels come with `data`)
                ) -> ScoredModel:
     "`model` with what `method` scores its units by: Diff-Pruning's gradients (Sec. 3.3) summed over [0, T']."
-    crit, threshold = importance_criterion(method), check_threshold(threshold)
+    crit = importance_criterion(method)
+    if method == 'diff-pruning': check_threshold(threshold)  # the others keep every timestep
+    check_count(calibration_size, name='calibration_size')
     if sampled_timesteps is not None: check_count(sampled_timesteps, name='sampled_timesteps')
     denoiser, sched = load_model(model, device)
+    if family_of(denoiser) is ANY: raise ANY._missing(inner_model(denoiser))  # no family could prune it: one line
     prediction_type(sched)  # an objective diffprune cannot compute the loss of is refused before any work
     if stride is None: stride = max(1, sched.config.num_train_timesteps // 50) if sampled_timesteps else 1
     check_count(stride, name='stride')
     if method in ('magnitude', 'random'): return ScoredModel(denoiser, sched, method, crit)
     t0 = time.time()
-    # a frozen model (training scripts often leave one) is scored on an unfrozen copy; a trainable one in place,
-    # as a second copy of an SD-sized UNet would cost gigabytes. Either way no `.grad` is left on it.
-    frozen = any(not p.requires_grad for p in denoiser.parameters())
-    work = copy.deepcopy(denoiser).requires_grad_(True) if frozen else denoiser
+    # the model itself is scored, not its compiled or data-parallel wrapper (the gradients are the same, and keyed by
+    # its own parameter names); a frozen one (training scripts often leave one) on an unfrozen copy, and a fused one
+    # (diffusers' `fuse_qkv_projections`) on an unfused copy; a trainable one in place, as a second copy of an
+    # SD-sized UNet would cost gigabytes. Either way no `.grad` is left on it.
+    net = inner_model(denoiser)
+    frozen = any(not p.requires_grad for p in net.parameters())
+    work = copy.deepcopy(net).requires_grad_(True) if frozen or is_fused(net) else net
+    unfuse_projections(work)
     x0, cond = calibration_batch(data, work, calibration_size, seed, cond)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    noise, grads = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)), {}
     try:
         with eval_mode(work):  # deterministic: no dropout, no DiT class dropout
             ana, ts, passes = _accumulate(work, sched, x0, noise, method, threshold, sampled_timesteps, stride,
                                           analysis, seed, images_per_pass or default_images_per_pass(work), cond,
-                                          progress)
-    except BaseException:  # an error or Ctrl-C half way leaves no gradients on the caller's model either
-        work.zero_grad(set_to_none=True)
-        raise
-    return ScoredModel(denoiser, sched, method, crit, gradients=take_gradients(work), analysis=ana, timesteps=ts,
-                       passes=passes, seconds=time.time() - t0)
+                                          progress, grads)
+    finally: work.zero_grad(set_to_none=True)  # an error or Ctrl-C half way leaves no gradients on the caller's model
+    return ScoredModel(denoiser, sched, method, crit, gradients=grads, analysis=ana, timesteps=ts, passes=passes,
+                       seconds=time.time() - t0)

@@ -18,17 +18,17 @@ from diffusers import (AutoencoderKL, VQModel, UNet2DModel, UNet2DConditionModel
                        LDMPipeline, ImagePipelineOutput, DiTPipeline, PixArtAlphaPipeline,
                        DiTTransformer2DModel, PixArtTransformer2DModel)
 from . import quiet_loading
-from .checks import InputError, ModelError, THRESHOLD, is_hub_id, old_names
+from .checks import InputError, ModelError, THRESHOLD, is_hub_id, old_names, old_keywords
 from .data import get_dataset, take
 from .files import atomic_folder, hub_snapshot
 from .family import family_of, families
 from .hub import hub_card
 from .models import save_denoiser, block_widths, load_denoiser, check_pipeline, SHIPPED, denoiser_folder
 from .diffusion import (model_output, index_cond, cond_to, initial_noise, ddim_timesteps, ddim_step,
-                                 sample_shape, num_classes)
+                                 sample_shape, num_classes, prediction_type)
 from .sizes import count_macs, layer_macs
 from .importance import score_model
-from .prune import prune_model
+from .prune import prune_model, check_prune, check_targets
 from .finetuning import finetune
 
 # %% ../nbs/07_latent.ipynb #b60b38d8
@@ -176,6 +176,7 @@ def image_size(pipe) -> tuple:
     return tuple(s * f for s in sample_shape(denoiser(pipe))[1:])
 
 # %% ../nbs/07_latent.ipynb #b871e71f
+@old_keywords(unet='model')
 @torch.no_grad()
 def sample_latents(model, scheduler, n:int, steps:int=20, seed:int=0, cond=None, progress:bool=True) -> torch.Tensor:
     "`n` latents sampled by the denoiser `model` with DDIM (eta 0) from the seeded noise of `initial_noise`."
@@ -238,6 +239,7 @@ def pipeline_macs(pipe) -> dict:
     return d
 
 # %% ../nbs/07_latent.ipynb #b7923d24
+@old_keywords(prune='removes')  # the old name, kept until 0.7
 def prune_pipeline(pipe, # a latent diffusers pipeline (its denoiser is pruned)
                    images:torch.Tensor=None, # calibration images in [-1, 1]; None: the teacher generates latents
                    calibration_size:int=32, prompts=None, class_labels=None, *,
@@ -247,15 +249,18 @@ def prune_pipeline(pipe, # a latent diffusers pipeline (its denoiser is pruned)
                    seed:int=0, progress:bool=True, round_to='auto',
                    layout:str='free-form', # or 'diffusers' (see `prune_model`)
                    removes:str='width', # 'width', or a transformer's 'depth' or 'both' (see `prune_model`)
-                   prune:str=None, # the old name of `removes` (kept until 0.7)
+                   keep_blocks:list=None, # or: the transformer blocks to keep, by index (see `prune_model`)
                   ) -> tuple:
     "Diff-Pruning on the denoiser of a latent pipeline: `(pruned pipeline, PruneResult, (latents, cond))`."
+    prediction_type(pipe.scheduler)  # before the teacher generates any latents: an objective diffprune knows,
+    check_prune(denoiser(pipe), removes, layout, keep_blocks)  # and a plan the family can make
+    check_targets(removes, pruning_ratio, target_macs, keep_blocks)
     z, cond = pipeline_latents(pipe, images, calibration_size, prompts, class_labels, calibration_steps, seed,
                                progress)
     scored = score_model((denoiser(pipe), pipe.scheduler), z, method, threshold, sampled_timesteps=sampled_timesteps,
                          stride=stride, cond=cond, seed=seed, progress=progress)
     res = prune_model(scored, pruning_ratio=pruning_ratio, target_macs=target_macs, round_to=round_to,
-                      layout=layout, removes=removes, prune=prune)
+                      layout=layout, removes=removes, keep_blocks=keep_blocks)
     return with_denoiser(pipe, res.denoiser), res, (z, cond)
 
 # %% ../nbs/07_latent.ipynb #3c463c4a

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch, pandas as pd
 from fastcore.basics import patch
 from tqdm.auto import tqdm
-from .checks import THRESHOLD
+from .checks import THRESHOLD, OldName, old_keywords
 from .files import atomic_folder, write_json
 from .family import family_of
 from .models import load_model, write_model
@@ -51,6 +51,10 @@ class RecipeSettings:
     seed: int = 0
     device: str = 'cpu'
     compile: bool | str = False # True or a `torch.compile` mode: evaluate the compiled UNets (`evaluate`)
+
+    prune = OldName('removes')  # the old name, kept until 0.7
+
+RecipeSettings.__init__ = old_keywords(prune='removes')(RecipeSettings.__init__)  # kept until 0.7
 
 # %% ../nbs/08_report.ipynb #fe3c39e5
 @dataclass

@@ -10,13 +10,16 @@ import math
 import torch, torch.nn as nn
 from diffusers.models.attention_processor import Attention
 from .family import family_of, inner_model
+from .checks import old_keywords
 
 # %% ../nbs/01c_sizes.ipynb #72e92ff3
+@old_keywords(unet='model')
 def example_inputs(model, batch:int=1) -> dict:
     "Keyword inputs of one forward pass of `batch` images through `model`, with example conditioning if it takes any."
     return family_of(model).example_inputs(inner_model(model), batch)
 
 # %% ../nbs/01c_sizes.ipynb #7e9eb3d9
+@old_keywords(unet='model')
 @torch.no_grad()
 def layer_macs(model, call=None) -> tuple:
     "`({conv/linear module: MACs}, {Attention module: matmul MACs})` of one image, run by `call()` (default: forward)."
@@ -39,6 +42,7 @@ def layer_macs(model, call=None) -> tuple:
     return convs, attns
 
 # %% ../nbs/01c_sizes.ipynb #2f0ea69f
+@old_keywords(unet='model')
 def count_macs(model, attention:bool=False) -> int:
     "MACs of one forward pass of one image: convs and linears (+ attention matmuls if `attention`)."
     convs, attns = layer_macs(model)
@@ -47,6 +51,7 @@ def count_macs(model, attention:bool=False) -> int:
 def count_params(m) -> int: return sum(p.numel() for p in m.parameters())
 
 # %% ../nbs/01c_sizes.ipynb #38aadb46
+@old_keywords(unet='model')
 def widths(model) -> dict:
     "`{layer name: (in, out)}` of every conv and linear layer."
     return {n: (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)

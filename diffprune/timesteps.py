@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 from .models import load_model
 from .diffusion import (eps_loss, repeat_cond, cond_to, prediction_type, sample_shape, num_classes, check_cond,
                                  eval_mode)
-from .checks import InputError, THRESHOLD, check_threshold, check_count
+from .checks import InputError, THRESHOLD, check_threshold, check_count, old_keywords
 from pathlib import Path
 from .data import get_dataset, take, save_fig
 from .files import atomic_folder, write_json
 
 # %% ../nbs/02_timesteps.ipynb #01dc2d62
+@old_keywords(unet='model')
 def stacked_losses(model, scheduler, x0:torch.Tensor, noise:torch.Tensor,
                    timesteps, # the timesteps of this pass
                    cond=None, # conditioning of `x0` (see `model_output`)
@@ -32,6 +33,7 @@ def stacked_losses(model, scheduler, x0:torch.Tensor, noise:torch.Tensor,
     return l.view(len(tb), len(x0)).mean(1)
 
 # %% ../nbs/02_timesteps.ipynb #f5609691
+@old_keywords(unet='model')
 @torch.no_grad()
 def timestep_losses(model, scheduler, x0:torch.Tensor, # calibration batch `(B, C, H, W)` in [-1, 1]
                     noise:torch.Tensor=None, # one noise tensor like `x0`, reused for every t (default: seeded)
@@ -146,6 +148,7 @@ def save(self:TimestepAnalysis, path, record:dict=None) -> Path:
     return Path(path)
 
 # %% ../nbs/02_timesteps.ipynb #3a60cb9a
+@old_keywords(unet='model')
 def calibration_batch(data, # a dataset name or folder (see `get_dataset`), a `Dataset`, or images / latents
                       model, n:int, seed:int=0,
                       cond=None, # the batch's conditioning; None: a class-conditional model's labels from `data`
@@ -154,7 +157,7 @@ def calibration_batch(data, # a dataset name or folder (see `get_dataset`), a `D
     if not torch.is_tensor(data):
         labelled = bool(num_classes(model)) and cond is None  # the labels come with the images
         ds = data if isinstance(data, torch.utils.data.Dataset) else get_dataset(
-            data, sample_shape(model)[1:], model.config.in_channels, labels=labelled)
+            data, sample_shape(model)[1:], sample_shape(model)[0], labels=labelled)
         got = take(ds, n, seed)
         data, cond = got if isinstance(got, tuple) else (got, cond)
     check_cond(model, cond, len(data))
@@ -171,6 +174,7 @@ def analyze_timesteps(model, # 'digits', a model folder, a hub id, or a `(denois
                       seed:int=0, device='cpu', progress:bool=True) -> TimestepAnalysis:
     "Diff-Pruning's timestep analysis: L_t on one calibration batch and noise, and the threshold rule."
     threshold, stride = check_threshold(threshold), check_count(stride, name='stride')
+    check_count(calibration_size, name='calibration_size')
     denoiser, sched = load_model(model, device)
     prediction_type(sched)  # the loss needs the model's objective: an unknown one is refused before any work
     x0, cond = calibration_batch(data, denoiser, calibration_size, seed, cond)
@@ -203,7 +207,8 @@ def select(self:ThresholdExplorer, threshold:float) -> TimestepAnalysis:
     self.out.clear_output(wait=True)
     with self.out:
         fig = self.current.plot()
-        plt.show(fig)
+        from IPython.display import display
+        display(fig); plt.close(fig)  # this figure, in the output area
     return self.current
 
 @patch

@@ -16,7 +16,7 @@ from diffusers import (DiTTransformer2DModel, PixArtTransformer2DModel, Diffusio
 from diffusers.models.activations import GEGLU, SwiGLU
 from .checks import (InputError, REMOVES, LAYOUTS, check_choice, check_pruning_ratio, check_target_macs,
                               check_target, old_names)
-from .family import Family, prediction
+from .family import Family
 from .models import PrunedModelMixin, is_pruned
 from .diffusion import eps_loss, eval_mode, sample_shape
 from .sizes import layer_macs
@@ -190,11 +190,35 @@ def width_for_macs(self:TransformerPruner, target:float, blocks:list=None) -> di
     return best
 
 @patch
-def plan(self:TransformerPruner, *, pruning_ratio:float=None, target_macs:float=None, removes:str='width') -> dict:
+def plan(self:TransformerPruner, *, pruning_ratio:float=None, target_macs:float=None, removes:str='width',
+         blocks:list=None, # the blocks to keep, chosen elsewhere: depth's plan, width (with `removes='both'`) within them
+        ) -> dict:
     "A plan removing `removes` ('width', 'depth' or 'both') at a pruning ratio or a MACs target (one of them)."
     check_choice(removes, REMOVES, 'removes')
+    if blocks is not None:
+        blocks = self.chosen_blocks(blocks)
+        if removes == 'depth': return dict(blocks=blocks, keep={})
+        pruning_ratio, target_macs = check_target(pruning_ratio, target_macs)
+        self.round_to = self.rounding if target_macs is not None else None if self.auto else self.rounding
+        return (self.width_for_macs(target_macs, blocks) if target_macs is not None
+                else self.width_plan(1 - check_pruning_ratio(pruning_ratio), blocks))
     pruning_ratio, target_macs = check_target(pruning_ratio, target_macs)
     return self.ratio_plan(removes, pruning_ratio) if target_macs is None else self.macs_plan(removes, target_macs)
+
+@patch
+def chosen_blocks(self:TransformerPruner, blocks) -> list:
+    "`blocks` (indices to keep) sorted, when each is a block of the model and the ones that must stay are among them."
+    n = len(self.units)
+    if isinstance(blocks, (str, bytes)) or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                                                   for i in blocks):
+        raise InputError(f"blocks to keep are whole numbers, not {blocks!r}")
+    kept = sorted(set(int(i) for i in blocks))
+    if not kept or kept[0] < 0 or kept[-1] >= n:
+        raise InputError(f"blocks to keep must be some of 0..{n - 1}, not {list(blocks)}")
+    if len(kept) != len(blocks): raise InputError(f"a block to keep is named twice in {list(blocks)}")
+    if stays := [i for i in range(n) if i not in self.removable and i not in kept]:
+        raise InputError(f"block {stays[0]} must stay (DiT's block 0: its final layer reads that block's embedding)")
+    return kept
 
 # %% ../nbs/04b_transformer.ipynb #95b94462
 @patch
@@ -337,10 +361,6 @@ class TransformerFamily(Family):
         if name == 'Transformer2DModel': return _TRANSFORMER2D_REMAP.get(config.get('norm_type'))
         return super().class_named(name, config)
 
-    def predict(self, model, x, t, cond) -> torch.Tensor:
-        "DiT and PixArt take the timestep by name (PixArt's text comes before it)."
-        return prediction(model(x, timestep=t, **cond), x)
-
     def num_classes(self, model) -> int:
         c = model.config
         dit = c.get('norm_type') == 'ada_norm_zero' and c.get('num_embeds_ada_norm')
@@ -368,6 +388,11 @@ class TransformerFamily(Family):
 
     def shows(self, name:str, module) -> bool: return name.endswith(('attn1.to_q', 'attn2.to_q', 'ff.net.0.proj'))
 
+    def complete(self, model):
+        "A DiT left at `out_channels=None` (diffusers' default) records the width it builds: DiTPipeline reads it."
+        if model.config.get('out_channels') is None: model.register_to_config(out_channels=model.out_channels)
+        return model
+
     def encode_prompts(self, pipe, prompts:list) -> dict:
         "PixArt's own text encoding (T5), with the mask its cross-attention reads and, at 1024 px, the image size ids."
         e, m, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=pipe.text_encoder.device,
@@ -387,40 +412,23 @@ class TransformerFamily(Family):
         if kind == 'class' and self.num_classes(pipe.transformer) != 1000: return {'guidance_scale': 1.0}
         return {}
 
-    def encode_prompts(self, pipe, prompts:list) -> dict:
-        "PixArt's own text encoding (T5), with the mask its cross-attention reads and, at 1024 px, the image size ids."
-        e, m, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=pipe.text_encoder.device,
-                                        max_sequence_length=min(120, pipe.tokenizer.model_max_length))
-        size = None
-        if getattr(pipe.transformer, 'use_additional_conditions', False):
-            h, w = (s * pipe.vae_scale_factor for s in sample_shape(pipe.transformer)[1:])
-            size = {'resolution': torch.tensor([[float(h), float(w)]] * len(prompts)),
-                    'aspect_ratio': torch.tensor([[h / w]] * len(prompts))}
-        return {'encoder_hidden_states': e.cpu(), 'encoder_attention_mask': m.cpu(),
-                'added_cond_kwargs': size or {'resolution': None, 'aspect_ratio': None}}
-
-    def pipeline_kwargs(self, pipe, kind:str) -> dict:
-        "PixArt at the asked size with prompts as long as its encoder takes; a DiT without ImageNet's null class unguided."
-        if kind == 'text': return dict(use_resolution_binning=False, clean_caption=False,
-                                       max_sequence_length=min(120, pipe.tokenizer.model_max_length))
-        # DiTPipeline's guidance reads the null class at index 1000 (ImageNet's DiT): other class counts go unguided
-        if kind == 'class' and self.num_classes(pipe.transformer) != 1000: return {'guidance_scale': 1.0}
-        return {}
-
     def describe(self, result) -> str:
         before = len({k.split('.')[1] for k in result.widths_before if k.startswith('transformer_blocks.')})
         w = ' / '.join(sorted(set(transformer_widths(result.denoiser).values())))
         return (f"blocks kept: {len(result.blocks_kept)} of {before} {result.blocks_kept}; per block: {w}; "
                 f"a {type(result.denoiser).__name__}")
 
-TRANSFORMER = TransformerFamily()  # the instance the registry finds (settings.ini's `diffprune.families` entry point)
+TRANSFORMER = TransformerFamily()  # the instance the registry finds (`diffprune._FAMILIES`)
 
 # %% ../nbs/04b_transformer.ipynb #14fbd21d
 def _prune_transformer(scored, pruning_ratio=None, target_macs=None, prune='width', round_to='auto', seed=0,
-                       layout='free-form'):
+                       layout='free-form'):  # 0.5's signature: the targets positional, `prune` for `removes`
     return prune_model(scored, pruning_ratio=pruning_ratio, target_macs=target_macs, removes=prune,
-                       round_to=round_to, layout=layout)
+                       round_to=round_to, layout=layout, seed=seed)
+
+def _transformer_explorer(scored, target:float=0.5, prune:str='both'):  # 0.5's: width and depth by default
+    return PruneExplorer(scored, target, removes=prune)
 
 __getattr__ = old_names(globals(), {'prune_transformer': ('prune_model', _prune_transformer),
-                                    'TransformerExplorer': ('PruneExplorer', PruneExplorer),
+                                    'TransformerExplorer': ('PruneExplorer', _transformer_explorer),
                                     'taylor_terms': ('diffprune.importance.weight_terms', weight_terms)})

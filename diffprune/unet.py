@@ -24,7 +24,7 @@ from .family import Family
 from .models import PrunedModelMixin, match_attention_scale
 from .diffusion import sample_shape
 from .sizes import layer_macs
-from .importance import ScoredModel
+from .importance import ScoredModel, GroupImportance
 from .prune import check_round_to, sync_diffusers_attrs
 
 # %% ../nbs/04a_unet.ipynb #e727deeb
@@ -270,10 +270,12 @@ def _time_fit(self:UNetPruner, config:dict) -> dict:
     return fit
 
 @patch
-def plan(self:UNetPruner, *, pruning_ratio:float=None, target_macs:float=None, removes:str='width') -> dict:
+def plan(self:UNetPruner, *, pruning_ratio:float=None, target_macs:float=None, removes:str='width',
+         blocks:list=None) -> dict:
     "`{'groups': {group index: count per channel group}}` for a pruning ratio or a MACs target (+ the layout's)."
     pruning_ratio, target_macs = check_target(pruning_ratio, target_macs)
-    if removes != 'width': raise InputError(f"a UNet is pruned by width (channels), not removes={removes!r}")
+    if removes != 'width' or blocks is not None:
+        raise InputError(f"a UNet is pruned by width (channels), not removes={removes!r} or chosen blocks")
     if self.layout == 'free-form':
         return dict(groups=self.ratio_plan(pruning_ratio) if target_macs is None else self.plan_for_macs(target_macs))
     groups, config = self.diffusers_plan(pruning_ratio, target_macs)
@@ -554,7 +556,11 @@ class UNetFamily(Family):
         return super().encode_prompts(pipe, prompts)
 
     def pruner(self, model, scored, round_to='auto', layout:str='free-form', seed:int=0) -> UNetPruner:
-        return UNetPruner(model, scored.criterion, round_to=round_to, layout=layout,
+        "The pruner of `model` by `scored`: Eq. 8 from its float32 gradients (or a criterion of the caller's own)."
+        crit = scored.criterion
+        if isinstance(crit, GroupImportance):  # the summed gradients as they are, whatever the model's dtype
+            crit = GroupImportance(crit.method, {p: scored.gradients.get(n) for n, p in model.named_parameters()})
+        return UNetPruner(model, crit, round_to=round_to, layout=layout,
                           num_train_timesteps=scored.scheduler.config.num_train_timesteps)
 
     def describe(self, result) -> str:
@@ -563,13 +569,13 @@ class UNetFamily(Family):
         return (f"diffusers layout: block_out_channels {list(c.block_out_channels)}, attention_head_dim "
                 f"{c.attention_head_dim}: a plain {type(result.denoiser).__name__} that loads without diffprune")
 
-UNET = UNetFamily()  # the instance the registry finds (settings.ini's `diffprune.families` entry point)
+UNET = UNetFamily()  # the instance the registry finds (`diffprune._FAMILIES`)
 
 # %% ../nbs/04a_unet.ipynb #60ee2b01
 def kept_channels(scored:ScoredModel, *, pruning_ratio:float=None, target_macs:float=None, round_to='auto') -> set:
     "The `(group root, channel)` pairs a plan of a UNet keeps (nothing is pruned)."
-    with scored.gradients_on():
-        pr = UNetPruner(scored.denoiser, scored.criterion, round_to=round_to)
+    with scored.gradients_on() as model:
+        pr = UNET.pruner(model, scored, round_to=round_to)  # as `prune_model` plans it
         plan = pr.plan(pruning_ratio=pruning_ratio, target_macs=target_macs)['groups']
     kept = set()
     for i, g in enumerate(pr.groups):

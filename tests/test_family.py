@@ -128,8 +128,31 @@ def test_old_attribute_and_keyword_names_still_work_and_say_so(tiny_family):
     import diffprune.transformer
     scored = score_model((TinyDenoiser(), DDPMScheduler()), method='magnitude')
     with pytest.warns(FutureWarning, match='ScoredModel.unet is now denoiser'): assert scored.unet is scored.denoiser
-    with pytest.warns(FutureWarning, match=r'prune_model\(prune=...\) is now removes'):
+    with pytest.warns(FutureWarning, match=r'prune_model\(prune=\) is now removes='):
         res = prune_model(scored, pruning_ratio=0.5, prune='width')
     with pytest.warns(FutureWarning, match='PruneResult.unet is now denoiser'): assert res.unet is res.denoiser
     with pytest.warns(FutureWarning, match='prune_transformer is now prune_model'):
         assert diffprune.transformer.prune_transformer(scored, pruning_ratio=0.5).removes == 'width'
+
+MOVED = [('diffprune.prune', 'UNetPruner', 'diffprune.unet'), ('diffprune.prune', 'count_macs', 'diffprune.sizes'),
+         ('diffprune.prune', 'kept_channels', 'diffprune.unet'), ('diffprune.models', 'PrunedUNet2DModel', 'diffprune.unet'),
+         ('diffprune.models', 'PrunedDiTTransformer2DModel', 'diffprune.transformer'),
+         ('diffprune.models', 'push_to_hub', 'diffprune.hub')]
+
+@pytest.mark.parametrize('module, name, now', MOVED)
+def test_a_moved_name_is_still_served_where_it_was_and_says_where_it_went(module, name, now):
+    import importlib
+    with pytest.warns(FutureWarning, match=f'{module}.{name} is now {now}.{name}'):
+        assert getattr(importlib.import_module(module), name) is getattr(importlib.import_module(now), name)
+
+def test_the_old_unet_keyword_and_the_old_prune_setting_still_work_and_say_so():
+    from diffprune.sizes import example_inputs
+    from diffprune.report import RecipeSettings
+    model = TinyDenoiser()
+    with pytest.warns(FutureWarning, match=r'count_macs\(unet=\) is now model='):
+        assert count_macs(unet=model) == count_macs(model)
+    with pytest.warns(FutureWarning, match=r'sample_shape\(unet=\) is now model='):
+        assert sample_shape(unet=model) == (1, 16, 16)
+    with pytest.warns(FutureWarning, match=r'RecipeSettings\(prune=\) is now removes='):
+        assert RecipeSettings(prune='depth').removes == 'depth'
+    with pytest.raises(ValueError, match='give model= only'): count_macs(unet=model, model=model)
