@@ -146,8 +146,9 @@ def old_keywords(since:str='0.6.0', **renamed):
         def called(*args, **kwargs):
             for old, new in renamed.items():
                 if old not in kwargs: continue
-                if new in kwargs: raise InputError(f"{f.__name__} got {old}= and {new}=: give {new}= only")
-                _say_renamed(f'{f.__qualname__.removesuffix(".__init__")}({old}=)', f'{new}=', since)
+                name = f.__qualname__.removesuffix('.__init__')  # a class by its own name
+                if new in kwargs: raise InputError(f"{name} got {old}= and {new}=: give {new}= only")
+                _say_renamed(f'{name}({old}=)', f'{new}=', since)
                 kwargs[new] = kwargs.pop(old)
             return f(*args, **kwargs)
         return called

@@ -409,8 +409,9 @@ def _prune_args(p):
     p.add_argument('--method', choices=METHODS, default='diff-pruning')
     _targets(p)
     p.add_argument('--keep-blocks', type=int, nargs='+', metavar='INDEX',
-                   help="the transformer blocks to keep, by index, in place of a target: a depth plan chosen elsewhere "
-                        "(the scores are not used for it: --method magnitude skips scoring)")
+                   help="the transformer blocks to keep, by index, in place of a target: a depth plan chosen elsewhere; "
+                        "with --removes both, a target then prunes their width by the scores (else --method magnitude "
+                        "skips the gradient scoring the plan does not use)")
     p.add_argument('--round-to', type=_round_to, default='auto', metavar='N',
                    help="keep pruned widths multiples of N; 'auto' (the default): 8 with --target-macs where the "
                         "model allows, else any width; 16 is faster on CPUs but cost FID; 1: any width")

@@ -69,6 +69,7 @@ def eval_mode(model):
     finally:
         for m, training in modes: m.training = training
 
+@old_keywords(unet='model')
 def model_output(model, x:torch.Tensor, t:torch.Tensor,
                  # a dict of keyword tensors (`encoder_hidden_states`, `class_labels`, `added_cond_kwargs`), one row
                  # per sample, or text embeddings
@@ -246,6 +247,7 @@ def compile_with(model, warmup, # `warmup(module)` makes the calls the module is
     return net, time.perf_counter() - t0
 
 # %% ../nbs/01a_diffusion.ipynb #839e03f3
+@old_keywords(unet='model')
 def compile_denoiser(model, batch:int, # images per call the compiled model is built for
                  cond=None, # conditioning of one batch (`batch` rows), or None
                  mode:str=None, backend='inductor') -> tuple:

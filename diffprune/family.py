@@ -101,6 +101,12 @@ def check(self:Family, model, removes:str='width', layout:str='free-form'):
         raise InputError(f"a {type(model).__name__} keeps no {layout!r} layout: use " + ' or '.join(self.layouts))
 
 @patch
+def check_blocks(self:Family, model, blocks) -> list:
+    "`blocks`, indices of the model's `blocks` to keep (a depth plan chosen elsewhere), checked and sorted."
+    raise InputError(f"a {type(model).__name__}'s blocks cannot be chosen (keep_blocks, --keep-blocks: for "
+                     + ' and '.join(f.name for f in families() if f.blocks) + " models)")
+
+@patch
 def shows(self:Family, name:str, module) -> bool:
     "True for the layers whose output widths a plot of the pruned model shows (default: every convolution)."
     return isinstance(module, torch.nn.Conv2d)
@@ -142,25 +148,28 @@ def register_family(family:Family) -> Family:
     _REGISTERED.insert(0, family)
     return family
 
-def _load(spec:str, what:str):
-    "The family `spec` (`module:attribute`) names, or None with a warning: one broken plugin stops nothing else."
+def _load(load, spec:str, what:str):
+    "The family `load()` gives, or None with a warning naming `spec`: one broken plugin stops nothing else."
     try:
-        module, _, attr = spec.partition(':')
-        f = getattr(importlib.import_module(module), attr)
+        f = load()
         if isinstance(f, importlib.import_module('diffprune.family').Family): return f  # the library's class, also
         # where this runs in the notebook that defines its own
-        problem = f"is a {type(f).__name__}, not a Family instance"
+        problem = f"is not a Family instance (its type: {type(f).__name__})"
     except Exception as e: problem = f"cannot be loaded ({type(e).__name__}: {e})"
     warnings.warn(f"diffprune: the {what} family {spec!r} {problem}; it is left out")
     return None
 
+def _attribute(spec:str):
+    "The object `module:attribute` names (a built-in family of `diffprune._FAMILIES`)."
+    module, _, attr = spec.partition(':')
+    return getattr(importlib.import_module(f'diffprune.{module}'), attr)
+
 @functools.cache
 def _known() -> tuple:
     "The built-in families (`diffprune._FAMILIES`), then those installed packages declare as entry points, once."
-    specs = [(f'diffprune.{s}', 'built-in') for s in diffprune._FAMILIES.values()]
-    specs += [(ep.value, 'plugin') for ep in importlib.metadata.entry_points(group='diffprune.families')]
-    found = [f for spec, what in specs if (f := _load(spec, what)) is not None]
-    return tuple(dict.fromkeys(found))  # a family declared twice counts once
+    found = [_load(lambda: _attribute(s), s, 'built-in') for s in diffprune._FAMILIES.values()]
+    found += [_load(ep.load, ep.value, 'plugin') for ep in importlib.metadata.entry_points(group='diffprune.families')]
+    return tuple(dict.fromkeys(f for f in found if f is not None))  # a family declared twice counts once
 
 def families() -> list:
     "Every family diffprune knows: the ones registered by hand (newest first), the built-in ones, the plugins."

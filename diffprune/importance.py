@@ -41,19 +41,19 @@ def default_images_per_pass(model, device=None) -> int:
     return max(1, min(128, int(0.7 * free / per_image)))
 
 # %% ../nbs/03_importance.ipynb #42b6e9f4
-def _bank(model, into:dict):
+def _bank(model, into:dict, low_precision_only:bool=False):
     "Add `model`'s `.grad` into the float32 sums `into` (`{parameter name: tensor}`, inner names), emptying `.grad`."
     for n, p in inner_model(model).named_parameters():
-        if p.grad is None: continue
+        if p.grad is None or (low_precision_only and p.grad.dtype == torch.float32): continue
         g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
         if n in into: into[n].add_(g)
         else: into[n] = g
         p.grad = None
 
 def _backward(loss, model, into:dict=None):
-    "Back-propagate `loss`; with `into`, bank the gradients there (`_bank`), else leave them adding up in `.grad`."
-    loss.backward()
-    if into is not None: _bank(model, into)
+    "Back-propagate `loss`; with `into`, bank a half-precision `.grad` there after each pass (`_bank`)."
+    loss.backward()  # float32 gradients add up in `.grad` itself: no second copy of them
+    if into is not None: _bank(model, into, low_precision_only=True)
 
 # %% ../nbs/03_importance.ipynb #41337d74
 @old_keywords(unet='model')
@@ -78,6 +78,7 @@ def accumulate_gradients(model, scheduler, x0:torch.Tensor, # calibration batch 
         _backward((stacked_losses(model, scheduler, x0, noise, ts[i:i + per], cond) * w[i:i + per].to(dev)).sum(),
                   model, into)
         passes += 1
+    if into is not None: _bank(model, into)  # what stayed in `.grad`
     return passes
 
 # %% ../nbs/03_importance.ipynb #2a7772f7
@@ -87,6 +88,7 @@ def per_timestep_gradients(model, scheduler, x0, noise, timesteps, progress:bool
     model.zero_grad(set_to_none=True)
     for t in tqdm(timesteps, desc='per-timestep', disable=not progress, leave=False):
         _backward(eps_loss(model, scheduler, x0, noise, torch.full((len(x0),), int(t))), model, into)
+    if into is not None: _bank(model, into)  # what stayed in `.grad`
     return len(timesteps)
 
 # %% ../nbs/03_importance.ipynb #fe92f17e
@@ -123,6 +125,7 @@ def taylor_gradients(model, scheduler, x0:torch.Tensor, # calibration batch in [
         bar.update(len(tb))
         if stop is not None: break
     bar.close()
+    if into is not None: _bank(model, into)  # what stayed in `.grad`
     return TimestepAnalysis(seen_t, seen_l, threshold), passes
 
 # %% ../nbs/03_importance.ipynb #18c4bd64
@@ -238,6 +241,7 @@ ScoredModel.__init__ = old_keywords(**{'unet': 'denoiser'})(ScoredModel.__init__
 
 # %% ../nbs/03_importance.ipynb #4842415d
 @patch
+@old_keywords(unet='model')
 @contextlib.contextmanager
 def gradients_on(self:ScoredModel, model=None):
     "`model` (default: the scored denoiser) trainable, with `.grad` from `gradients`, until the block ends."

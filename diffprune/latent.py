@@ -21,7 +21,7 @@ from . import quiet_loading
 from .checks import InputError, ModelError, THRESHOLD, is_hub_id, old_names, old_keywords
 from .data import get_dataset, take
 from .files import atomic_folder, hub_snapshot
-from .family import family_of, families
+from .family import family_of, families, inner_model
 from .hub import hub_card
 from .models import save_denoiser, block_widths, load_denoiser, check_pipeline, SHIPPED, denoiser_folder
 from .diffusion import (model_output, index_cond, cond_to, initial_noise, ddim_timesteps, ddim_step,
@@ -357,6 +357,8 @@ def pipeline_images(pipe, n:int=4, steps:int=10, seed:int=0, prompt=None, class_
     "`(n, 3, H, W)` images in [0, 1] from the pipeline's own sampler, seeded."
     g = torch.Generator().manual_seed(seed)
     kind = check_conditioning(pipe, prompt, class_labels)
+    prediction_type(pipe.scheduler)  # a scheduler diffprune's pipelines run (not flow matching, for now)
+    family_of(denoiser(pipe)).complete(inner_model(denoiser(pipe)))  # a DiT's unset out_channels, which its sampler reads
     extra = family_of(denoiser(pipe)).pipeline_kwargs(pipe, kind)
     if kind == 'text':
         h, w = image_size(pipe)

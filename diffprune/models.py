@@ -77,6 +77,7 @@ def _attrs(m):
             return {k: (list(v) if isinstance(v, tuple) else v)
                     for k in names if isinstance(v := getattr(m, k, None), (int, float, tuple))}
 
+@old_keywords(unet='model')
 def layer_structure(model) -> dict:
     "The shape-bearing attributes of every layer of a denoiser: `{module name: {attr: value}}`."
     return {name: a for name, m in model.named_modules() if (a := _attrs(m))}
@@ -224,6 +225,7 @@ def _saved_class(family, model, pruned:bool) -> type:
                          "its widths cannot be saved")
     return family.pruned[base]
 
+@old_keywords(unet='model')
 def save_denoiser(model, folder, meta:dict=None) -> type:
     "Write a denoiser's folder (config, safetensors, `diffprune.json`); returns the class it names for the index."
     model, folder = inner_model(model), Path(folder)
@@ -318,7 +320,7 @@ def check_scheduler(scheduler):
     if not hasattr(scheduler, 'alphas_cumprod'):
         kind = ('a flow-matching one (noise mixed by sigma, a velocity target)' if 'FlowMatch' in type(scheduler).__name__
                 else 'one without alphas_cumprod')
-        raise ModelError(f"the model's scheduler is a {type(scheduler).__name__}, {kind}: diffprune prunes models whose "
+        raise ModelError(f"the model's scheduler ({type(scheduler).__name__}) is {kind}: diffprune prunes models whose "
                          "scheduler adds noise by alphas_cumprod (DDPM, DDIM, PNDM, Euler, ...) for now")
     return scheduler
 

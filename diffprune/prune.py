@@ -191,13 +191,12 @@ def save(self:PruneResult, path,
     return Path(path)
 
 # %% ../nbs/04_prune.ipynb #06e07759
+@old_keywords(prune='removes')
 def check_prune(model, removes:str='width', layout:str='free-form', keep_blocks=None):
     "Refuse a `removes`, `layout` or `keep_blocks` that `model`'s family cannot prune it to, before any scoring."
     family = family_of(model)
     family.check(inner_model(model), removes, layout)
-    if keep_blocks is not None and family.blocks is None:
-        raise InputError(f"a {type(inner_model(model)).__name__}'s blocks cannot be chosen (keep_blocks, --keep-blocks: "
-                         f"for {' and '.join(f.name for f in families() if f.blocks)} models)")
+    if keep_blocks is not None: family.check_blocks(inner_model(model), keep_blocks)
 
 def check_targets(removes:str, pruning_ratio, target_macs, keep_blocks) -> tuple:
     "`(removes, pruning_ratio, target_macs)` checked: chosen blocks are the depth plan, and width takes one target."
@@ -223,8 +222,9 @@ def prune_model(scored:ScoredModel, *, # from `score_model`: the denoiser, its g
                 seed:int=0, # the seed of the random criterion's draws where the family's pruner draws its own
                ) -> PruneResult:
     "Prune a copy of `scored.denoiser` to `pruning_ratio` or `target_macs` in one shot, by its family's pruner."
+    check_prune(scored.denoiser, removes, layout, keep_blocks)  # as asked, then as chosen blocks make it
     removes, pruning_ratio, target_macs = check_targets(removes, pruning_ratio, target_macs, keep_blocks)
-    check_prune(scored.denoiser, removes, layout, keep_blocks)
+    check_prune(scored.denoiser, removes, layout)
     t0 = time.time()
     # a copy of the model itself (not its compiled or data-parallel wrapper), its fused projections taken apart
     model = unfuse_projections(copy.deepcopy(inner_model(scored.denoiser))).requires_grad_(True)

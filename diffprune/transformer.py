@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TRANSFORMER', 'attentions', 'head_rows', 'mlp_rows', 'unit_scores', 'block_score', 'TransformerPruner',
-           'skipped_block_losses', 'PrunedDiTTransformer2DModel', 'PrunedPixArtTransformer2DModel',
+           'skipped_block_losses', 'chosen_blocks', 'PrunedDiTTransformer2DModel', 'PrunedPixArtTransformer2DModel',
            'ClassPixelPipeline', 'transformer_inputs', 'transformer_widths', 'TransformerFamily']
 
 # %% ../nbs/04b_transformer.ipynb #8e29fa24
@@ -15,7 +15,7 @@ import torch_pruning as tp
 from diffusers import (DiTTransformer2DModel, PixArtTransformer2DModel, DiffusionPipeline, ImagePipelineOutput)
 from diffusers.models.activations import GEGLU, SwiGLU
 from .checks import (InputError, REMOVES, LAYOUTS, check_choice, check_pruning_ratio, check_target_macs,
-                              check_target, old_names)
+                              check_target, old_names, old_keywords)
 from .family import Family
 from .models import PrunedModelMixin, is_pruned
 from .diffusion import eps_loss, eval_mode, sample_shape
@@ -190,13 +190,14 @@ def width_for_macs(self:TransformerPruner, target:float, blocks:list=None) -> di
     return best
 
 @patch
+@old_keywords(prune='removes')
 def plan(self:TransformerPruner, *, pruning_ratio:float=None, target_macs:float=None, removes:str='width',
          blocks:list=None, # the blocks to keep, chosen elsewhere: depth's plan, width (with `removes='both'`) within them
         ) -> dict:
     "A plan removing `removes` ('width', 'depth' or 'both') at a pruning ratio or a MACs target (one of them)."
     check_choice(removes, REMOVES, 'removes')
     if blocks is not None:
-        blocks = self.chosen_blocks(blocks)
+        blocks = chosen_blocks(self.model, blocks)
         if removes == 'depth': return dict(blocks=blocks, keep={})
         pruning_ratio, target_macs = check_target(pruning_ratio, target_macs)
         self.round_to = self.rounding if target_macs is not None else None if self.auto else self.rounding
@@ -205,19 +206,20 @@ def plan(self:TransformerPruner, *, pruning_ratio:float=None, target_macs:float=
     pruning_ratio, target_macs = check_target(pruning_ratio, target_macs)
     return self.ratio_plan(removes, pruning_ratio) if target_macs is None else self.macs_plan(removes, target_macs)
 
-@patch
-def chosen_blocks(self:TransformerPruner, blocks) -> list:
-    "`blocks` (indices to keep) sorted, when each is a block of the model and the ones that must stay are among them."
-    n = len(self.units)
-    if isinstance(blocks, (str, bytes)) or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
-                                                   for i in blocks):
+def chosen_blocks(model, blocks) -> list:
+    "`blocks` (indices of `model`'s blocks to keep) sorted, when each is one of its blocks and DiT's block 0 is kept."
+    n = len(model.transformer_blocks)
+    if isinstance(blocks, (str, bytes)) or not hasattr(blocks, '__iter__'):
+        raise InputError(f"blocks to keep are a list of block indices, not {blocks!r}")
+    blocks = list(blocks)
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in blocks):
         raise InputError(f"blocks to keep are whole numbers, not {blocks!r}")
     kept = sorted(set(int(i) for i in blocks))
     if not kept or kept[0] < 0 or kept[-1] >= n:
-        raise InputError(f"blocks to keep must be some of 0..{n - 1}, not {list(blocks)}")
-    if len(kept) != len(blocks): raise InputError(f"a block to keep is named twice in {list(blocks)}")
-    if stays := [i for i in range(n) if i not in self.removable and i not in kept]:
-        raise InputError(f"block {stays[0]} must stay (DiT's block 0: its final layer reads that block's embedding)")
+        raise InputError(f"blocks to keep must be some of 0..{n - 1}, not {blocks}")
+    if len(kept) != len(blocks): raise InputError(f"a block to keep is named twice in {blocks}")
+    if isinstance(model, DiTTransformer2DModel) and kept[0] != 0:
+        raise InputError("block 0 must stay (DiT's block 0: its final layer reads that block's embedding)")
     return kept
 
 # %% ../nbs/04b_transformer.ipynb #95b94462
@@ -382,6 +384,8 @@ class TransformerFamily(Family):
         if layout == 'diffusers' and is_pruned(model):
             raise InputError("this transformer's widths are already pruned, so no plain config holds it: "
                              "use layout='free-form' (--layout free-form)")
+
+    def check_blocks(self, model, blocks) -> list: return chosen_blocks(model, blocks)
 
     def pruner(self, model, scored, round_to='auto', layout:str='free-form', seed:int=0) -> TransformerPruner:
         return TransformerPruner(model, scored.method, scored.gradients, seed, round_to)

@@ -20,8 +20,8 @@ from diffusers.models.embeddings import Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from .checks import (InputError, LAYOUTS, check_choice, check_pruning_ratio, check_target_macs,
                               check_target)
-from .family import Family
-from .models import PrunedModelMixin, match_attention_scale
+from .family import Family, inner_model
+from .models import PrunedModelMixin, match_attention_scale, is_fused, unfuse_projections
 from .diffusion import sample_shape
 from .sizes import layer_macs
 from .importance import ScoredModel, GroupImportance
@@ -574,8 +574,10 @@ UNET = UNetFamily()  # the instance the registry finds (`diffprune._FAMILIES`)
 # %% ../nbs/04a_unet.ipynb #60ee2b01
 def kept_channels(scored:ScoredModel, *, pruning_ratio:float=None, target_macs:float=None, round_to='auto') -> set:
     "The `(group root, channel)` pairs a plan of a UNet keeps (nothing is pruned)."
-    with scored.gradients_on() as model:
-        pr = UNET.pruner(model, scored, round_to=round_to)  # as `prune_model` plans it
+    model = inner_model(scored.denoiser)
+    if is_fused(model): model = unfuse_projections(copy.deepcopy(model))  # as `prune_model` plans it: unfused
+    with scored.gradients_on(model):
+        pr = UNET.pruner(model, scored, round_to=round_to)
         plan = pr.plan(pruning_ratio=pruning_ratio, target_macs=target_macs)['groups']
     kept = set()
     for i, g in enumerate(pr.groups):

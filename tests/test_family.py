@@ -156,3 +156,35 @@ def test_the_old_unet_keyword_and_the_old_prune_setting_still_work_and_say_so():
     with pytest.warns(FutureWarning, match=r'RecipeSettings\(prune=\) is now removes='):
         assert RecipeSettings(prune='depth').removes == 'depth'
     with pytest.raises(ValueError, match='give model= only'): count_macs(unet=model, model=model)
+
+def test_plugins_load_as_their_entry_points_say_and_a_broken_one_is_left_out(monkeypatch):
+    "Entry points load by their own rules (`module:Holder.attr`, extras); a broken or wrong one warns and stays out."
+    import sys, types, importlib.metadata as md
+    mod = types.ModuleType('tiny_plugin')
+    class Holder: fam = TinyFamily()
+    mod.Holder, mod.NOT_A_FAMILY = Holder, object()
+    monkeypatch.setitem(sys.modules, 'tiny_plugin', mod)
+    eps = [md.EntryPoint('nested', 'tiny_plugin:Holder.fam [gpu]', 'diffprune.families'),
+           md.EntryPoint('wrong', 'tiny_plugin:NOT_A_FAMILY', 'diffprune.families'),
+           md.EntryPoint('broken', 'no_such_module:FAMILY', 'diffprune.families')]
+    monkeypatch.setattr(md, 'entry_points', lambda group=None: eps if group == 'diffprune.families' else [])
+    diffprune.family._known.cache_clear()
+    try:
+        with pytest.warns(UserWarning) as w: found = diffprune.family.families()
+        assert Holder.fam in found and {f.name for f in found} >= {'unet', 'transformer'}
+        said = ' '.join(str(x.message) for x in w)
+        assert "'tiny_plugin:NOT_A_FAMILY' is not a Family instance" in said and "'no_such_module:FAMILY' cannot be loaded" in said
+    finally: diffprune.family._known.cache_clear()
+
+def test_an_old_name_takes_its_old_keyword_too():
+    import diffprune.diffusion, diffprune.prune
+    model = TinyDenoiser()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)
+        old = diffprune.diffusion.unet_output
+    with pytest.warns(FutureWarning, match=r'model_output\(unet=\) is now model='):
+        assert torch.equal(old(unet=model, x=x, t=t), diffprune.diffusion.model_output(model, x, t))
+    with pytest.raises(ValueError, match='RecipeSettings got prune= and removes='):
+        from diffprune.report import RecipeSettings
+        RecipeSettings(prune='width', removes='width')

@@ -1,7 +1,7 @@
 """The forms a model arrives in (issue 28): compiled or data-parallel, in half precision, with fused projections, with
 a scheduler diffprune does not know; blocks chosen elsewhere and the map to the teacher's blocks; a DiT whose config
 leaves `out_channels` unset. Each is pruned as the plain model is, or refused in one line."""
-import json
+import json, re
 import pytest, torch, torch.nn as nn
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, DiTTransformer2DModel
 from diffprune.checks import InputError, ModelError
@@ -123,12 +123,17 @@ def test_a_fused_model_prunes_as_the_unfused_one_and_saves_loadably(kind, tmp_pa
     z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = {'encoder_hidden_states': torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(1))}
     if kind == 'pixart': cond['added_cond_kwargs'] = {'resolution': None, 'aspect_ratio': None}
-    plain = prune_model(scored((net, pipe.scheduler), data=z, cond=cond), pruning_ratio=0.3)
+    plain_scores = scored((net, pipe.scheduler), data=z, cond=cond)
+    plain = prune_model(plain_scores, pruning_ratio=0.3)
     net.fuse_qkv_projections()
     assert is_fused(net)
-    fused = prune_model(scored((net, pipe.scheduler), data=z, cond=cond), pruning_ratio=0.3)
+    fused_scores = scored((net, pipe.scheduler), data=z, cond=cond)
+    fused = prune_model(fused_scores, pruning_ratio=0.3)
     assert is_fused(net)  # the caller's model is left as it was
     assert fused.widths_after == plain.widths_after and fused.macs_after == plain.macs_after
+    if kind == 'text':  # the channels a plan keeps, asked without pruning, are the unfused model's too
+        from diffprune.unet import kept_channels
+        assert kept_channels(fused_scores, pruning_ratio=0.3) == kept_channels(plain_scores, pruning_ratio=0.3)
     x = example_inputs(plain.denoiser, 2)
     with torch.no_grad(): torch.testing.assert_close(fused.denoiser(**x)[0], plain.denoiser(**x)[0])
     save_model(net, pipe.scheduler, tmp_path/'m')  # a fused teacher saves as its unfused self
@@ -144,16 +149,18 @@ def test_a_flow_matching_scheduler_is_one_line_before_any_work(cli, tmp_path):
     for cmd in (['prune', '--target-macs', '0.5', '--method', 'magnitude'], ['prune', '--target-macs', '0.5'],
                 ['sample', '--num', '2'], ['analyze'], ['finetune', '--steps', '1'], ['evaluate', '--num-samples', '2']):
         r = cli(*cmd, '--model', tmp_path/'flow', '--out', tmp_path/'o')
-        one_line_exit_2(r, 'FlowMatchEulerDiscreteScheduler, a flow-matching one')
+        one_line_exit_2(r, '(FlowMatchEulerDiscreteScheduler) is a flow-matching one')
         assert not (tmp_path/'o').exists()
 
 def test_a_dit_pipeline_with_a_flow_matching_scheduler_is_one_line(cli, tmp_path):
     pipe = tiny_latent_pipeline('dit')
     pipe.scheduler = FlowMatchEulerDiscreteScheduler()
     pipe.save_pretrained(tmp_path/'pipe')
-    for method in ('magnitude', 'diff-pruning'):
-        r = cli('prune', '--model', tmp_path/'pipe', '--target-macs', '0.5', '--method', method, '--out', tmp_path/'o')
-        one_line_exit_2(r, 'FlowMatchEulerDiscreteScheduler, a flow-matching one')
+    for cmd in (['prune', '--target-macs', '0.5', '--method', 'magnitude'], ['prune', '--target-macs', '0.5'],
+                ['sample', '--num', '2', '--sample-steps', '2']):
+        r = cli(*cmd, '--model', tmp_path/'pipe', '--out', tmp_path/'o')
+        one_line_exit_2(r, '(FlowMatchEulerDiscreteScheduler) is a flow-matching one')
+        assert 'teacher latents' not in r.stderr and not (tmp_path/'o').exists()  # refused before any work
 
 def test_a_saved_scheduler_keeps_its_class(tmp_path):
     net, sched = load_model('digits')
@@ -184,10 +191,23 @@ def test_chosen_blocks_give_a_normal_result_and_folder(dit, cli, tmp_path):
     (['--keep-blocks', '1', '2'], 'block 0 must stay'),
     (['--keep-blocks', '0', '1', '--target-macs', '0.5'], '--keep-blocks is the plan'),
 ])
-def test_chosen_blocks_that_cannot_be_kept_are_one_line(cli, tmp_path, args, needle):
-    r = cli('prune', '--model', 'digits-dit', '--method', 'magnitude', *args, '--out', tmp_path/'p')
+def test_chosen_blocks_that_cannot_be_kept_are_one_line_before_scoring(cli, tmp_path, args, needle, monkeypatch):
+    import diffprune.importance
+    monkeypatch.setattr(diffprune.importance, 'score_model', lambda *a, **k: pytest.fail('scored before the check'))
+    r = cli('prune', '--model', 'digits-dit', *args, '--out', tmp_path/'p')
     one_line_exit_2(r, needle)
     assert not (tmp_path/'p').exists()
+
+@pytest.mark.parametrize('blocks, needle', [(3, 'a list of block indices, not 3'), ([], 'some of 0..7, not []'),
+                                            ([0, 0, 1], 'named twice'), ([0, True], 'whole numbers'),
+                                            ('03', 'a list of block indices')])
+def test_chosen_blocks_from_python_are_one_line(dit, blocks, needle):
+    with pytest.raises(InputError, match=re.escape(needle)):
+        prune_model(scored(dit, method='magnitude'), keep_blocks=blocks)
+
+def test_a_unet_asked_for_chosen_blocks_is_told_it_has_none():
+    with pytest.raises(InputError, match="a UNet2DModel's blocks cannot be chosen"):
+        prune_model(scored(load_model('digits'), method='magnitude'), keep_blocks=[0])
 
 def test_a_unet_has_no_blocks_to_choose(cli, tmp_path):
     one_line_exit_2(cli('prune', '--model', 'digits', '--method', 'magnitude', '--keep-blocks', '0',
@@ -219,3 +239,5 @@ def test_a_dit_with_out_channels_unset_prunes_and_its_pipeline_samples(cli, tmp_
     assert load_pipeline(tmp_path/'p').transformer.config.out_channels == 4
     r = cli('sample', '--model', tmp_path/'p', '--num', '2', '--sample-steps', '2', '--out', tmp_path/'s')
     assert r.returncode == 0, r.stderr
+    from diffprune.latent import pipeline_images  # and the teacher pipeline as built, never saved
+    assert pipeline_images(pipe, 2, 2).shape == (2, 3, 16, 16)
