@@ -26,7 +26,9 @@ dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 extras = {'dev': dev_requirements,
           'fid': shlex.split(cfg.get('fid_requirements', '')),
           'datasets': shlex.split(cfg.get('datasets_requirements', '')),
-          'latent': shlex.split(cfg.get('latent_requirements', ''))}
+          'latent': shlex.split(cfg.get('latent_requirements', '')),
+          # what a notebook imports beside diffprune (nbdev's showdoc and fastcore's tests): its install cell's extra
+          'notebooks': shlex.split(cfg.get('notebooks_requirements', ''))}
 
 setuptools.setup(
     name=cfg['lib_name'],

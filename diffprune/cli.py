@@ -7,10 +7,10 @@ __all__ = ['SUBCOMMANDS', 'UsageError', 'check_out', 'cmd_sample', 'cmd_analyze'
            'cmd_run', 'subcommand', 'cmd_push', 'parser', 'main', 'cli']
 
 # %% ../nbs/09_cli.ipynb #495f1ec3
-import argparse, contextlib, logging, sys, time, os, shutil, tempfile, warnings
+import argparse, contextlib, dataclasses, logging, sys, time, os, shutil, tempfile, warnings
 from pathlib import Path
 from . import quiet_loading
-from .checks import (InputError, METHODS, LAYOUTS, REMOVES, COMPILE_MODES, THRESHOLD, arg, check_threshold,
+from .checks import (InputError, METHODS, LAYOUTS, REMOVES, COMPILE_MODES, SPACINGS, THRESHOLD, arg, check_threshold,
                               check_pruning_ratio, check_target_macs, check_target, check_count, check_range,
                               check_positive)
 
@@ -269,29 +269,30 @@ def cmd_evaluate(a):
     out = check_out(a.out, a.overwrite)
     from diffprune.evaluation import evaluate
     ev = evaluate(a.model, a.teacher, a.data, a.num_samples, a.sample_steps, a.seed, a.feature, device=a.device,
-                  compile=_compile_mode(a))
+                  compile=_compile_mode(a), spacing=a.spacing)
     ev.save(out, dict(model=str(a.model)))
-    print(ev.table().to_string())
+    print(ev)  # the table in plain numbers, and the SSIM against the teacher
     print(f"wrote {out}")
 
 # %% ../nbs/09_cli.ipynb #5f7d05eb
 def _settings(a):
-    "The `RecipeSettings` of `diffprune run` and `diffprune demo`."
-    from diffprune.report import RecipeSettings
-    return RecipeSettings(model=a.model, data=a.data, method=a.method, threshold=a.threshold,
-                          target_macs=a.target_macs, pruning_ratio=a.pruning_ratio,
-                          calibration_size=a.calibration_size, stride=a.stride,
-                          sampled_timesteps=a.sampled_timesteps, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                          ema=a.ema, alpha=a.alpha, num_samples=a.num_samples, sample_steps=a.sample_steps,
-                          seed=a.seed, device=a.device, compile=_compile_mode(a), layout=a.layout, removes=a.removes)
+    "The `RecipeSettings` of `diffprune run` and `demo`: the --recipe's (or the defaults), changed by each flag given."
+    from diffprune.report import RecipeSettings, recipe_settings
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(RecipeSettings) if getattr(a, f.name, None) is not None}
+    if 'target_macs' in given and 'pruning_ratio' not in given: given['pruning_ratio'] = None  # the target asked for
+    return recipe_settings(a.recipe, **{**given, 'compile': _compile_mode(a)})
 
 # %% ../nbs/09_cli.ipynb #94561dae
 def cmd_run(a):
-    "Run the whole recipe and write the report folder."
+    "Run the whole recipe, each step kept in --out as it completes (--resume continues it), and write the report."
     from diffprune.report import run_recipe, write_report, summary_text
-    s = _settings(a)
-    out = check_out(a.out, a.overwrite)
-    r = run_recipe(s)
+    s, out = _settings(a), Path(a.out).expanduser()
+    if a.resume and not (out/'stages'/'settings.json').exists():
+        raise UsageError(f"--resume: {str(out)!r} holds no run to resume; leave --resume out to start one")
+    if not a.resume:
+        check_out(out, a.overwrite)
+        shutil.rmtree(out/'stages', ignore_errors=True)  # --overwrite: a new run, not the old one's steps
+    r = run_recipe(s, out=out, resume=a.resume)
     write_report(r, out)
     print()
     print(summary_text(r.to_dict()))
@@ -458,6 +459,7 @@ def _evaluate_args(p):
     p.add_argument('--sample-steps', type=_count('--sample-steps'), default=50, help="DDIM steps per sample")
     p.add_argument('--feature', choices=['digits', 'inception'],
                    help="FID features (default: digits for 1x16x16 models)")
+    p.add_argument('--spacing', choices=SPACINGS, default='uniform', help="DDIM timestep spacing")
     _compile_flag(p)
     _common(p)
     p.set_defaults(cmd=cmd_evaluate)
@@ -478,24 +480,29 @@ def cmd_push(a):
     print(f"pushed {a.folder} to {push_to_hub(a.folder, a.repo_id, a.private, a.token)}")
 
 # %% ../nbs/09_cli.ipynb #7e02e285
-def _recipe_args(p, model='digits', data='digits'):
-    p.add_argument('--model', default=model)
-    p.add_argument('--data', default=data)
-    p.add_argument('--method', choices=METHODS, default='diff-pruning')
-    p.add_argument('--threshold', type=arg(check_threshold, name='--threshold'), default=THRESHOLD)
-    _targets(p, target_macs=0.5)
-    p.add_argument('--calibration-size', type=_count('--calibration-size'), default=64, help="calibration images")
-    p.add_argument('--stride', type=_count('--stride'), default=1)
-    p.add_argument('--steps', type=_count('--steps'), default=500, help="finetune steps")
-    p.add_argument('--batch-size', type=_count('--batch-size'), default=64, help="finetune batch")
-    p.add_argument('--lr', type=_positive('--lr'), default=2e-4)
-    p.add_argument('--ema', type=_fraction('--ema'), default=0.999, help="long-run EMA decay (warmed up)")
-    p.add_argument('--alpha', type=_fraction('--alpha'), default=0., help="distillation weight")
-    p.add_argument('--num-samples', type=_count('--num-samples', 2), default=512)
-    p.add_argument('--sample-steps', type=_count('--sample-steps'), default=50, help="DDIM steps per sample")
+def _recipe_args(p):
+    "The recipe's flags: each one given changes the --recipe's settings (or `RecipeSettings`' defaults, in brackets)."
+    p.add_argument('--recipe', help="named settings: paper-cifar10, paper-cifar10-colab or digits-cpu (08_report)")
+    p.add_argument('--resume', action='store_true', help="continue the run kept in --out from its last step")
+    for flag in ('--model', '--data'): p.add_argument(flag, help="[digits]")
+    p.add_argument('--method', choices=METHODS, help="[diff-pruning]")
+    p.add_argument('--threshold', type=arg(check_threshold, name='--threshold'), help=f"[{THRESHOLD}]")
+    _targets(p)
+    p.add_argument('--calibration-size', type=_count('--calibration-size'), help="calibration images [64]")
+    p.add_argument('--stride', type=_count('--stride'), help="analyse every stride-th timestep [1]")
+    p.add_argument('--steps', type=_count('--steps'), help="finetune steps [500]")
+    p.add_argument('--batch-size', type=_count('--batch-size'), help="finetune batch [64]")
+    p.add_argument('--lr', type=_positive('--lr'), help="[2e-4]")
+    p.add_argument('--ema', type=_fraction('--ema'), help="long-run EMA decay, warmed up [0.999]")
+    p.add_argument('--dropout', type=_fraction('--dropout'), help="finetune dropout [the model's own]")
+    p.add_argument('--alpha', type=_fraction('--alpha'), help="distillation weight [0]")
+    p.add_argument('--checkpoint-every', type=_count('--checkpoint-every'), help="finetune steps [a tenth]")
+    p.add_argument('--num-samples', type=_count('--num-samples', 2), help="samples for FID [512]")
+    p.add_argument('--sample-steps', type=_count('--sample-steps'), help="DDIM steps per sample [50]")
+    p.add_argument('--spacing', choices=SPACINGS, help="DDIM timestep spacing [uniform]")
     _compile_flag(p)
     _common(p)
-    p.set_defaults(cmd=cmd_run)
+    p.set_defaults(cmd=cmd_run, device=None, seed=None, layout=None, removes=None)  # the recipe's, else RecipeSettings'
 
 # %% ../nbs/09_cli.ipynb #1d187a01
 @subcommand('demo', 'the whole recipe on the shipped digits teacher, offline, in minutes')

@@ -15,10 +15,10 @@ from pathlib import Path
 from .checks import InputError, OldName, old_keywords, check_count
 from .data import show_images, save_fig
 from .files import atomic_folder, write_json
-from .models import load_model
-from .diffusion import ddim_sample, sample_shape, compile_denoiser
+from .models import load_model, on_device
+from .diffusion import ddim_sample, ddim_timesteps, sample_shape, compile_denoiser
 from .metrics import check_feature, fid_score, fid_references
-from .sizes import count_macs, count_params, example_inputs
+from .sizes import count_macs, count_params, example_inputs, plain_numbers
 
 # %% ../nbs/06_evaluation.ipynb #c0f20589
 @torch.no_grad()
@@ -108,11 +108,12 @@ def _repr_html_(self:Evaluation):
     if c := self.references:
         extra += (f"<p>FID references: train vs held-out {c['train_vs_heldout']:.2f}, "
                   f"real vs noise {c['real_vs_noise']:.1f}</p>")
-    return self.table()._repr_html_() + extra
+    with plain_numbers(): return self.table()._repr_html_() + extra
 
 @patch
 def __repr__(self:Evaluation):
-    return repr(self.table()) + ''.join(f'\n{k}: {v:.4f}' for k, v in (self.consistency or {}).items())
+    with plain_numbers(): table = repr(self.table())
+    return table + ''.join(f'\n{k}: {v:.4f}' for k, v in (self.consistency or {}).items())
 
 # %% ../nbs/06_evaluation.ipynb #e98dc115
 @patch
@@ -144,9 +145,10 @@ def save_samples(images:torch.Tensor, # `(N, C, H, W)` in [0, 1]
     return Path(path)
 
 # %% ../nbs/06_evaluation.ipynb #a3819d6f
-def _measure(model, net, sched, data, n, steps, seed, feature, progress, images_per_pass:int=256) -> tuple:
+def _measure(model, net, sched, data, n, steps, seed, feature, progress, images_per_pass:int=256,
+             spacing:str='uniform') -> tuple:
     "`(samples, metrics)`: DDIM samples of `net` (`model`, or it compiled) from `seed`, their FID, `model`'s size."
-    x = ddim_sample(net, sched, n, steps, seed, images_per_pass, progress=progress)
+    x = ddim_sample(net, sched, n, steps, seed, images_per_pass, progress=progress, spacing=spacing)
     macs = count_macs(model)
     return x, dict(fid=fid_score(x, data, feature), params=count_params(model), macs=macs,
                    attn_macs=count_macs(model, attention=True) - macs)
@@ -174,11 +176,22 @@ def evaluate(model, # 'digits', a model folder, a hub id or a `(denoiser, schedu
              data='digits', # real images for FID: a dataset name or an image folder
              num_samples:int=512, sample_steps:int=50, seed:int=0, # samples for FID, DDIM steps per sample
              feature:str=None, # 'digits' or 'inception' (default: digits for 1x16x16 models)
-             latency_batch:int=64, repeats:int=5, device='cpu', progress:bool=True,
+             latency_batch:int=64, repeats:int=5,
+             device=None, # where both models sample and are timed (None: a `(denoiser, scheduler)`'s own, else cpu)
+             progress:bool=True,
              compile=False, # True or a `torch.compile` mode: sample and time the compiled denoisers
+             spacing:str='uniform', # DDIM timestep spacing of the FID samples: 'uniform' or 'quad' (`ddim_timesteps`)
             ) -> Evaluation:
     "FID, size and measured latency of `model`; with `teacher` also SSIM consistency, speedup and MACs reduction."
     check_count(num_samples, 2, 'num_samples')  # FID needs two
+    ddim_timesteps(1000, 1, spacing)  # an unknown spacing is refused before any work
+    if device is None: device = next(model[0].parameters()).device if isinstance(model, tuple) else 'cpu'
+    with on_device(model, teacher, device=device):  # one device for both, whatever each came on; put back after
+        return _evaluate(model, teacher, data, num_samples, sample_steps, seed, feature, latency_batch, repeats,
+                         device, progress, compile, spacing)
+
+def _evaluate(model, teacher, data, num_samples, sample_steps, seed, feature, latency_batch, repeats, device,
+              progress, compile, spacing) -> Evaluation:
     denoiser, sched = load_model(model, device)
     shape = sample_shape(denoiser)
     feature = feature or ('digits' if shape == (1, 16, 16) else 'inception')
@@ -186,11 +199,12 @@ def evaluate(model, # 'digits', a model folder, a hub id or a `(denoiser, schedu
     models = {'model': (denoiser, sched)}
     if teacher is not None: models['teacher'] = _check_teacher(teacher, denoiser, device)
     sampling_batch = latency_batch if compile else min(latency_batch, 16)
-    settings = dict(data=str(data), num_samples=num_samples, sample_steps=sample_steps, seed=seed, feature=feature,
+    settings = dict(data=str(data), num_samples=num_samples, sample_steps=sample_steps, spacing=spacing, seed=seed,
+                    feature=feature, device=str(device),
                     latency_batch=latency_batch, sampling_batch=sampling_batch, compile=compile)
     nets, compile_s = _compiled(models, compile, latency_batch)
     measured = {k: _measure(models[k][0], u, s, data, num_samples, sample_steps, seed, feature, progress,
-                            latency_batch if compile else 256)
+                            latency_batch if compile else 256, spacing)
                 for k, (u, s) in nets.items()}
     runs = latency_runs(nets, latency_batch, repeats)
     sampling = latency(nets, sampling_batch, max(1, repeats // 2), warmup=1, sampling_steps=sample_steps)

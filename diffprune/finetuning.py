@@ -210,10 +210,14 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
              data='digits', steps:int=500, batch_size:int=64, # global batch (over all processes) per micro-step
              lr:float=2e-4, weight_decay:float=0., grad_clip:float=1.0, grad_accum:int=1,
              ema:float=0.999, # long-run EMA decay (warmed up)
+             dropout:float=None, # the p of every `nn.Dropout` while training (the paper: 0.1); None: the model's own
              use_ema:bool=True, # return the EMA weights as `denoiser` (else the raw ones)
              teacher=None, alpha:float=0., # distillation: teacher model and its weight in the loss
              checkpoint_dir=None, checkpoint_every:int=0, resume:bool=False,
-             seed:int=0, mixed_precision:str='no', device=None, progress:bool=True,
+             seed:int=0, mixed_precision:str='no',
+             device=None, # where to train (None: Accelerate's choice, a GPU where there is one); the result comes
+                          # back there, or where the caller's model was when it is given as a `(denoiser, scheduler)`
+             progress:bool=True,
              callback=None, callback_every:int=10, # callback(step, history) on the main process
             ) -> FinetuneResult:
     "Finetune a (pruned) denoiser with its own objective (noise, v or x0), warm-up EMA and clipping, on Accelerate."
@@ -223,9 +227,15 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     if batch_size % acc.num_processes:
         raise InputError(f"batch size {batch_size} is not divisible by the {acc.num_processes} processes")
     net, sched = load_model(model)
+    home = torch.device(device) if device is not None else (next(net.parameters()).device if isinstance(model, tuple)
+                                                             else acc.device)
     objective = prediction_type(sched)
     # a copy: a frozen net trains like any other
     net = copy.deepcopy(net).to(acc.device).train().requires_grad_(True)
+    if dropout is not None:
+        check_range(dropout, 0, 1, name='dropout')
+        for m in net.modules():
+            if isinstance(m, nn.Dropout): m.p = dropout
     c, h, w = sample_shape(net)
     ds = (data if isinstance(data, torch.utils.data.Dataset) else
           get_dataset(data, (h, w), c, labels=bool(num_classes(net))))  # a class net trains on labelled images
@@ -256,13 +266,13 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
         ema_update(ema_net, acc.unwrap_model(net), ema_decay(step, ema))
         history.append(total)
         if step % 10 == 0: pbar.set_postfix(loss=f'{sum(history[-10:]) / 10:.4f}')
-        if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
+        if checkpoint_dir and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
             if acc.is_main_process:
                 save_checkpoint(checkpoint_dir, step, acc.unwrap_model(net), ema_net, sched, opt,
                                 dict(seed=seed, history=history, batch_size=batch_size, lr=lr))
             acc.wait_for_everyone()
         if callback and acc.is_main_process and step % callback_every == 0: callback(step, history)
-    raw = acc.unwrap_model(net).eval()
+    raw, ema_net = acc.unwrap_model(net).eval().to(home), ema_net.to(home)
     return FinetuneResult(denoiser=ema_net if use_ema else raw, scheduler=sched, raw=raw, ema=ema_net, history=history,
                           steps=steps, seconds=time.time() - t0)
 

@@ -5,16 +5,19 @@
 # %% auto #0
 __all__ = ['BYTES_PER_ACTIVATION', 'default_images_per_pass', 'accumulate_gradients', 'per_timestep_gradients',
            'taylor_gradients', 'stratified_timesteps', 'weight_terms', 'reduce_terms', 'channel_scores',
-           'GroupImportance', 'importance_criterion', 'take_gradients', 'ScoredModel', 'score_model']
+           'GroupImportance', 'importance_criterion', 'take_gradients', 'ScoredModel', 'score_model', 'load_scores']
 
 # %% ../nbs/03_importance.ipynb #5ae26efc
 import contextlib, copy, time
+from pathlib import Path
+from safetensors.torch import load_file, save_file
 import torch, numpy as np
 import torch_pruning as tp
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .checks import InputError, METHODS, THRESHOLD, OldName, old_keywords, check_threshold, check_choice, check_count
 from .family import ANY, family_of, inner_model
+from .files import atomic_folder, read_json, write_json
 from .models import load_model, is_fused, unfuse_projections
 from .diffusion import eps_loss, cond_to, prediction_type, eval_mode
 from .timesteps import analyze_timesteps, calibration_batch, TimestepAnalysis, stacked_losses, first_rejected
@@ -168,7 +171,7 @@ _NORMS = (tp.prune_batchnorm_out_channels, tp.prune_layernorm_out_channels)
 _SCORED = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm)
 
 class GroupImportance(tp.importance.Importance):
-    "Eq. 8 as a torch-pruning importance: one score per channel of a dependency group (mean over layers, mean 1)."
+    "Eq. 8 as a torch-pruning importance: one score per channel of a dependency group (mean over layers; mean 1)."
     def __init__(self, method:str,
                  gradients:dict=None, # `{parameter: its summed gradient}` (float32); None: each parameter's `.grad`
                 ):
@@ -190,7 +193,9 @@ class GroupImportance(tp.importance.Importance):
         return channel_scores(self.method, w[idxs], None if g is None else g[idxs])
 
     @torch.no_grad()
-    def __call__(self, group) -> torch.Tensor:
+    def __call__(self, group,
+                 normalize:bool=True, # divide by the group's mean, as torch-pruning's criteria do (else raw Eq. 8)
+                ) -> torch.Tensor:
         scores, roots = [], []
         for i, (dep, idxs) in enumerate(group):
             if self.method != 'magnitude': idxs.sort()  # as torch-pruning's Taylor importance reads a group
@@ -201,7 +206,7 @@ class GroupImportance(tp.importance.Importance):
         total = torch.zeros_like(scores[0])
         for s, r in zip(scores, roots): total.scatter_add_(0, torch.tensor(r, device=s.device), s.to(total))
         total /= len(scores)
-        return total / total.mean()
+        return total / total.mean() if normalize else total
 
 # %% ../nbs/03_importance.ipynb #81990fad
 def importance_criterion(method:str, gradients:dict=None, # `{parameter: gradient}`; None: `.grad`
@@ -324,3 +329,25 @@ def score_model(model, # 'digits', a folder, a hub id or a `(denoiser, scheduler
     finally: work.zero_grad(set_to_none=True)  # an error or Ctrl-C half way leaves no gradients on the caller's model
     return ScoredModel(denoiser, sched, method, crit, gradients=grads, analysis=ana, timesteps=ts, passes=passes,
                        seconds=time.time() - t0)
+
+# %% ../nbs/03_importance.ipynb #a5979dbc
+@patch
+def save(self:ScoredModel, folder) -> Path:
+    "Write the gradients (`gradients.safetensors`, float32) and the record (`scoring.json`) into `folder`, atomically."
+    with atomic_folder(folder) as tmp:
+        save_file({n: g.detach().float().cpu().contiguous() for n, g in self.gradients.items()},
+                  tmp/'gradients.safetensors')
+        write_json(dict(method=self.method, timesteps=list(self.timesteps or []), passes=self.passes,
+                        seconds=self.seconds, analysis=self.analysis and self.analysis.to_dict()), tmp/'scoring.json')
+    return Path(folder)
+
+def load_scores(folder, # written by `ScoredModel.save`
+                model, # the model the scores were computed on: a `(denoiser, scheduler)` pair, a folder or a name
+               ) -> ScoredModel:
+    "The `ScoredModel` saved in `folder`, on `model`; gradients of another model's shapes are refused when pruning."
+    d, model = read_json(Path(folder)/'scoring.json'), load_model(model)
+    ana = d['analysis'] and TimestepAnalysis(d['analysis']['timesteps'], d['analysis']['losses'],
+                                             d['analysis']['threshold'])
+    return ScoredModel(*model, d['method'], importance_criterion(d['method']),
+                       gradients=load_file(Path(folder)/'gradients.safetensors'), analysis=ana,
+                       timesteps=d['timesteps'], passes=d['passes'], seconds=d['seconds'])

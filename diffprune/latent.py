@@ -67,7 +67,8 @@ class ClassLatentPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 # %% ../nbs/07_latent.ipynb #8881bedd
-def _scheduler(): return DDIMScheduler(num_train_timesteps=1000, clip_sample=False)  # latents are not in [-1, 1]
+def _scheduler():  # latents are not in [-1, 1]; steps_offset 1 as Stable Diffusion's own (its pipeline warns otherwise)
+    return DDIMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1)
 
 def tiny_latent_pipeline(kind:str='text', # 'unconditional', 'class', 'text'; transformers: 'dit' or 'pixart'
                          image_size:int=16, seed:int=0, tokenizer_dir=None):

@@ -142,7 +142,7 @@ def fid_score(samples:torch.Tensor, # generated images (N, C, H, W) in [0, 1]
 
 # %% ../nbs/01b_metrics.ipynb #bfbfe8c0
 def fid_references(seed:int=0) -> dict:
-    "The two reference FIDs on digits: train vs held-out (the floor) and all digits vs uniform noise (the ceiling)."
+    "The two reference FIDs on digits: train vs held-out and all digits vs uniform noise (the ceiling)."
     train, held, real = ((digits_split(s)[0] + 1) / 2 for s in ('train', 'heldout', 'all'))
     noise = torch.rand(len(real), 1, 16, 16, generator=torch.Generator().manual_seed(seed))
     return {'train_vs_heldout': fid_score(held, train), 'real_vs_noise': fid_score(noise, real)}

@@ -7,10 +7,10 @@ __all__ = ['DIGITS_CONFIG', 'CIFAR10_CONFIG', 'DIGITS_DIT_CONFIG', 'BLOCK_MAP', 
            'DIGITS_DIT', 'SHIPPED', 'unet_config', 'dit_config', 'tiny_unet', 'layer_structure', 'apply_structure',
            'match_attention_scale', 'is_pruned', 'PrunedModelMixin', 'as_pruned', 'is_fused', 'unfuse_projections',
            'save_denoiser', 'block_widths', 'write_model', 'save_model', 'load_denoiser', 'check_scheduler',
-           'denoiser_folder', 'check_pipeline', 'load_model', 'folder_record']
+           'denoiser_folder', 'check_pipeline', 'load_model', 'folder_record', 'on_device']
 
 # %% ../nbs/01_models.ipynb #07d35512
-import copy, json
+import contextlib, copy, json
 from pathlib import Path
 import torch, torch.nn as nn
 from safetensors.torch import save_file, load_file
@@ -381,6 +381,19 @@ def folder_record(model) -> dict:
     if isinstance(model, tuple) or model is None: return {}
     record = denoiser_folder(Path(str(model)).expanduser())/'diffprune.json'
     return read_json(record) if record.exists() else {}
+
+# %% ../nbs/01_models.ipynb #61bc9cb1
+@contextlib.contextmanager
+def on_device(*models, # model arguments: `(denoiser, scheduler)` pairs are moved; names, folders and None are left
+              device='cpu'):
+    "Every pair of `models` on `device` until the block ends, then each back on the device it came on."
+    pairs = [m for m in models if isinstance(m, tuple)]
+    homes = [next(d.parameters()).device for d, _ in pairs]
+    try:
+        for d, _ in pairs: d.to(device)
+        yield
+    finally:
+        for (d, _), home in zip(pairs, homes): d.to(home)
 
 # %% ../nbs/01_models.ipynb #40686b7f
 _MOVED = {n: f'diffprune.{m}.{n}' for m, names in  # moved to their family's module or to `hub`, served here until 0.7

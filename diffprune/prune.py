@@ -74,7 +74,9 @@ class PruneResult:
     analysis: object = None # the `TimestepAnalysis` the gradients were taken over (Diff-Pruning)
     scoring: dict = None # `ScoredModel.summary()`: the record, without the gradients
     seconds: float = 0.
-    group_scores: dict = None # {group root layer: mean score of its channels}; a transformer's {block: score}
+    group_scores: dict = None # {group root layer: mean raw score of its channels}; a transformer's {block: score}
+    channel_scores: dict = None # {group root layer: raw Eq. 8 score per channel}, before torch-pruning's normalisation
+    removed_channels: dict = None # {group root layer: positions of the channels removed (per channel group)}
     round_to: int = None # the width multiple the plan kept (None: any width)
     layout: str = 'free-form' # one of `LAYOUTS`
     time_fit_error: float = None # 'diffusers' layout with a narrower first level: `fit_time_embedding`'s error
@@ -153,14 +155,35 @@ def plot_widths(self:PruneResult, ax=None):
 # %% ../nbs/04_prune.ipynb #63a4e1c6
 @patch
 def plot_importance(self:PruneResult, ax=None):
-    "Mean importance of every group's channels (normalised to the largest), by root layer; returns the figure."
-    names, v = list(self.group_scores), np.array(list(self.group_scores.values()))
-    if ax is None: _, ax = plt.subplots(figsize=(min(10, max(6, len(v) * 0.1)), 3))
-    ax.bar(np.arange(len(v)), v / max(v.max(), 1e-30))
-    ax.set_xticks(np.arange(len(v)))
-    ax.set_xticklabels(names, rotation=90, fontsize=5)
-    ax.set_ylabel('mean score (max = 1)' if self.blocks_kept is None else 'score (max = 1)')
-    ax.set_title(f"{self.method} importance per {'group' if self.blocks_kept is None else 'block'}")
+    """Why units went: every channel's raw score, each group's sorted, removed ones in red (a transformer: its blocks).
+    The scores are Eq. 8's own values, before torch-pruning's division by each group's mean (which would make every
+    group's mean 1); a ratio or MACs plan removes the same share of every group, its lowest-scored channels."""
+    if not self.channel_scores:  # a family that scores whole blocks, or a result from before 0.6
+        names, v = list(self.group_scores), np.array(list(self.group_scores.values()))
+        if ax is None: _, ax = plt.subplots(figsize=(min(10, max(6, len(v) * 0.1)), 3))
+        ax.bar(np.arange(len(v)), v / max(v.max(), 1e-30))
+        ax.set_xticks(np.arange(len(v)))
+        ax.set_xticklabels(names, rotation=90, fontsize=5)
+        ax.set_ylabel('score (max = 1)')
+        ax.set_title(f"{self.method} importance per {'group' if self.blocks_kept is None else 'block'}")
+        return ax.figure
+    if ax is None: _, ax = plt.subplots(figsize=(10, 3.5))
+    x, ticks = 0, []
+    for name, s in self.channel_scores.items():
+        s, gone = np.array(s), set(self.removed_channels.get(name, []))
+        order = np.argsort(s)
+        xs = x + np.arange(len(s))
+        cut = np.array([i in gone for i in order])
+        ax.scatter(xs[~cut], s[order][~cut], s=2, color='C0', label='kept' if x == 0 else None)
+        ax.scatter(xs[cut], s[order][cut], s=2, color='C3', label='removed' if x == 0 else None)
+        ticks.append((x + len(s) / 2, name))
+        x += len(s) + 4
+    ax.set_yscale('log')
+    ax.set_xticks([t for t, _ in ticks])
+    ax.set_xticklabels([n for _, n in ticks], rotation=90, fontsize=5)
+    ax.set_ylabel('channel score (raw, log)')
+    ax.legend(loc='lower right', markerscale=4)
+    ax.set_title(f"{self.method}: each group's channels by score; the lowest go")
     return ax.figure
 
 # %% ../nbs/04_prune.ipynb #27e27e49

@@ -83,7 +83,8 @@ class GroupInfo:
     handler: object
     ch_groups: int
     size: int
-    scores: torch.Tensor
+    scores: torch.Tensor # per channel (averaged over its channel groups), divided by their mean: what orders them
+    raw: torch.Tensor = None # the same before that division: Eq. 8's own values, comparable across groups
 
 # %% ../nbs/04a_unet.ipynb #ebfd5ef7
 class UNetPruner:
@@ -155,11 +156,11 @@ def _scored_groups(self:UNetPruner, criterion) -> list:
     for g in self.DG.get_all_groups(ignored_layers=self.meta.ignored_layers,
                                     root_module_types=self.meta.root_module_types):
         g, chg = self._rooted(g)
-        s = criterion(g)
-        if s is None: continue
-        s = s.detach().float().cpu()
+        raw = criterion(g, normalize=False) if isinstance(criterion, GroupImportance) else criterion(g)
+        if raw is None: continue
+        raw = raw.detach().float().cpu().view(chg, -1).mean(0)
         groups.append(GroupInfo(names[g[0].dep.target.module], g[0].dep.target.module, g[0].dep.handler,
-                                chg, len(s) // chg, s.view(chg, -1).mean(0)))
+                                chg, len(raw), raw / raw.mean(), raw))
     return groups
 
 @patch
@@ -291,10 +292,13 @@ def apply(self:UNetPruner, plan:dict) -> nn.Module:
 
 @patch
 def report(self:UNetPruner, plan:dict) -> dict:
-    "What a result records of `plan`: the width multiple kept, each group's mean score, the time refit's error."
+    "What a result records of `plan`: width multiple, raw scores and removed channels per group, time refit error."
     fit = plan.get('time_fit')
     return dict(round_to=(None if self.auto else self._rounding) if self.layout == 'diffusers' else self.round_to,
-                group_scores={g.name: g.scores.mean().item() for g in self.groups},
+                group_scores={g.name: g.raw.mean().item() for g in self.groups},
+                channel_scores={g.name: g.raw.tolist() for g in self.groups},
+                removed_channels={g.name: sorted(torch.argsort(g.scores)[:plan['groups'].get(i, 0)].tolist())
+                                  for i, g in enumerate(self.groups)},
                 time_fit_error=fit and fit['relative_error'])
 
 # %% ../nbs/04a_unet.ipynb #b23e8473

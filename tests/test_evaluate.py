@@ -49,3 +49,18 @@ def test_bad_evaluate_input_is_one_line_exit_2(cli, tmp_path, args, needle):
     r = cli('evaluate', '--model', 'digits', '--num-samples', '8', '--sample-steps', '2', '--out', tmp_path/'o', *args)
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path/'o').exists()
+
+
+def test_model_and_teacher_are_evaluated_on_one_device(monkeypatch):
+    "A model on another device than its teacher (a GPU-finetuned one, a CPU-loaded teacher): both run where the model is."
+    import diffprune.evaluation as E
+    from diffusers import DDPMScheduler
+    moves, seen = [], {}
+    class Net(torch.nn.Linear):  # records where it is sent: the device logic, checked on a machine without a GPU
+        def to(self, device): moves.append((self.tag, str(device))); return self
+    model, teacher = Net(1, 1, device='meta'), Net(1, 1)
+    model.tag, teacher.tag = 'model', 'teacher'
+    monkeypatch.setattr(E, '_evaluate', lambda model, teacher, *a: seen.update(device=str(a[7])))
+    E.evaluate((model, DDPMScheduler()), (teacher, DDPMScheduler()))
+    assert seen['device'] == 'meta'  # the model's device, not the default cpu
+    assert moves == [('model', 'meta'), ('teacher', 'meta'), ('model', 'meta'), ('teacher', 'cpu')]  # and back

@@ -8,7 +8,7 @@ at twice that), each PNG stored with at most 256 colours. Run `nbdev_clean` afte
     python tools/run_notebooks.py nbs/05_finetuning.ipynb            # time each cell, change nothing
     python tools/run_notebooks.py --write nbs/[0-9]*.ipynb         # refresh the committed outputs
 """
-import argparse, base64, io, os, sys, time
+import argparse, base64, io, os, re, sys, tempfile, time
 from pathlib import Path
 
 from execnb.nbio import read_nb, write_nb
@@ -41,10 +41,40 @@ def run(path:Path, flags:set, write:bool) -> list:
             times.append((time.time() - t0, i, cell.source.splitlines()[0] if cell.source else ''))
             if shell.exc: raise RuntimeError(shell.prettytb(fname=path))
     if write:
-        for cell in nb.cells:
-            for out in cell.get('outputs', []): shrink_png(out)
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != 'code': continue
+            cell.outputs = [o for o in map(clean, cell.outputs) if o is not None]
+            for out in cell.outputs: shrink_png(out)
+            if (where := local_path(cell.outputs)):
+                raise RuntimeError(f"{path.name} cell {i} shows a local path ({where}): print paths relative to a "
+                                   "folder the lesson names, or keep the warning that carries it out of the output")
         write_nb(nb, path)
     return times
+
+ANSI = re.compile(r'\x1b\[[0-9;?]*[A-Za-z]')
+BAR = re.compile(r'\d+%\|.*\||\d+/\d+ \[\d|it/s\]|s/it\]')  # a tqdm line: `40%|####  | 2/5 [00:01<...`
+TMP = re.compile(re.escape(tempfile.gettempdir()) + r'/tmp[^/\s\'",)]*')
+
+def clean(out):
+    "An output as a lesson shows it: no progress bars, no terminal escapes, temporary folders as `<tmp>`; or None."
+    if out.get('output_type') == 'stream':
+        lines = [ANSI.sub('', l) for l in re.split(r'(?<=\n)', ''.join(out['text']).replace('\r', '\n'))]
+        text = TMP.sub('<tmp>', ''.join(l for l in lines if l.strip() and not BAR.search(l)))
+        return dict(out, text=text) if text.strip() else None
+    data = out.get('data', {})
+    plain = ''.join(data.get('text/plain', ''))
+    if 'application/vnd.jupyter.widget-view+json' in data and BAR.search(plain): return None  # a tqdm widget
+    for k in ('text/plain', 'text/html', 'text/markdown'):
+        if k in data: data[k] = TMP.sub('<tmp>', ANSI.sub('', ''.join(data[k])))
+    return out
+
+def local_path(outputs) -> str:
+    "The first local path in `outputs` (this clone, an installed package, a home folder), or ''."
+    text = ' '.join(''.join(o.get('text', '')) + ''.join(''.join(v) for k, v in o.get('data', {}).items()
+                                                        if k.startswith('text/')) for o in outputs)
+    m = re.search(re.escape(str(ROOT)) + r'|site-packages|/home/\w+|/root/', text)
+    return m.group(0) if m else ''
+
 
 def shrink_png(out):
     "Store an output's PNG with at most 256 colours, optimised (a plot's look, at a third of the bytes)."

@@ -1,0 +1,57 @@
+"The recipe survives a disconnect: killed with SIGKILL in any step, `--resume` ends where an uninterrupted run ends."
+import json, multiprocessing, os, signal
+from pathlib import Path
+import pytest, torch
+from safetensors.torch import load_file
+from diffprune.checks import InputError
+from diffprune.report import RECIPES, recipe_settings, run_recipe, write_report
+
+SMALL = dict(stride=100, calibration_size=8, steps=6, batch_size=8, num_samples=8, sample_steps=4, checkpoint_every=2,
+             dropout=0.1, spacing='quad')
+
+def _go(out, stage, at):
+    "One run of the recipe, killed with SIGKILL by itself where asked: at a step's start, or at a finetune step."
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    on_stage = lambda name: die() if name == stage and at == 0 else None
+    callback = lambda step, history: die() if stage == 'finetune' and step == at else None
+    write_report(run_recipe(progress=False, out=out, resume=True, on_stage=on_stage, callback=callback,
+                            callback_every=1, **SMALL), out)
+
+def run(out, stage='none', at=0) -> int:
+    "`_go` in a process of its own; its exit code."
+    # forked from a server that imported diffprune and ran nothing (a second, not five, per run); forked from this
+    # process instead, a child can hang in OpenMP when earlier tests ran torch's thread pool
+    ctx = multiprocessing.get_context('forkserver')
+    ctx.set_forkserver_preload(['diffprune.report'])
+    p = ctx.Process(target=_go, args=(str(out), stage, at))
+    p.start(); p.join()
+    return p.exitcode
+
+def test_killed_in_every_step_resumes_to_the_same_result(tmp_path):
+    run(tmp_path/'straight')
+    # one run, killed in each step in turn (in the finetune between two checkpoints), resumed each time
+    for stage, at in [('analyse', 0), ('score', 0), ('prune', 0), ('finetune', 3), ('evaluate', 0)]:
+        assert run(tmp_path/'killed', stage, at) == -signal.SIGKILL, (stage, at)
+    assert run(tmp_path/'killed') == 0
+    a, b = (json.loads((tmp_path/k/'result.json').read_text()) for k in ('straight', 'killed'))
+    assert a['pruned']['fid'] == b['pruned']['fid'] and a['ssim'] == b['ssim']
+    assert {**a['prune'], 'seconds': 0} == {**b['prune'], 'seconds': 0}
+    wa, wb = (load_file(next((tmp_path/k/'model').rglob('*.safetensors'))) for k in ('straight', 'killed'))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+    stages = tmp_path/'killed'/'stages'
+    assert {p.name for p in stages.iterdir()} == {'settings.json', 'analysis.json', 'scores', 'pruned', 'finetune'}
+    assert not list(stages.rglob('.*tmp*'))  # what the kills left half-written is gone
+
+def test_a_kept_run_is_not_overwritten_or_resumed_with_other_settings(tmp_path):
+    (tmp_path/'stages').mkdir()
+    (tmp_path/'stages'/'settings.json').write_text(json.dumps(vars(recipe_settings(**SMALL))))
+    with pytest.raises(InputError, match='holds a run: resume it'): run_recipe(out=tmp_path, progress=False, **SMALL)
+    with pytest.raises(InputError, match="steps: 6 there, 7 now"):
+        run_recipe(out=tmp_path, resume=True, progress=False, **{**SMALL, 'steps': 7})
+
+def test_recipes_are_settings():
+    paper = recipe_settings('paper-cifar10')
+    assert (paper.pruning_ratio, paper.steps, paper.ema, paper.dropout, paper.spacing) == (0.3, 100_000, 0.9999, 0.1, 'quad')
+    assert recipe_settings('paper-cifar10', steps=10).steps == 10
+    assert set(RECIPES) >= {'paper-cifar10', 'paper-cifar10-colab', 'digits-cpu'}
+    with pytest.raises(InputError, match='recipe'): recipe_settings('paper-cifar100')
