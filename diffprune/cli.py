@@ -44,14 +44,10 @@ def cmd_sample(a):
     save_samples(x, out, dict(model=str(a.model), num=a.num, sample_steps=a.sample_steps, sampler=a.sampler,
                               seed=a.seed, class_labels=a.class_labels, seconds=secs, compile=a.compile,
                               compile_s=compile_s, **extra), title=title)
+    compiling = f"; compiling took {compile_s:.1f} s before" if compile_s else ''  # apart from the sampling time
     print(f"wrote {a.num} samples{' of the ' + extra['pipeline'] if folder is not None else ''} to "
-          f"{out/'samples.png'} ({_timing(secs, a.num, compile_s)})")
+          f"{out/'samples.png'} ({secs:.1f} s, {secs / a.num * 1000:.0f} ms per image{compiling})")
     return out
-
-def _timing(secs:float, n:int, compile_s:float) -> str:
-    "Sampling time and time per image, with the compile time apart."
-    s = f"{secs:.1f} s, {secs / n * 1000:.0f} ms per image"
-    return s + (f"; compiling took {compile_s:.1f} s before" if compile_s else '')
 
 # %% ../nbs/09_cli.ipynb #a79598a8
 def _no_conditioning(a, what:str='this'):
@@ -232,7 +228,7 @@ def _finetune_pixel(a, out, ck, teacher, ckpt_every):
     from diffprune.models import folder_record
     r = finetune(a.model, a.data, a.steps, a.batch_size, a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                  teacher=teacher, alpha=a.alpha if a.distill else 0., checkpoint_dir=ck, checkpoint_every=ckpt_every,
-                 resume=a.resume, seed=a.seed, mixed_precision=a.mixed_precision, device=a.device)
+                 resume=a.resume, seed=a.seed, mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout)
     if not PartialState().is_main_process: return
     record = folder_record(a.model)
     meta = dict(source=record.get('source') or str(a.model), **{k: record[k] for k in ('prune',) if k in record})
@@ -255,7 +251,7 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
                                     alpha=a.alpha if a.distill else 0., steps=a.steps, batch_size=a.batch_size,
                                     lr=a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                                     checkpoint_dir=ck, checkpoint_every=ckpt_every, resume=a.resume,
-                                    mixed_precision=a.mixed_precision, device=a.device)
+                                    mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout)
     save_pipeline(tuned, out, dict(finetune=r.summary(), source=source or str(a.model)), result=r, merge=True,
                   record=dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data,
                               latents='encoded images' if images is not None else 'teacher samples',
@@ -278,7 +274,7 @@ def cmd_evaluate(a):
 def _settings(a):
     "The `RecipeSettings` of `diffprune run` and `demo`: the --recipe's (or the defaults), changed by each flag given."
     from diffprune.report import RecipeSettings, recipe_settings
-    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(RecipeSettings) if getattr(a, f.name, None) is not None}
+    given = {f.name: v for f in dataclasses.fields(RecipeSettings) if (v := getattr(a, f.name, None)) is not None}
     if 'target_macs' in given and 'pruning_ratio' not in given: given['pruning_ratio'] = None  # the target asked for
     return recipe_settings(a.recipe, **{**given, 'compile': _compile_mode(a)})
 
@@ -441,6 +437,7 @@ def _finetune_args(p):
                    help="steps between checkpoints (default: steps / 10)")
     p.add_argument('--resume', action='store_true', help="continue from the latest checkpoint in --out")
     p.add_argument('--raw', action='store_true', help="write the raw weights instead of the EMA")
+    p.add_argument('--dropout', type=_fraction('--dropout'), help="dropout while training (default: the model's own)")
     _conditioning(p)
     p.add_argument('--num-latents', type=_count('--num-latents'), default=256,
                    help="latent pipelines: images to encode, or teacher latents to sample")

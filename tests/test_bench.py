@@ -1,10 +1,12 @@
 """bench/gpu.sh, the GPU benchmarks in one go, runs on a CPU with `--device cpu --quick`: so a GPU session only has to
 start it. Its quick run writes the JSON that the benchmark notebook reads, with every configuration it names."""
 import json, os, subprocess, sys
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+@pytest.mark.slow  # a benchmark's harness on tiny settings (a minute of CPU): the slow tier
 def test_gpu_script_runs_quick_on_cpu(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, MPLBACKEND='Agg', HF_HUB_OFFLINE='1')
     r = subprocess.run(['bash', str(ROOT/'bench'/'gpu.sh'), '--device', 'cpu', '--quick', '--out', str(tmp_path)],
@@ -25,6 +27,7 @@ def test_gpu_script_refuses_an_unknown_argument_in_one_line():
     r = subprocess.run(['bash', str(ROOT/'bench'/'gpu.sh'), '--fast'], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and '--fast' in r.stderr, r.stderr
 
+@pytest.mark.slow  # a benchmark's harness on tiny settings (a minute of CPU): the slow tier
 def test_layouts_bench_runs_quick_and_pairs_the_layouts_at_the_same_macs(tmp_path):
     "bench/layouts.py --quick: the three layouts of each seed, the free-form one matched to the diffusers one's MACs."
     env = dict(os.environ, MPLBACKEND='Agg', HF_HUB_OFFLINE='1')
@@ -38,6 +41,7 @@ def test_layouts_bench_runs_quick_and_pairs_the_layouts_at_the_same_macs(tmp_pat
     assert abs(runs['free-form matched']['macs_fraction'] - runs['diffusers']['macs_fraction']) < 0.01
     assert {x['layout'] for x in res['speed']} == {'teacher', *runs} and res['verdict']
 
+@pytest.mark.slow  # a benchmark's harness on tiny settings (a minute of CPU): the slow tier
 def test_transformer_bench_runs_quick_with_every_method_and_kind_at_the_target(tmp_path):
     "bench/transformer.py --quick: the four methods by width and Diff-Pruning by depth and both, each within the MACs."
     env = dict(os.environ, MPLBACKEND='Agg', HF_HUB_OFFLINE='1')

@@ -7,7 +7,7 @@ from conftest import DIFFPRUNE
 
 def weights(folder): return load_file(Path(folder)/'unet'/'diffusion_pytorch_model.safetensors')
 
-def ft_args(model, out, steps=60, *extra):
+def ft_args(model, out, steps=30, *extra):
     return [DIFFPRUNE, 'finetune', '--model', str(model), '--steps', str(steps), '--batch-size', '16', '--lr', '5e-4',
             '--checkpoint-every', '5', '--seed', '3', '--out', str(out), *extra]
 
@@ -22,8 +22,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pruned, tmp_path):
     p.send_signal(signal.SIGKILL); p.wait()
     assert not (tmp_path/'killed'/'result.json').exists()  # killed mid-way, nothing final written
     steps_done = max(json.loads((c/'state.json').read_text())['step'] for c in ck.glob('step_*') if (c/'state.json').exists())
-    assert steps_done < 60
-    r = subprocess.run(ft_args(pruned, tmp_path/'killed', 60, '--resume'), capture_output=True, text=True, env=env, timeout=900)
+    assert steps_done < 30
+    r = subprocess.run(ft_args(pruned, tmp_path/'killed', 30, '--resume'), capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr
     a, b = weights(tmp_path/'full'), weights(tmp_path/'killed')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -73,3 +73,13 @@ def test_distillation_leaves_the_callers_teacher_trainable():
     student = (tiny_unet(seed=1), teacher[1])
     finetune(student, 'digits', steps=2, batch_size=4, teacher=teacher, alpha=0.5, progress=False)
     assert all(p.requires_grad for p in teacher[0].parameters())
+
+def test_dropout_is_set_on_the_trained_copy_only():
+    "The paper finetunes with dropout 0.1: `finetune(dropout=)` sets every nn.Dropout of the copy it trains."
+    from diffusers import DDPMScheduler
+    from diffprune.finetuning import finetune
+    from diffprune.models import tiny_unet
+    net = tiny_unet()
+    r = finetune((net, DDPMScheduler(num_train_timesteps=1000)), steps=1, batch_size=4, dropout=0.3, progress=False)
+    ps = lambda m: {x.p for x in m.modules() if isinstance(x, torch.nn.Dropout)}
+    assert ps(r.raw) == {0.3} and ps(net) == {0.0}

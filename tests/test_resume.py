@@ -55,3 +55,12 @@ def test_recipes_are_settings():
     assert recipe_settings('paper-cifar10', steps=10).steps == 10
     assert set(RECIPES) >= {'paper-cifar10', 'paper-cifar10-colab', 'digits-cpu'}
     with pytest.raises(InputError, match='recipe'): recipe_settings('paper-cifar100')
+
+def test_run_flags_change_one_setting_of_the_named_recipe():
+    from diffprune.cli import parser, _settings
+    s = _settings(parser().parse_args(['run', '--recipe', 'paper-cifar10', '--steps', '10', '--target-macs', '0.5',
+                                       '--out', 'x']))
+    assert (s.steps, s.target_macs, s.pruning_ratio) == (10, 0.5, None)  # a target given replaces the recipe's ratio
+    assert (s.ema, s.dropout, s.spacing, s.device, s.model) == (0.9999, 0.1, 'quad', 'cuda', 'google/ddpm-cifar10-32')
+    plain = _settings(parser().parse_args(['run', '--dropout', '0.2', '--out', 'x']))
+    assert (plain.dropout, plain.device, plain.steps, plain.layout) == (0.2, 'cpu', 500, 'free-form')  # the defaults

@@ -7,6 +7,9 @@ at twice that), each PNG stored with at most 256 colours. Run `nbdev_clean` afte
 
     python tools/run_notebooks.py nbs/05_finetuning.ipynb            # time each cell, change nothing
     python tools/run_notebooks.py --write nbs/[0-9]*.ipynb         # refresh the committed outputs
+    python tools/run_notebooks.py --write --flags slow nbs/05_finetuning.ipynb  # and those of the slow tier
+
+A `#| slow` cell that this run skips keeps its committed output: the slow tier's result stays visible in the lesson.
 """
 import argparse, base64, io, os, re, sys, tempfile, time
 from pathlib import Path
@@ -27,12 +30,16 @@ def skipped(cell, flags:set) -> bool:
     if d.get('eval:', [''])[0].lower() == 'false': return True
     return bool((set(get_config().tst_flags.split()) - flags) & d.keys())
 
+def slow_tier(cell) -> bool:
+    "A cell of the slow tier (`#| slow`): its committed output, from a run with `--flags slow`, is the lesson's result."
+    return 'slow' in extract_directives(cell, remove=False)
+
 def run(path:Path, flags:set, write:bool) -> list:
     "Run one notebook in a fresh shell; returns `[(seconds, cell index, first line)]`; raises on the first error."
     os.environ['IN_TEST'] = '1'
     nb, shell, times = read_nb(path), CaptureShell(path, mpl_format='png'), []  # images at display size
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type == 'code' and skipped(cell, flags): cell.outputs = []
+    for i, cell in enumerate(nb.cells):  # a slow cell keeps the output of the last run that ran it (`--flags slow`)
+        if cell.cell_type == 'code' and skipped(cell, flags) and not slow_tier(cell): cell.outputs = []
     with working_directory(path.parent):
         for i, cell in enumerate(nb.cells):
             if skipped(cell, flags): continue
