@@ -275,7 +275,6 @@ def _settings(a):
     "The `RecipeSettings` of `diffprune run` and `demo`: the --recipe's (or the defaults), changed by each flag given."
     from diffprune.report import RecipeSettings, recipe_settings
     given = {f.name: v for f in dataclasses.fields(RecipeSettings) if (v := getattr(a, f.name, None)) is not None}
-    if 'target_macs' in given and 'pruning_ratio' not in given: given['pruning_ratio'] = None  # the target asked for
     return recipe_settings(a.recipe, **{**given, 'compile': _compile_mode(a)})
 
 # %% ../nbs/09_cli.ipynb #94561dae
@@ -285,9 +284,11 @@ def cmd_run(a):
     s, out = _settings(a), Path(a.out).expanduser()
     if a.resume and not (out/'stages'/'settings.json').exists():
         raise UsageError(f"--resume: {str(out)!r} holds no run to resume; leave --resume out to start one")
+    if not a.resume and (out/'stages'/'settings.json').exists() and not a.overwrite:  # hours of work: not "overwrite"
+        raise UsageError(f"--out {str(out)!r} holds a run: add --resume to continue it (--overwrite starts over)")
     if not a.resume:
         check_out(out, a.overwrite)
-        shutil.rmtree(out/'stages', ignore_errors=True)  # --overwrite: a new run, not the old one's steps
+        shutil.rmtree(out, ignore_errors=True)  # --overwrite: a new run and report, nothing of the old one's
     r = run_recipe(s, out=out, resume=a.resume)
     write_report(r, out)
     print()

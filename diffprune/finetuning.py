@@ -227,6 +227,8 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     if batch_size % acc.num_processes:
         raise InputError(f"batch size {batch_size} is not divisible by the {acc.num_processes} processes")
     net, sched = load_model(model)
+    if device is not None and torch.device(device).type == 'cuda' and not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: this machine has no GPU (on Colab: Runtime > Change runtime type)")
     home = torch.device(device) if device is not None else (next(net.parameters()).device if isinstance(model, tuple)
                                                              else acc.device)
     objective = prediction_type(sched)

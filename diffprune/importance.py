@@ -348,6 +348,7 @@ def load_scores(folder, # written by `ScoredModel.save`
     d, model = read_json(Path(folder)/'scoring.json'), load_model(model)
     ana = d['analysis'] and TimestepAnalysis(d['analysis']['timesteps'], d['analysis']['losses'],
                                              d['analysis']['threshold'])
+    device = str(next(model[0].parameters()).device)  # the gradients go where the model's weights are (a GPU)
     return ScoredModel(*model, d['method'], importance_criterion(d['method']),
-                       gradients=load_file(Path(folder)/'gradients.safetensors'), analysis=ana,
+                       gradients=load_file(Path(folder)/'gradients.safetensors', device=device), analysis=ana,
                        timesteps=d['timesteps'], passes=d['passes'], seconds=d['seconds'])

@@ -170,7 +170,7 @@ def plot_importance(self:PruneResult, ax=None):
     if ax is None: _, ax = plt.subplots(figsize=(10, 3.5))
     x, ticks = 0, []
     for name, s in self.channel_scores.items():
-        s, gone = np.array(s), set(self.removed_channels.get(name, []))
+        s, gone = np.array(s), set((self.removed_channels or {}).get(name, []))
         order = np.argsort(s)
         xs = x + np.arange(len(s))
         cut = np.array([i in gone for i in order])

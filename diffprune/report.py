@@ -7,7 +7,7 @@ __all__ = ['RECIPES', 'RecipeSettings', 'recipe_settings', 'RecipeResult', 'run_
            'write_report']
 
 # %% ../nbs/08_report.ipynb #ea901adf
-import dataclasses, shutil, time
+import dataclasses, json, shutil, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch, pandas as pd
@@ -83,6 +83,7 @@ def recipe_settings(recipe:str=None, # a name of `RECIPES`, or None for the defa
                     **kw) -> RecipeSettings:
     "`RecipeSettings` of the named recipe, with `kw` (any of its fields) changed."
     if recipe is not None: check_choice(recipe, list(RECIPES), 'recipe')
+    if 'target_macs' in kw and 'pruning_ratio' not in kw: kw['pruning_ratio'] = None  # the target asked for, not the ratio
     return RecipeSettings(**{**RECIPES.get(recipe, {}), **kw})
 
 # %% ../nbs/08_report.ipynb #fe3c39e5
@@ -133,14 +134,19 @@ def __repr__(self:RecipeResult):
 # %% ../nbs/08_report.ipynb #425e4e68
 _ANY_DEVICE = ('device', 'compile')  # settings a resumed run may change: where it runs, not what it computes
 
+def _as_json(s:RecipeSettings) -> dict:
+    "The settings as `settings.json` holds them (paths as strings), to compare a resumed run's with."
+    return json.loads(json.dumps({f.name: getattr(s, f.name) for f in dataclasses.fields(s)}, default=str))
+
 def _run_folder(out, s:RecipeSettings, resume:bool) -> Path:
     "`out/stages`, where each step keeps what it made; refused when it holds a run that `s` cannot continue."
     stages = Path(out)/'stages'
-    for tmp in [*stages.glob('.*.tmp*'), *stages.glob('*/.*.tmp*')]: shutil.rmtree(tmp, ignore_errors=True)  # killed
+    for tmp in [*stages.glob('.*.tmp*'), *stages.glob('*/.*.tmp*')]:  # what a killed run left half-written
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     if not (stages/'settings.json').exists(): return stages  # written with the first step's result
     if not resume:
         raise InputError(f"{str(out)!r} holds a run: resume it (resume=True, --resume) or choose another folder")
-    old, mine = read_json(stages/'settings.json'), dataclasses.asdict(s)
+    old, mine = read_json(stages/'settings.json'), _as_json(s)
     changed = {k: (old.get(k), v) for k, v in mine.items() if k not in _ANY_DEVICE and old.get(k) != v}
     if changed:
         raise InputError(f"{str(out)!r} holds a run with other settings ("
@@ -164,7 +170,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True,
     def keep(name) -> bool:  # whether to write step `name`'s result: with the settings it was made with
         if stages is None: return False
         stages.mkdir(parents=True, exist_ok=True)
-        if not (stages/'settings.json').exists(): write_json(dataclasses.asdict(s), stages/'settings.json')
+        if not (stages/'settings.json').exists(): write_json(_as_json(s), stages/'settings.json')
         return True
     times = {}
     with tqdm(total=5, desc='recipe', disable=not progress) as steps:  # closed before an error or Ctrl-C is reported
@@ -275,9 +281,7 @@ the Hub with its model card (`model/README.md`).
 {chr(10).join(f'| {k} | {v} |' for k, v in vars(s).items())}
 
 Kept timesteps for the importance gradients: {kept}.
-
-![L_t per timestep](losses.png)
-
+{chr(10) + '![L_t per timestep](losses.png)' + chr(10) if 't_prime' in d else ''}
 ## Size and speed
 
 {table}

@@ -83,3 +83,12 @@ def test_dropout_is_set_on_the_trained_copy_only():
     r = finetune((net, DDPMScheduler(num_train_timesteps=1000)), steps=1, batch_size=4, dropout=0.3, progress=False)
     ps = lambda m: {x.p for x in m.modules() if isinstance(x, torch.nn.Dropout)}
     assert ps(r.raw) == {0.3} and ps(net) == {0.0}
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='a machine without a GPU')
+def test_a_gpu_asked_for_where_there_is_none_is_refused_before_training():
+    from diffusers import DDPMScheduler
+    from diffprune.checks import InputError
+    from diffprune.finetuning import finetune
+    from diffprune.models import tiny_unet
+    with pytest.raises(InputError, match='no GPU'):
+        finetune((tiny_unet(), DDPMScheduler(num_train_timesteps=1000)), steps=1, device='cuda', progress=False)

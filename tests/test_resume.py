@@ -53,6 +53,8 @@ def test_recipes_are_settings():
     paper = recipe_settings('paper-cifar10')
     assert (paper.pruning_ratio, paper.steps, paper.ema, paper.dropout, paper.spacing) == (0.3, 100_000, 0.9999, 0.1, 'quad')
     assert recipe_settings('paper-cifar10', steps=10).steps == 10
+    asked = recipe_settings('paper-cifar10', target_macs=0.5)  # a MACs target replaces the recipe's pruning ratio
+    assert (asked.target_macs, asked.pruning_ratio) == (0.5, None)
     assert set(RECIPES) >= {'paper-cifar10', 'paper-cifar10-colab', 'digits-cpu'}
     with pytest.raises(InputError, match='recipe'): recipe_settings('paper-cifar100')
 
@@ -64,3 +66,14 @@ def test_run_flags_change_one_setting_of_the_named_recipe():
     assert (s.ema, s.dropout, s.spacing, s.device, s.model) == (0.9999, 0.1, 'quad', 'cuda', 'google/ddpm-cifar10-32')
     plain = _settings(parser().parse_args(['run', '--dropout', '0.2', '--out', 'x']))
     assert (plain.dropout, plain.device, plain.steps, plain.layout) == (0.2, 'cpu', 500, 'free-form')  # the defaults
+
+def test_a_kept_run_is_named_on_the_command_line_and_paths_compare_as_text(tmp_path, capsys):
+    from pathlib import Path
+    from diffprune.cli import main
+    from diffprune.report import _as_json
+    (tmp_path/'stages').mkdir()
+    (tmp_path/'stages'/'settings.json').write_text(json.dumps(_as_json(recipe_settings(data=Path('imgs')))))
+    assert json.loads((tmp_path/'stages'/'settings.json').read_text())['data'] == 'imgs'
+    assert main(['run', '--out', str(tmp_path)]) == 2  # not "--overwrite": that would delete the kept steps
+    assert 'holds a run: add --resume' in capsys.readouterr().err
+    assert (tmp_path/'stages'/'settings.json').exists()

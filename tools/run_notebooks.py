@@ -59,14 +59,15 @@ def run(path:Path, flags:set, write:bool) -> list:
     return times
 
 ANSI = re.compile(r'\x1b\[[0-9;?]*[A-Za-z]')
-BAR = re.compile(r'\d+%\|.*\||\d+/\d+ \[\d|it/s\]|s/it\]')  # a tqdm line: `40%|####  | 2/5 [00:01<...`
+BAR = re.compile(r'\d+%\|.*\||\d+/\d+ \[\d\d:\d\d<|it/s\]|s/it\]')  # a tqdm line: `40%|####  | 2/5 [00:01<...`
 TMP = re.compile(re.escape(tempfile.gettempdir()) + r'/tmp[^/\s\'",)]*')
 
 def clean(out):
     "An output as a lesson shows it: no progress bars, no terminal escapes, temporary folders as `<tmp>`; or None."
     if out.get('output_type') == 'stream':
-        lines = [ANSI.sub('', l) for l in re.split(r'(?<=\n)', ''.join(out['text']).replace('\r', '\n'))]
-        text = TMP.sub('<tmp>', ''.join(l for l in lines if l.strip() and not BAR.search(l)))
+        raw = ''.join(out['text']).replace('\r\n', '\n').replace('\r', '\n')  # a bar redraws itself after \r
+        keep = lambda l, c: not BAR.search(c) and (c.strip() or l == '\n')  # printed blank lines stay, escapes go
+        text = TMP.sub('<tmp>', ''.join(c for l in re.split(r'(?<=\n)', raw) if keep(l, c := ANSI.sub('', l))))
         return dict(out, text=text) if text.strip() else None
     data = out.get('data', {})
     plain = ''.join(data.get('text/plain', ''))
