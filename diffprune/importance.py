@@ -20,7 +20,8 @@ from .family import ANY, family_of, inner_model
 from .files import atomic_folder, read_json, write_json
 from .models import load_model, is_fused, unfuse_projections
 from .diffusion import eps_loss, cond_to, prediction_type, eval_mode
-from .timesteps import analyze_timesteps, calibration_batch, TimestepAnalysis, stacked_losses, first_rejected
+from .timesteps import (analysis_from_dict, analyze_timesteps, calibration_batch, TimestepAnalysis,
+                                 stacked_losses, first_rejected)
 
 # %% ../nbs/03_importance.ipynb #212e3815
 # bench/memory.py: exact-mode scoring of the CIFAR-10 config (32x32 images, 128 first-level channels, fp32) held
@@ -346,8 +347,7 @@ def load_scores(folder, # written by `ScoredModel.save`
                ) -> ScoredModel:
     "The `ScoredModel` saved in `folder`, on `model`; gradients of another model's shapes are refused when pruning."
     d, model = read_json(Path(folder)/'scoring.json'), load_model(model)
-    ana = d['analysis'] and TimestepAnalysis(d['analysis']['timesteps'], d['analysis']['losses'],
-                                             d['analysis']['threshold'])
+    ana = d['analysis'] and analysis_from_dict(d['analysis'])
     device = str(next(model[0].parameters()).device)  # the gradients go where the model's weights are (a GPU)
     return ScoredModel(*model, d['method'], importance_criterion(d['method']),
                        gradients=load_file(Path(folder)/'gradients.safetensors', device=device), analysis=ana,

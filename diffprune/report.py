@@ -18,7 +18,7 @@ from .files import atomic_folder, read_json, write_json
 from .family import family_of
 from .models import load_model, write_model
 from .data import save_fig
-from .timesteps import TimestepAnalysis, analyze_timesteps
+from .timesteps import analysis_from_dict, analyze_timesteps
 from .importance import load_scores, score_model
 from .prune import prune_model, check_prune
 from .finetuning import finetune, latest_checkpoint
@@ -185,8 +185,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True,
             return r
         def analyse():
             if s.method != 'diff-pruning': return None
-            if kept('analysis.json'): return TimestepAnalysis(**{k: v for k, v in read_json(stages/'analysis.json').items()
-                                                                 if k in ('timesteps', 'losses', 'threshold')})
+            if kept('analysis.json'): return analysis_from_dict(read_json(stages/'analysis.json'))
             ana = analyze_timesteps(teacher, s.data, s.threshold, s.calibration_size, s.stride, seed=s.seed,
                                     progress=progress)
             if keep('analysis'): write_json(ana.to_dict(), stages/'analysis.json')
