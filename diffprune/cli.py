@@ -38,12 +38,15 @@ def cmd_sample(a):
     from diffprune.evaluation import save_samples
     from diffprune.latent import latent_folder
     folder = latent_folder(a.model)
+    if a.spacing and (folder is not None or a.sampler == 'ddpm'):  # a latent pipeline samples by its own scheduler
+        raise UsageError("--spacing chooses the timesteps of diffprune's DDIM (pixel models, --sampler ddim): drop it")
     x, secs, compile_s, extra = (_sample_latent(a, folder) if folder is not None else _sample_pixel(a))
+    spacing = (a.spacing or 'uniform') if folder is None and a.sampler == 'ddim' else None  # DDIM's timesteps
     steps = f'{a.sampler.upper()}-{a.sample_steps}' if folder is None else f'{a.sample_steps} steps'
-    title = f"{a.model}: {steps}, seed {a.seed}"
+    title = f"{a.model}: {steps}{' ' + spacing if spacing == 'quad' else ''}, seed {a.seed}"
     save_samples(x, out, dict(model=str(a.model), num=a.num, sample_steps=a.sample_steps, sampler=a.sampler,
-                              seed=a.seed, class_labels=a.class_labels, seconds=secs, compile=a.compile,
-                              compile_s=compile_s, **extra), title=title)
+                              spacing=spacing, seed=a.seed, class_labels=a.class_labels, seconds=secs,
+                              compile=a.compile, compile_s=compile_s, **extra), title=title)
     compiling = f"; compiling took {compile_s:.1f} s before" if compile_s else ''  # apart from the sampling time
     print(f"wrote {a.num} samples{' of the ' + extra['pipeline'] if folder is not None else ''} to "
           f"{out/'samples.png'} ({secs:.1f} s, {secs / a.num * 1000:.0f} ms per image{compiling})")
@@ -79,7 +82,8 @@ def _sample_pixel(a) -> tuple:
                                           mode=None if mode is True else mode)
     t0 = time.time()
     x = (ddpm_sample(net, sched, a.num, a.seed, images_per_pass=per, cond=cond) if a.sampler == 'ddpm'
-         else ddim_sample(net, sched, a.num, a.sample_steps, a.seed, images_per_pass=per, cond=cond))
+         else ddim_sample(net, sched, a.num, a.sample_steps, a.seed, images_per_pass=per, cond=cond,
+                          spacing=a.spacing or 'uniform'))
     return x, time.time() - t0, compile_s, dict(compiled=net is not model, shape=list(x.shape[1:]))
 
 # %% ../nbs/09_cli.ipynb #ee6e887f
@@ -340,6 +344,7 @@ def _sample_args(p):
     p.add_argument('--num', type=_count('--num'), default=64, help="number of images")
     p.add_argument('--sample-steps', type=_count('--sample-steps'), default=50, help="DDIM steps")
     p.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim')
+    p.add_argument('--spacing', choices=SPACINGS, help="DDIM timestep spacing [uniform]")
     _conditioning(p)
     _compile_flag(p)
     _common(p)
@@ -508,8 +513,7 @@ def _demo_args(p):
     _recipe_args(p)
     # 32 calibration images keep it under 5 minutes on 2 cores
     p.set_defaults(out='diffprune-demo', calibration_size=32)
-    for act in p._actions:
-        if act.dest == 'out': act.required = False
+    next(act for act in p._actions if act.dest == 'out').required = False
 
 @subcommand('run', 'the whole recipe on any model and data (e.g. google/ddpm-cifar10-32 on a GPU)')
 def _run_args(p): _recipe_args(p)
@@ -538,10 +542,6 @@ def _report(message:str):
         for bar in list(getattr(tqdm, '_instances', [])): bar.close()
     if getattr(sys.stderr, 'line_open', False): print(file=sys.stderr)
     print(message, file=sys.stderr)
-
-def _users_to_fix(e:Exception) -> bool:
-    "Whether `e` is the user's to fix: a `UsageError` or the library's `InputError` (`checks`, imported above)."
-    return isinstance(e, (UsageError, InputError))
 
 @contextlib.contextmanager
 def _notes_on_stderr():
@@ -585,7 +585,7 @@ def main(argv=None) -> int:
             _report(f"diffprune {a.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(': '))
             return 2
         except Exception as e:
-            if debug or not _users_to_fix(e): raise  # a bug, ours or a library's, shows its traceback: report it with that
+            if debug or not isinstance(e, (UsageError, InputError)): raise  # not the user's to fix: a bug, traceback
             _report(f"diffprune {a.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             return 2
     finally: sys.stderr = stderr

@@ -22,7 +22,7 @@ from .timesteps import analysis_from_dict, analyze_timesteps
 from .importance import load_scores, score_model
 from .prune import prune_model, check_prune
 from .finetuning import finetune, latest_checkpoint
-from .evaluation import evaluate
+from .evaluation import evaluate, load_evaluation
 from .sizes import plain_numbers
 
 # %% ../nbs/08_report.ipynb #03a71f39
@@ -172,6 +172,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True,
         stages.mkdir(parents=True, exist_ok=True)
         if not (stages/'settings.json').exists(): write_json(_as_json(s), stages/'settings.json')
         return True
+    past = read_json(stages/'times.json') if kept('times.json') else {}  # seconds each step took before a resume
     times = {}
     with tqdm(total=5, desc='recipe', disable=not progress) as steps:  # closed before an error or Ctrl-C is reported
         def step(name, f):
@@ -180,7 +181,8 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True,
             torch.manual_seed(s.seed)  # each step from the same seed: a resumed run draws as an uninterrupted one
             t0 = time.time()
             r = f()
-            times[name] = time.time() - t0
+            times[name] = past.get(name, 0) + time.time() - t0  # a kept step: its first run's time, and the loading
+            if keep(name): write_json(times, stages/'times.json')
             steps.update()
             return r
         def analyse():
@@ -213,10 +215,14 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True,
             checkpoint_dir=stages/'finetune' if keep('finetune') else None, checkpoint_every=every if stages else 0,
             resume=bool(stages) and latest_checkpoint(stages/'finetune') is not None,
             callback=callback, callback_every=callback_every))
-        ev = step('evaluate', lambda: evaluate((ft.denoiser, ft.scheduler), teacher,
-                                               'digits:all' if s.data == 'digits' else s.data,
-                                               s.num_samples, s.sample_steps, s.seed, device=s.device,
-                                               progress=progress, compile=s.compile, spacing=s.spacing))
+        def evaluation():
+            if kept('evaluation'): return load_evaluation(stages/'evaluation')  # its first 64 samples of each model
+            ev = evaluate((ft.denoiser, ft.scheduler), teacher, 'digits:all' if s.data == 'digits' else s.data,
+                          s.num_samples, s.sample_steps, s.seed, device=s.device, progress=progress, compile=s.compile,
+                          spacing=s.spacing)
+            if keep('evaluation'): ev.save(stages/'evaluation')
+            return ev
+        ev = step('evaluate', evaluation)
     return RecipeResult(settings=s, analysis=ana, pruned=pr, finetuned=ft, evaluation=ev, times=times)
 
 # %% ../nbs/08_report.ipynb #1cbc4aad

@@ -42,3 +42,14 @@ def test_output_folder_with_other_files_is_refused_unless_overwrite(cli, tmp_pat
     assert (tmp_path/'o'/'keep.txt').read_text() == 'mine'
     assert cli('sample', '--num', '2', '--sample-steps', '2', '--out', tmp_path/'o', '--overwrite').returncode == 0
     assert (tmp_path/'o'/'result.json').exists() and not (tmp_path/'o'/'keep.txt').exists()
+
+def test_quad_spacing_samples_other_timesteps_and_is_recorded(cli, tmp_path):
+    "`--spacing quad` is the paper's DDIM spacing (dense at low noise): other images from the same seed, said in result.json."
+    for sp in ('uniform', 'quad'):
+        r = cli('sample', '--num', '2', '--sample-steps', '4', '--spacing', sp, '--out', tmp_path/sp)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path/sp/'result.json').read_text())['spacing'] == sp
+    assert (tmp_path/'uniform'/'samples.png').read_bytes() != (tmp_path/'quad'/'samples.png').read_bytes()
+    r = cli('sample', '--num', '2', '--sampler', 'ddpm', '--spacing', 'quad', '--out', tmp_path/'ddpm')
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and '--spacing' in r.stderr, r.stderr
+    assert not (tmp_path/'ddpm').exists()

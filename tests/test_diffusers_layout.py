@@ -28,26 +28,29 @@ import sys, json; sys.modules['diffprune'] = None
 import torch, diffusers
 from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
-folder, pipeline_class, out = sys.argv[1:]
-for name, cls in (('auto', DiffusionPipeline), ('own', getattr(diffusers, pipeline_class))):
-    pipe = cls.from_pretrained(folder)
-    assert type(pipe).__module__.startswith('diffusers.') and type(pipe.unet).__module__.startswith('diffusers.')
-    g = torch.Generator().manual_seed(0)
-    c = pipe.unet.config
-    kw = dict(sample=torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g),
-              timestep=torch.tensor([3, 500]))
-    if 'cross_attention_dim' in c: kw['encoder_hidden_states'] = torch.randn(2, 4, c.cross_attention_dim, generator=g)
-    with torch.no_grad(): save_file({'sample': pipe.unet(**kw).sample}, f'{out}-{name}.safetensors')
+args = sys.argv[1:]  # folder, pipeline class, output prefix; repeated (one interpreter, one import of torch)
+for folder, pipeline_class, out in zip(args[::3], args[1::3], args[2::3]):
+    for name, cls in (('auto', DiffusionPipeline), ('own', getattr(diffusers, pipeline_class))):
+        pipe = cls.from_pretrained(folder)
+        assert type(pipe).__module__.startswith('diffusers.') and type(pipe.unet).__module__.startswith('diffusers.')
+        g = torch.Generator().manual_seed(0)
+        c = pipe.unet.config
+        kw = dict(sample=torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g),
+                  timestep=torch.tensor([3, 500]))
+        if 'cross_attention_dim' in c:
+            kw['encoder_hidden_states'] = torch.randn(2, 4, c.cross_attention_dim, generator=g)
+        with torch.no_grad(): save_file({'sample': pipe.unet(**kw).sample}, f'{out}-{name}.safetensors')
 print(json.dumps(sorted(m for m, v in sys.modules.items() if m.startswith('diffprune') and v is not None)))
 """
 
-def load_without_diffprune(folder, pipeline_class, out) -> list:
-    "Outputs of the folder's UNet loaded by `DiffusionPipeline` and by `pipeline_class`, with diffprune unimportable."
-    r = subprocess.run([sys.executable, '-I', '-c', ISOLATED, str(folder), pipeline_class, str(out)],
+def load_without_diffprune(*loads) -> list:
+    """For each `(folder, pipeline_class, out)`: the outputs of the folder's UNet loaded by `DiffusionPipeline` and by
+    `pipeline_class`, in one interpreter where diffprune cannot be imported."""
+    r = subprocess.run([sys.executable, '-I', '-c', ISOLATED, *(str(a) for load in loads for a in load)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []  # nothing of diffprune was imported
-    return [load_file(f'{out}-{n}.safetensors')['sample'] for n in ('auto', 'own')]
+    return [[load_file(f'{out}-{n}.safetensors')['sample'] for n in ('auto', 'own')] for _, _, out in loads]
 
 def assert_plain(unet, cls):
     "`unet` is exactly `cls(**its config)`: the class itself, every layer's shape as the config builds it."
@@ -73,7 +76,9 @@ def test_the_diffusers_layout_is_a_plain_config_that_loads_without_diffprune(cli
     assert_plain(sd.unet, UNet2DConditionModel) and res.layout == 'diffusers'
     assert list(sd.unet.config.block_out_channels) != list(pipe.unet.config.block_out_channels)
     save_pipeline(sd, tmp_path/'sd')
-    for name, cls in (('digits', 'DDPMPipeline'), ('cifar10', 'DDPMPipeline'), ('sd', 'StableDiffusionPipeline')):
+    loads = (('digits', 'DDPMPipeline'), ('cifar10', 'DDPMPipeline'), ('sd', 'StableDiffusionPipeline'))
+    outputs = load_without_diffprune(*((tmp_path/name, cls, tmp_path/f'{name}-out') for name, cls in loads))
+    for (name, cls), got_both in zip(loads, outputs):
         index = json.loads((tmp_path/name/'model_index.json').read_text())
         assert index['unet'][0] == 'diffusers', name
         if name == 'sd':
@@ -82,7 +87,7 @@ def test_the_diffusers_layout_is_a_plain_config_that_loads_without_diffprune(cli
         else: ref = load_model(tmp_path/name)[0]
         assert_plain(ref, type(ref))
         with torch.no_grad(): want = ref(**inputs(ref)).sample
-        for got in load_without_diffprune(tmp_path/name, cls, tmp_path/f'{name}-out'):
+        for got in got_both:
             assert torch.equal(got, want), name
 
 def test_the_refitted_time_embedding_gives_the_teachers_at_every_timestep():

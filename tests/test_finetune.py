@@ -11,7 +11,9 @@ def ft_args(model, out, steps=30, *extra):
     return [DIFFPRUNE, 'finetune', '--model', str(model), '--steps', str(steps), '--batch-size', '16', '--lr', '5e-4',
             '--checkpoint-every', '5', '--seed', '3', '--out', str(out), *extra]
 
+@pytest.mark.slow  # the default tier kills the recipe's finetune between checkpoints instead (tests/test_resume.py)
 def test_resume_after_sigkill_matches_uninterrupted_run(pruned, tmp_path):
+    "`diffprune finetune --resume` after SIGKILL: the same weights and loss history as a run never stopped."
     env = dict(os.environ, OMP_NUM_THREADS='1')
     full = subprocess.run(ft_args(pruned, tmp_path/'full'), capture_output=True, text=True, env=env, timeout=900)
     assert full.returncode == 0, full.stderr

@@ -32,6 +32,8 @@ def test_prune_and_sample_text_pipeline(cli, pipes, tmp_path):
     r = cli('sample', '--model', tmp_path/'ft', '--prompt', 'a digit', '--num', '2', '--sample-steps', '3', '--out', tmp_path/'s')
     assert r.returncode == 0, r.stderr
     assert (tmp_path/'s'/'samples.png').exists()
+    r = cli('sample', '--model', tmp_path/'ft', '--spacing', 'quad', '--num', '2', '--out', tmp_path/'q')
+    assert r.returncode == 2 and '--spacing' in r.stderr and not (tmp_path/'q').exists()  # its scheduler's own steps
     # the CLI's samples are the pipeline's own, seeded
     assert json.loads((tmp_path/'s'/'result.json').read_text())['shape'] == list(pipeline_images(tuned, 2, 3, prompt='a digit').shape[1:])
 

@@ -39,8 +39,21 @@ def test_killed_in_every_step_resumes_to_the_same_result(tmp_path):
     wa, wb = (load_file(next((tmp_path/k/'model').rglob('*.safetensors'))) for k in ('straight', 'killed'))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
     stages = tmp_path/'killed'/'stages'
-    assert {p.name for p in stages.iterdir()} == {'settings.json', 'analysis.json', 'scores', 'pruned', 'finetune'}
+    assert {p.name for p in stages.iterdir()} == {'settings.json', 'analysis.json', 'scores', 'pruned', 'finetune',
+                                                  'evaluation', 'times.json'}
     assert not list(stages.rglob('.*tmp*'))  # what the kills left half-written is gone
+
+def test_a_finished_run_resumes_from_its_kept_steps_without_redoing_them(tmp_path, monkeypatch):
+    "Every step kept: no analysis, scoring or sampling again, the same evaluation, and each step's first time."
+    import diffprune.report as report
+    run(tmp_path/'done')
+    first = json.loads((tmp_path/'done'/'result.json').read_text())
+    def redone(*a, **k): raise AssertionError('a kept step was computed again')
+    for name in ('analyze_timesteps', 'score_model', 'evaluate'): monkeypatch.setattr(report, name, redone)
+    again = run_recipe(progress=False, out=tmp_path/'done', resume=True, **SMALL).to_dict()
+    assert again['pruned'] == first['pruned'] and again['teacher'] == first['teacher'] and again['ssim'] == first['ssim']
+    assert set(again['step_seconds']) == set(first['step_seconds'])
+    assert all(again['step_seconds'][k] >= v for k, v in first['step_seconds'].items())  # first time, and the loading
 
 def test_a_kept_run_is_not_overwritten_or_resumed_with_other_settings(tmp_path):
     (tmp_path/'stages').mkdir()

@@ -65,9 +65,12 @@ TMP = re.compile(re.escape(tempfile.gettempdir()) + r'/tmp[^/\s\'",)]*')
 def clean(out):
     "An output as a lesson shows it: no progress bars, no terminal escapes, temporary folders as `<tmp>`; or None."
     if out.get('output_type') == 'stream':
-        raw = ''.join(out['text']).replace('\r\n', '\n').replace('\r', '\n')  # a bar redraws itself after \r
-        keep = lambda l, c: not BAR.search(c) and (c.strip() or l == '\n')  # printed blank lines stay, escapes go
-        text = TMP.sub('<tmp>', ''.join(c for l in re.split(r'(?<=\n)', raw) if keep(l, c := ANSI.sub('', l))))
+        raw = ''.join(out['text']).replace('\r\n', '\n')
+        # each line as a terminal leaves it: a bar redraws itself after \r, so only its last drawing stays
+        shown = [next((p for p in reversed(l.split('\r')) if p.strip('\n')), l.split('\r')[-1])
+                 for l in re.split(r'(?<=\n)', raw)]
+        keep = lambda c: not BAR.search(c) and (c.strip() or c == '\n')  # printed blank lines stay, escapes go
+        text = TMP.sub('<tmp>', ''.join(c for l in shown if keep(c := ANSI.sub('', l)))).lstrip('\n')  # not above all
         return dict(out, text=text) if text.strip() else None
     data = out.get('data', {})
     plain = ''.join(data.get('text/plain', ''))
