@@ -79,7 +79,7 @@ def _sample_pixel(a) -> tuple:
     net, compile_s = model, 0.
     if mode := _compile_mode(a):
         net, compile_s = compile_denoiser(model, per, index_cond(cond, slice(0, per)),
-                                          mode=None if mode is True else mode)
+                                          mode=None if mode is True else mode, scheduler=sched)
     t0 = time.time()
     x = (ddpm_sample(net, sched, a.num, a.seed, images_per_pass=per, cond=cond) if a.sampler == 'ddpm'
          else ddim_sample(net, sched, a.num, a.sample_steps, a.seed, images_per_pass=per, cond=cond,
@@ -175,9 +175,9 @@ def _prune_latent(a, out, folder):
     "`diffprune prune` of a latent pipeline, calibrated on encoded images (--data) or the teacher's latents."
     from diffprune.latent import load_pipeline, prune_pipeline, pipeline_macs, save_pipeline, latent_images, denoiser
     from diffprune.prune import check_prune
-    from diffprune.diffusion import prediction_type
+    from diffprune.latent import pipeline_objective
     pipe = load_pipeline(folder, a.device)
-    prediction_type(pipe.scheduler)  # before minutes of scoring: an objective diffprune knows, a plan it can make
+    pipeline_objective(pipe)  # before minutes of scoring: an objective the pipeline samples, a plan it can make
     check_prune(denoiser(pipe), a.removes, a.layout, a.keep_blocks)
     images = latent_images(pipe, a.data, a.calibration_size, a.seed)
     pruned, res, _ = prune_pipeline(pipe, images, a.calibration_size, a.prompt, a.class_labels, method=a.method,

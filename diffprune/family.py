@@ -27,6 +27,7 @@ class Family:
     blocks = None # the `nn.ModuleList` of blocks depth pruning removes (e.g. 'transformer_blocks'); None: none
     removes = ('width',) # what its pruner can remove: some of `REMOVES`
     layouts = ('free-form',) # the layouts its pruner can keep: some of `LAYOUTS`
+    flow_pipelines = False # whether its latent pipelines sample flow-matching models (SD3, Flux, Sana do; LDM, DiT not)
 
     def covers(self, model) -> bool:
         "True when `model` (unwrapped) is of a class this family covers."

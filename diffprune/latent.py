@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['PIPELINES', 'tiny_clip_tokenizer', 'ClassLatentPipeline', 'tiny_latent_pipeline', 'autoencoder', 'denoiser_name',
            'denoiser', 'encode_images', 'text_conditioning', 'class_conditioning', 'pipeline_kind',
-           'check_conditioning', 'cycled_labels', 'image_size', 'sample_latents', 'pipeline_latents', 'with_denoiser',
-           'module_macs', 'pipeline_macs', 'prune_pipeline', 'LatentData', 'latent_images', 'finetune_pipeline',
-           'write_pipeline', 'save_pipeline', 'latent_folder', 'load_pipeline', 'pipeline_images']
+           'check_conditioning', 'cycled_labels', 'image_size', 'sample_latents', 'pipeline_objective',
+           'pipeline_latents', 'with_denoiser', 'module_macs', 'pipeline_macs', 'prune_pipeline', 'LatentData',
+           'latent_images', 'finetune_pipeline', 'write_pipeline', 'save_pipeline', 'latent_folder', 'load_pipeline',
+           'pipeline_images']
 
 # %% ../nbs/07_latent.ipynb #94533a85
 import json, math
@@ -25,7 +26,7 @@ from .family import family_of, families, inner_model
 from .hub import hub_card
 from .models import save_denoiser, block_widths, load_denoiser, check_pipeline, SHIPPED, denoiser_folder
 from .diffusion import (model_output, index_cond, cond_to, initial_noise, ddim_timesteps, ddim_step,
-                                 sample_shape, num_classes, prediction_type)
+                                 sample_shape, num_classes, prediction_type, euler_loop)
 from .sizes import count_macs, layer_macs
 from .importance import score_model
 from .prune import prune_model, check_prune, check_targets
@@ -180,16 +181,26 @@ def image_size(pipe) -> tuple:
 @old_keywords(unet='model')
 @torch.no_grad()
 def sample_latents(model, scheduler, n:int, steps:int=20, seed:int=0, cond=None, progress:bool=True) -> torch.Tensor:
-    "`n` latents sampled by the denoiser `model` with DDIM (eta 0) from the seeded noise of `initial_noise`."
+    "`n` latents sampled by `model` from the seeded noise of `initial_noise`: DDIM (eta 0), or Euler for flow models."
     dev = next(model.parameters()).device
     T = scheduler.config.num_train_timesteps
     gap = T // steps
     z = initial_noise(n, sample_shape(model), seed).to(dev)
     cond = cond_to(cond, dev)
+    if prediction_type(scheduler) == 'flow_prediction': return euler_loop(model, scheduler, z, steps, cond).cpu()
     for t in tqdm(ddim_timesteps(T, steps), desc='teacher latents', disable=not progress, leave=False):
-        out = model_output(model, z, torch.full((n,), t, device=dev), cond)
+        out = model_output(model, z, torch.full((n,), t, device=dev), cond, scheduler)
         z = ddim_step(scheduler, z, out, t, t - gap, clip=False)
     return z.cpu()
+
+def pipeline_objective(pipe) -> str:
+    "The objective of a pipeline's denoiser (`prediction_type`); refused where the pipeline's sampler cannot run it."
+    kind = prediction_type(pipe.scheduler)
+    if kind == 'flow_prediction' and not family_of(denoiser(pipe)).flow_pipelines:
+        raise ModelError(f"{type(pipe).__name__} samples with DDPM-style schedulers, and this one's scheduler "
+                         f"({type(pipe.scheduler).__name__}) is a flow-matching one: give the pipeline the scheduler "
+                         "its denoiser was trained with")
+    return kind
 
 # %% ../nbs/07_latent.ipynb #9faa0e05
 def pipeline_latents(pipe, images:torch.Tensor=None, # images in [-1, 1]; None: the teacher generates latents
@@ -253,7 +264,7 @@ def prune_pipeline(pipe, # a latent diffusers pipeline (its denoiser is pruned)
                    keep_blocks:list=None, # or: the transformer blocks to keep, by index (see `prune_model`)
                   ) -> tuple:
     "Diff-Pruning on the denoiser of a latent pipeline: `(pruned pipeline, PruneResult, (latents, cond))`."
-    prediction_type(pipe.scheduler)  # before the teacher generates any latents: an objective diffprune knows,
+    pipeline_objective(pipe)  # before the teacher generates any latents: an objective the pipeline can sample,
     check_prune(denoiser(pipe), removes, layout, keep_blocks)  # and a plan the family can make
     check_targets(removes, pruning_ratio, target_macs, keep_blocks)
     z, cond = pipeline_latents(pipe, images, calibration_size, prompts, class_labels, calibration_steps, seed,
@@ -286,6 +297,7 @@ def finetune_pipeline(pipe,
                       alpha:float=0., # distillation weight (05)
                       **kw) -> tuple: # `finetune`'s settings: steps, batch_size, lr, checkpoint_dir, ...
     "Finetune the denoiser of a (pruned) latent pipeline on its latents: `(tuned pipeline, FinetuneResult, latents)`."
+    pipeline_objective(pipe)  # before the teacher samples latents: a scheduler the pipeline samples with
     maker = teacher or pipe
     z, cond = pipeline_latents(maker, images, num_latents, prompts, class_labels, calibration_steps, seed)
     r = finetune((denoiser(pipe), pipe.scheduler), LatentData(z, cond),
@@ -358,7 +370,7 @@ def pipeline_images(pipe, n:int=4, steps:int=10, seed:int=0, prompt=None, class_
     "`(n, 3, H, W)` images in [0, 1] from the pipeline's own sampler, seeded."
     g = torch.Generator().manual_seed(seed)
     kind = check_conditioning(pipe, prompt, class_labels)
-    prediction_type(pipe.scheduler)  # a scheduler diffprune's pipelines run (not flow matching, for now)
+    pipeline_objective(pipe)  # a scheduler the pipeline's own sampler runs
     family_of(denoiser(pipe)).complete(inner_model(denoiser(pipe)))  # a DiT's unset out_channels, which its sampler reads
     extra = family_of(denoiser(pipe)).pipeline_kwargs(pipe, kind)
     if kind == 'text':

@@ -6,7 +6,7 @@
 __all__ = ['DIGITS_CONFIG', 'CIFAR10_CONFIG', 'DIGITS_DIT_CONFIG', 'BLOCK_MAP', 'PRUNED_NOTE', 'ASSETS', 'DIGITS_TEACHER',
            'DIGITS_DIT', 'SHIPPED', 'unet_config', 'dit_config', 'tiny_unet', 'layer_structure', 'apply_structure',
            'match_attention_scale', 'is_pruned', 'PrunedModelMixin', 'as_pruned', 'is_fused', 'unfuse_projections',
-           'save_denoiser', 'block_widths', 'write_model', 'save_model', 'load_denoiser', 'check_scheduler',
+           'save_denoiser', 'block_widths', 'write_model', 'save_model', 'load_denoiser', 'is_flow', 'check_scheduler',
            'denoiser_folder', 'check_pipeline', 'load_model', 'folder_record', 'on_device']
 
 # %% ../nbs/01_models.ipynb #07d35512
@@ -315,13 +315,17 @@ DIGITS_TEACHER = ASSETS/'digits_teacher'
 DIGITS_DIT = ASSETS/'digits_dit'  # a class-conditional DiT on the digits (nbs/04b_transformer.ipynb)
 SHIPPED = {'digits': DIGITS_TEACHER, 'digits-dit': DIGITS_DIT}  # the teachers the package ships, by name
 
+def is_flow(scheduler) -> bool:
+    "True for a flow-matching scheduler: diffusers' `FlowMatch...` ones, or one whose `prediction_type` says so (Sana)."
+    return (type(scheduler).__name__.startswith('FlowMatch')
+            or scheduler.config.get('prediction_type') == 'flow_prediction')
+
 def check_scheduler(scheduler):
-    "`scheduler` when it adds noise by `alphas_cumprod` (DDPM, DDIM, PNDM, Euler, ...); else a `ModelError`."
-    if not hasattr(scheduler, 'alphas_cumprod'):
-        kind = ('a flow-matching one (noise mixed by sigma, a velocity target)' if 'FlowMatch' in type(scheduler).__name__
-                else 'one without alphas_cumprod')
-        raise ModelError(f"the model's scheduler ({type(scheduler).__name__}) is {kind}: diffprune prunes models whose "
-                         "scheduler adds noise by alphas_cumprod (DDPM, DDIM, PNDM, Euler, ...) for now")
+    """`scheduler` when diffprune knows how it adds noise: by `alphas_cumprod` (DDPM, DDIM, PNDM, Euler, ...) or by
+    flow matching's sigmas (`is_flow`: SD3, Flux, Sana); else a `ModelError`."""
+    if not (is_flow(scheduler) or hasattr(scheduler, 'alphas_cumprod')):
+        raise ModelError(f"the model's scheduler ({type(scheduler).__name__}) adds noise neither by alphas_cumprod "
+                         "(DDPM, DDIM, PNDM, Euler, ...) nor by flow matching's sigmas: diffprune cannot noise for it")
     return scheduler
 
 def _scheduler(path):

@@ -5,8 +5,9 @@ import json, re
 from pathlib import Path
 from types import SimpleNamespace
 import pytest, torch, torch.nn as nn
-from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler, DDIMScheduler
+from diffusers import UNet2DModel, UNet2DConditionModel, DDPMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffprune.checks import InputError
 from diffprune.models import save_model, load_model, tiny_unet
 from diffprune.diffusion import PREDICTION_TYPES, denoising_loss, ddim_sample, ddpm_sample, sample_shape
 from diffprune.importance import score_model, ScoredModel, importance_criterion
@@ -27,20 +28,30 @@ def one_line_exit_2(r, needle):
 class Oracle(nn.Module):
     "A denoiser that knows the one image `x` every sample comes from: its output is the exact target of `kind`."
     def __init__(self, x, scheduler, kind):
-        super().__init__(); self.x, self.abar, self.kind = x, scheduler.alphas_cumprod.float(), kind
+        super().__init__(); self.x, self.kind, self.T = x, kind, scheduler.config.num_train_timesteps
+        self.abar = None if kind == 'flow_prediction' else scheduler.alphas_cumprod.float()
         self.w = nn.Parameter(torch.zeros(1))  # samplers find the device through the parameters
         self.config = SimpleNamespace(in_channels=x.shape[0], sample_size=tuple(x.shape[1:]))
     def forward(self, xt, t):
+        if self.kind == 'flow_prediction':  # t is sigma * T: the velocity noise - x0 of the one line through x
+            s = (t.float() / self.T).view(-1, 1, 1, 1)
+            return (xt - (1 - s) * self.x) / s - self.x
         a = self.abar[t].view(-1, 1, 1, 1); eps = (xt - a.sqrt() * self.x) / (1 - a).sqrt()
         return {'epsilon': eps, 'sample': self.x.expand_as(xt), 'v_prediction': a.sqrt() * eps - (1 - a).sqrt() * self.x}[self.kind]
 
 @pytest.mark.parametrize('kind', PREDICTION_TYPES)
 def test_samplers_read_the_output_by_the_schedulers_prediction_type(kind):
-    "An exact denoiser of each objective samples its image back, with DDIM and with DDPM (non-square here, 8x12)."
+    """An exact denoiser of each objective samples its image back, with DDIM and with DDPM (non-square here, 8x12); a
+    flow model with Euler (DDIM's sampler for it), and DDPM's ancestral sampler refuses it."""
     x = torch.rand(1, 8, 12) * 2 - 1
-    sched = DDPMScheduler(num_train_timesteps=100, prediction_type=kind)
-    for sample in (ddim_sample(Oracle(x, sched, kind), sched, 2, steps=10, progress=False),
-                   ddpm_sample(Oracle(x, sched, kind), sched, 2, progress=False)):
+    flow = kind == 'flow_prediction'
+    sched = (FlowMatchEulerDiscreteScheduler(num_train_timesteps=100, shift=3.0) if flow else
+             DDPMScheduler(num_train_timesteps=100, prediction_type=kind))
+    samples = [ddim_sample(Oracle(x, sched, kind), sched, 2, steps=10, progress=False)]
+    if flow:
+        with pytest.raises(InputError, match="DDPM's ancestral sampler"): ddpm_sample(Oracle(x, sched, kind), sched, 2)
+    else: samples.append(ddpm_sample(Oracle(x, sched, kind), sched, 2, progress=False))
+    for sample in samples:
         torch.testing.assert_close(sample, ((x + 1) / 2).expand(2, -1, -1, -1), atol=2e-3, rtol=0)
 
 def test_v_prediction_loss_is_the_mse_to_diffusers_velocity():
@@ -290,3 +301,19 @@ def test_a_model_that_learns_its_variance_is_scored_finetuned_and_sampled_by_its
     pruned = prune_model(scored, target_macs=0.6)
     ft = finetune((pruned.denoiser, sched), 'digits', steps=2, batch_size=4, progress=False)
     assert ddim_sample(ft.denoiser, sched, 2, steps=3, progress=False).shape == (2, 1, 16, 16)
+
+def test_finetuning_a_flow_model_lowers_its_velocity_loss_at_logit_normal_timesteps(monkeypatch):
+    "A flow model trains on `noise - x0` at timesteps drawn as diffusers' SD3 and Flux scripts draw them."
+    import diffprune.finetuning as ft
+    drawn, draw = [], ft.sample_timesteps
+    monkeypatch.setattr(ft, 'sample_timesteps', lambda *a: drawn.append(a[-1]) or draw(*a))
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    net = tiny_unet()
+    x0 = digits_split('heldout')[0][:64]; noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(2))
+    held = lambda u: denoising_loss(u, sched, x0, noise, t).item()
+    tuned = ft.finetune((net, sched), 'digits', steps=40, batch_size=16, lr=2e-3, seed=0, use_ema=False, progress=False)
+    assert held(tuned.denoiser) < 0.7 * held(net), (held(net), held(tuned.denoiser))
+    assert set(drawn) == {'logit_normal'} and type(tuned.scheduler) is FlowMatchEulerDiscreteScheduler
+    ft.finetune((net, sched), 'digits', steps=1, batch_size=4, progress=False, timestep_density='uniform')
+    assert drawn[-1] == 'uniform'

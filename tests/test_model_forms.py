@@ -141,16 +141,24 @@ def test_a_fused_model_prunes_as_the_unfused_one_and_saves_loadably(kind, tmp_pa
     assert type(back) is type(net) and not is_fused(back)
     with torch.no_grad(): torch.testing.assert_close(back(**x)[0], net(**x)[0])
 
-# 5. Schedulers: one that adds noise by sigma (flow matching) is refused before any work; a saved one keeps its class
+# 5. Schedulers: a flow-matching one noises and samples by its sigmas, in a pipeline only where the pipeline can; a
+# saved one keeps its class
 
-def test_a_flow_matching_scheduler_is_one_line_before_any_work(cli, tmp_path):
+def test_a_flow_matching_unet_runs_every_step_by_its_sigmas(cli, tmp_path):
+    "The digits UNet under SD3's scheduler: each subcommand runs, as flow matching, and keeps the scheduler's class."
     net, _ = load_model('digits')
-    save_model(net, FlowMatchEulerDiscreteScheduler(), tmp_path/'flow')
-    for cmd in (['prune', '--target-macs', '0.5', '--method', 'magnitude'], ['prune', '--target-macs', '0.5'],
-                ['sample', '--num', '2'], ['analyze'], ['finetune', '--steps', '1'], ['evaluate', '--num-samples', '2']):
-        r = cli(*cmd, '--model', tmp_path/'flow', '--out', tmp_path/'o')
-        one_line_exit_2(r, '(FlowMatchEulerDiscreteScheduler) is a flow-matching one')
-        assert not (tmp_path/'o').exists()
+    save_model(net, FlowMatchEulerDiscreteScheduler(shift=3.0), tmp_path/'flow')
+    small = ['--stride', '100', '--calibration-size', '4']
+    for name, cmd in (('a', ['analyze', *small]), ('p', ['prune', '--target-macs', '0.6', *small]),
+                      ('s', ['sample', '--num', '2', '--sample-steps', '3']), ('f', ['finetune', '--steps', '2', '--batch-size', '4']),
+                      ('e', ['evaluate', '--num-samples', '2', '--sample-steps', '2'])):
+        r = cli(*cmd, '--model', tmp_path/'flow', '--out', tmp_path/name)
+        assert r.returncode == 0, (cmd, r.stderr)
+    assert json.loads((tmp_path/'a'/'result.json').read_text())['t_prime'] >= 0
+    for name in ('p', 'f'): assert type(load_model(tmp_path/name)[1]) is FlowMatchEulerDiscreteScheduler
+    one_line_exit_2(cli('sample', '--sampler', 'ddpm', '--model', tmp_path/'flow', '--out', tmp_path/'o'),
+                    "DDPM's ancestral sampler is for DDPM-style schedulers")
+    assert not (tmp_path/'o').exists()
 
 def test_a_dit_pipeline_with_a_flow_matching_scheduler_is_one_line(cli, tmp_path):
     pipe = tiny_latent_pipeline('dit')
@@ -159,7 +167,7 @@ def test_a_dit_pipeline_with_a_flow_matching_scheduler_is_one_line(cli, tmp_path
     for cmd in (['prune', '--target-macs', '0.5', '--method', 'magnitude'], ['prune', '--target-macs', '0.5'],
                 ['sample', '--num', '2', '--sample-steps', '2']):
         r = cli(*cmd, '--model', tmp_path/'pipe', '--out', tmp_path/'o')
-        one_line_exit_2(r, '(FlowMatchEulerDiscreteScheduler) is a flow-matching one')
+        one_line_exit_2(r, '(FlowMatchEulerDiscreteScheduler) is a flow-matching one: give the pipeline the scheduler')
         assert 'teacher latents' not in r.stderr and not (tmp_path/'o').exists()  # refused before any work
 
 def test_a_saved_scheduler_keeps_its_class(tmp_path):
