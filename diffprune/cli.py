@@ -10,9 +10,9 @@ __all__ = ['SUBCOMMANDS', 'UsageError', 'check_out', 'cmd_sample', 'cmd_analyze'
 import argparse, contextlib, dataclasses, logging, sys, time, os, shutil, tempfile, warnings
 from pathlib import Path
 from . import quiet_loading
-from .checks import (InputError, METHODS, LAYOUTS, REMOVES, COMPILE_MODES, SPACINGS, THRESHOLD, arg, check_threshold,
-                              check_pruning_ratio, check_target_macs, check_target, check_count, check_range,
-                              check_positive)
+from .checks import (InputError, METHODS, LAYOUTS, REMOVES, COMPILE_MODES, SPACINGS, SAMPLERS, THRESHOLD,
+                             arg, check_threshold, check_pruning_ratio, check_target_macs, check_target, check_count,
+                             check_range, check_positive)
 
 # %% ../nbs/09_cli.ipynb #04dbc2be
 class UsageError(ValueError):
@@ -41,12 +41,11 @@ def cmd_sample(a):
     if a.spacing and (folder is not None or a.sampler == 'ddpm'):  # a latent pipeline samples by its own scheduler
         raise UsageError("--spacing chooses the timesteps of diffprune's DDIM (pixel models, --sampler ddim): drop it")
     x, secs, compile_s, extra = (_sample_latent(a, folder) if folder is not None else _sample_pixel(a))
-    spacing = (a.spacing or 'uniform') if folder is None and a.sampler == 'ddim' else None  # DDIM's timesteps
-    steps = f'{a.sampler.upper()}-{a.sample_steps}' if folder is None else f'{a.sample_steps} steps'
-    title = f"{a.model}: {steps}{' ' + spacing if spacing == 'quad' else ''}, seed {a.seed}"
-    save_samples(x, out, dict(model=str(a.model), num=a.num, sample_steps=a.sample_steps, sampler=a.sampler,
-                              spacing=spacing, seed=a.seed, class_labels=a.class_labels, seconds=secs,
-                              compile=a.compile, compile_s=compile_s, **extra), title=title)
+    steps = f"{SAMPLERS[extra['sampler']]}-{a.sample_steps}" if folder is None else f'{a.sample_steps} steps'
+    title = f"{a.model}: {steps}{' quad' * (extra.get('spacing') == 'quad')}, seed {a.seed}"
+    save_samples(x, out, dict(model=str(a.model), num=a.num, sample_steps=a.sample_steps, seed=a.seed,
+                              class_labels=a.class_labels, seconds=secs, compile=a.compile, compile_s=compile_s,
+                              **extra), title=title)
     compiling = f"; compiling took {compile_s:.1f} s before" if compile_s else ''  # apart from the sampling time
     print(f"wrote {a.num} samples{' of the ' + extra['pipeline'] if folder is not None else ''} to "
           f"{out/'samples.png'} ({secs:.1f} s, {secs / a.num * 1000:.0f} ms per image{compiling})")
@@ -73,7 +72,7 @@ def _pixel_cond(a, model):
 def _sample_pixel(a) -> tuple:
     "`(images, seconds, compile seconds, record)` of a pixel model: DDIM or DDPM, compiled first with --compile."
     from diffprune.models import load_model
-    from diffprune.diffusion import ddim_sample, ddpm_sample, compile_denoiser, index_cond
+    from diffprune.diffusion import ddim_sample, ddpm_sample, compile_denoiser, index_cond, prediction_type
     model, sched = load_model(a.model, a.device)
     cond, per = _pixel_cond(a, model), min(a.num, 256)
     net, compile_s = model, 0.
@@ -84,7 +83,10 @@ def _sample_pixel(a) -> tuple:
     x = (ddpm_sample(net, sched, a.num, a.seed, images_per_pass=per, cond=cond) if a.sampler == 'ddpm'
          else ddim_sample(net, sched, a.num, a.sample_steps, a.seed, images_per_pass=per, cond=cond,
                           spacing=a.spacing or 'uniform'))
-    return x, time.time() - t0, compile_s, dict(compiled=net is not model, shape=list(x.shape[1:]))
+    flow = prediction_type(sched) == 'flow_prediction'  # a flow model's DDIM is Euler, at its scheduler's sigmas
+    return x, time.time() - t0, compile_s, dict(compiled=net is not model, shape=list(x.shape[1:]),
+                                                sampler='euler' if flow else a.sampler,
+                                                spacing=None if flow or a.sampler == 'ddpm' else a.spacing or 'uniform')
 
 # %% ../nbs/09_cli.ipynb #ee6e887f
 def _own_outputs(module, args, out):
@@ -111,6 +113,7 @@ def _sample_latent(a, folder) -> tuple:
     t0 = time.time()
     x = pipeline_images(pipe, a.num, a.sample_steps, a.seed, a.prompt, a.class_labels)
     return x, time.time() - t0, compile_s, dict(pipeline=type(pipe).__name__, prompt=a.prompt,
+                                                sampler=type(pipe.scheduler).__name__,
                                                 compiled=getattr(pipe, part) is not model, shape=list(x.shape[1:]))
 
 # %% ../nbs/09_cli.ipynb #63ca67f1
@@ -511,8 +514,7 @@ def _recipe_args(p):
 @subcommand('demo', 'the whole recipe on the shipped digits teacher, offline, in minutes')
 def _demo_args(p):
     _recipe_args(p)
-    # 32 calibration images keep it under 5 minutes on 2 cores
-    p.set_defaults(out='diffprune-demo', calibration_size=32)
+    p.set_defaults(out='diffprune-demo', calibration_size=32)  # 32 calibration images: under 5 minutes on 2 cores
     next(act for act in p._actions if act.dest == 'out').required = False
 
 @subcommand('run', 'the whole recipe on any model and data (e.g. google/ddpm-cifar10-32 on a GPU)')

@@ -6,12 +6,14 @@
 __all__ = ['PREDICTION_TYPES', 'alpha_bar', 'image_seq_len', 'flow_sigmas', 'signal_noise', 'add_noise', 'model_timestep',
            'map_cond', 'repeat_cond', 'index_cond', 'cond_to', 'cond_for', 'stack_cond', 'eval_mode', 'model_output',
            'prediction_type', 'regression_target', 'x0_and_eps', 'denoising_loss', 'eps_loss', 'ddim_step',
-           'ddim_timesteps', 'sample_shape', 'num_classes', 'class_cond', 'takes_text', 'check_cond', 'initial_noise',
-           'euler_sigmas', 'euler_loop', 'compile_with', 'compile_denoiser', 'ddim_sample', 'ddpm_sample']
+           'check_spacing', 'ddim_timesteps', 'sample_shape', 'num_classes', 'class_cond', 'takes_text', 'check_cond',
+           'initial_noise', 'euler_sigmas', 'euler_loop', 'compile_with', 'compile_denoiser', 'ddim_sample',
+           'ddpm_sample']
 
 # %% ../nbs/01a_diffusion.ipynb #5a8a8d22
-import contextlib, copy, logging, time
-import torch
+import contextlib, copy, logging, math, time
+import numpy as np, torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 from diffusers.utils.torch_utils import is_compiled_module
 from .checks import InputError, SPACINGS, check_choice, old_names, old_keywords
@@ -45,7 +47,11 @@ def flow_sigmas(scheduler, seq_len:int=None, # tokens per image (`image_seq_len`
     `calculate_shift`). Esser et al. 2024 (SD3), Sec. 5.3.2."""
     c = scheduler.config
     s = torch.arange(1, c.num_train_timesteps + 1, dtype=torch.float64) / c.num_train_timesteps
-    if c.get('use_dynamic_shifting'): return scheduler.time_shift(_mu(scheduler, seq_len), 1.0, s).float()
+    if c.get('use_dynamic_shifting'):  # the scheduler's own time shift (Flux's: exponential), else the exponential
+        mu = _mu(scheduler, seq_len)
+        shifted = (scheduler.time_shift(mu, 1.0, s) if hasattr(scheduler, 'time_shift')
+                   else math.exp(mu) / (math.exp(mu) + (1 / s - 1)))
+        return shifted.float()
     shift = c.get('shift', c.get('flow_shift', 1.0))  # Sana's DPM-Solver names it flow_shift
     return (shift * s / (1 + (shift - 1) * s)).float()
 
@@ -196,6 +202,14 @@ def ddim_step(scheduler, x:torch.Tensor, # the sample at timestep `t`
     return a_prev * x0 + s_prev * eps
 
 # %% ../nbs/01a_diffusion.ipynb #78ecb4aa
+def check_spacing(scheduler, spacing:str) -> str:
+    "`spacing` where `scheduler`'s sampler takes it: 'uniform' or 'quad' for DDIM, only 'uniform' for a flow model."
+    check_choice(spacing, SPACINGS, 'DDIM spacing')
+    if spacing != 'uniform' and prediction_type(scheduler) == 'flow_prediction':
+        raise InputError(f"spacing {spacing!r} is DDIM's: a flow-matching model samples at its scheduler's sigmas "
+                         "(spacing 'uniform')")
+    return spacing
+
 def ddim_timesteps(num_train:int, steps:int,
                    spacing:str='uniform', # 'uniform': every (T // steps)-th; 'quad': quadratic, dense at low noise
                   ) -> list:
@@ -263,22 +277,27 @@ def initial_noise(n:int, shape, seed:int=0) -> torch.Tensor:
 
 # %% ../nbs/01a_diffusion.ipynb #9f466221
 def euler_sigmas(scheduler, steps:int, like:torch.Tensor) -> torch.Tensor:
-    """The `steps + 1` sigmas Euler sampling of a flow model visits, from the noisiest to 0: the scheduler's own
-    `set_timesteps` (on a copy; `mu` from `like`'s size where it shifts dynamically), else evenly spaced indices."""
-    if type(scheduler).__name__.startswith('FlowMatch'):
+    """The `steps + 1` sigmas Euler sampling of a flow model visits, from the noisiest to 0. A
+    `FlowMatchEulerDiscreteScheduler` sets them itself (on a copy) as the pipelines call it: SD3's
+    `set_timesteps(steps)`, or with dynamic shifting Flux's `sigmas = linspace(1, 1/steps, steps)` and `mu` from
+    `like`'s size. Other flow schedulers (Heun's, Sana's DPM-Solver): their training sigmas at evenly spaced indices."""
+    if type(scheduler) is FlowMatchEulerDiscreteScheduler:
         sched = copy.deepcopy(scheduler)
-        dyn = sched.config.get('use_dynamic_shifting')
-        sched.set_timesteps(steps, mu=_mu(sched, image_seq_len(like)) if dyn else None)
+        if sched.config.get('use_dynamic_shifting'):
+            sched.set_timesteps(sigmas=np.linspace(1, 1 / steps, steps), mu=_mu(sched, image_seq_len(like)))
+        else: sched.set_timesteps(steps)
         return sched.sigmas.float().cpu()
-    T = scheduler.config.num_train_timesteps
-    return torch.cat([flow_sigmas(scheduler)[torch.linspace(T - 1, 0, steps).round().long()], torch.zeros(1)])
+    T, dyn = scheduler.config.num_train_timesteps, scheduler.config.get('use_dynamic_shifting')
+    sig = flow_sigmas(scheduler, image_seq_len(like) if dyn else None)
+    return torch.cat([sig[torch.linspace(T - 1, 0, steps).round().long()], torch.zeros(1)])
 
 def euler_loop(model, scheduler, x:torch.Tensor, # pure noise, `(B, C, H, W)`
                steps:int, cond=None) -> torch.Tensor:
     "Euler's method on a flow model's ODE from the noise `x` to `x0`: `x += (sigma_next - sigma) v`, float32."
     sig, T = euler_sigmas(scheduler, steps, x).to(x.device), scheduler.config.num_train_timesteps
     for s, s_next in zip(sig[:-1], sig[1:]):
-        x = x + (s_next - s) * model_output(model, x, (s * T).expand(len(x)), cond)
+        t = torch.full((len(x),), float(s * T), device=x.device)  # contiguous: what a compiled model was built for
+        x = x + (s_next - s) * model_output(model, x, t, cond)
     return x
 
 # %% ../nbs/01a_diffusion.ipynb #c978c3e9
@@ -374,9 +393,8 @@ def ddim_sample(model, scheduler, n:int=16, steps:int=50, seed:int=0, images_per
     shape = sample_shape(model)
     cond = class_cond(model, n) if cond is None else cond
     check_cond(model, cond, n)
-    flow = prediction_type(scheduler) == 'flow_prediction'  # an objective diffprune does not know is refused here
-    if flow and spacing != 'uniform':
-        raise InputError(f"spacing {spacing!r} is DDIM's: a flow-matching model samples at its scheduler's sigmas")
+    check_spacing(scheduler, spacing)  # and an objective diffprune does not know
+    flow = prediction_type(scheduler) == 'flow_prediction'
     T = scheduler.config.num_train_timesteps
     ts = ddim_timesteps(T, steps, spacing)
     xs = initial_noise(n, shape, seed)

@@ -14,11 +14,12 @@ from safetensors.torch import save_file, load_file
 from fastcore.basics import patch
 import matplotlib.pyplot as plt
 from pathlib import Path
-from .checks import InputError, OldName, old_keywords, check_count
+from .checks import InputError, ModelError, OldName, old_keywords, check_count
 from .data import show_images, save_fig
 from .files import atomic_folder, write_json, read_json
 from .models import load_model, on_device
-from .diffusion import ddim_sample, ddim_timesteps, sample_shape, compile_denoiser
+from .diffusion import (ddim_sample, ddim_timesteps, sample_shape, compile_denoiser, check_spacing,
+                                 prediction_type)
 from .metrics import check_feature, fid_score, fid_references
 from .sizes import count_macs, count_params, example_inputs, plain_numbers
 
@@ -148,7 +149,11 @@ def load_evaluation(path) -> Evaluation:
     if not (path/'evaluation.json').exists():
         raise InputError(f"{str(path)!r} holds no saved evaluation (evaluation.json): pass a folder that "
                          "`Evaluation.save` wrote")
-    return Evaluation(**read_json(path/'evaluation.json'), **load_file(path/'samples.safetensors'))
+    try: samples = load_file(path/'samples.safetensors')
+    except Exception as e:  # a truncated or missing file: the evaluation is to run again
+        raise ModelError(f"{str(path)!r} holds a damaged evaluation ({type(e).__name__}): delete that folder and the "
+                         "evaluation runs again") from e
+    return Evaluation(**read_json(path/'evaluation.json'), **samples)
 
 # %% ../nbs/06_evaluation.ipynb #bb133200
 def save_samples(images:torch.Tensor, # `(N, C, H, W)` in [0, 1]
@@ -174,7 +179,7 @@ def _compiled(models:dict, compile, batch:int) -> tuple:
     if not compile: return models, {}
     nets, secs = {}, {}
     for k, (u, s) in models.items():
-        net, secs[k] = compile_denoiser(u, batch, mode=None if compile is True else compile)
+        net, secs[k] = compile_denoiser(u, batch, mode=None if compile is True else compile, scheduler=s)
         nets[k] = (net, s)
     return nets, secs
 
@@ -212,10 +217,12 @@ def _evaluate(model, teacher, data, num_samples, sample_steps, seed, feature, la
     shape = sample_shape(denoiser)
     feature = feature or ('digits' if shape == (1, 16, 16) else 'inception')
     check_feature(feature, shape[0], shape[1:])  # every check before minutes of sampling
+    check_spacing(sched, spacing)
     models = {'model': (denoiser, sched)}
     if teacher is not None: models['teacher'] = _check_teacher(teacher, denoiser, device)
     sampling_batch = latency_batch if compile else min(latency_batch, 16)
     settings = dict(data=str(data), num_samples=num_samples, sample_steps=sample_steps, spacing=spacing, seed=seed,
+                    sampler='euler' if prediction_type(sched) == 'flow_prediction' else 'ddim',
                     feature=feature, device=str(device),
                     latency_batch=latency_batch, sampling_batch=sampling_batch, compile=compile)
     nets, compile_s = _compiled(models, compile, latency_batch)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch, pandas as pd
 from fastcore.basics import patch
 from tqdm.auto import tqdm
-from .checks import THRESHOLD, InputError, OldName, check_choice, old_keywords
+from .checks import THRESHOLD, SAMPLERS, InputError, OldName, check_choice, old_keywords
 from .files import atomic_folder, read_json, write_json
 from .family import family_of
 from .models import load_model, write_model
@@ -21,6 +21,7 @@ from .data import save_fig
 from .timesteps import analysis_from_dict, analyze_timesteps
 from .importance import load_scores, score_model
 from .prune import prune_model, check_prune
+from .diffusion import check_spacing
 from .finetuning import finetune, latest_checkpoint
 from .evaluation import evaluate, load_evaluation
 from .sizes import plain_numbers
@@ -108,7 +109,8 @@ def to_dict(self:RecipeResult) -> dict:
              speedup_range=[ev.get('speedup_low', ev['speedup']), ev.get('speedup_high', ev['speedup'])],
              seconds=sum(self.times.values()), step_seconds=self.times, settings=vars(self.settings),
              prune=self.pruned.summary(), finetune=self.finetuned.summary(),
-             latency_batch=ev['settings']['latency_batch'], sampling_batch=ev['settings']['sampling_batch'])
+             latency_batch=ev['settings']['latency_batch'], sampling_batch=ev['settings']['sampling_batch'],
+             sampler=ev['settings'].get('sampler', 'ddim'))
     if self.analysis is not None:
         d.update(t_prime=self.analysis.t_prime, kept_timesteps=self.analysis.kept_timesteps)
     if 'fid_references' in ev: d['fid_references'] = ev['fid_references']
@@ -165,6 +167,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True,
     s = s or recipe_settings(recipe, **kw)
     teacher = load_model(s.model, s.device)
     check_prune(teacher[0], s.removes, s.layout)  # before minutes of analysis and scoring
+    check_spacing(teacher[1], s.spacing)  # and of finetuning
     stages = _run_folder(out, s, resume) if out is not None else None
     kept = lambda name: stages is not None and (stages/name).exists()
     def keep(name) -> bool:  # whether to write step `name`'s result: with the settings it was made with
@@ -181,7 +184,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True,
             torch.manual_seed(s.seed)  # each step from the same seed: a resumed run draws as an uninterrupted one
             t0 = time.time()
             r = f()
-            times[name] = past.get(name, 0) + time.time() - t0  # a kept step: its first run's time, and the loading
+            times[name] = past.get(name, time.time() - t0)  # a kept step: the time of the run that completed it
             if keep(name): write_json(times, stages/'times.json')
             steps.update()
             return r
@@ -216,7 +219,9 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True,
             resume=bool(stages) and latest_checkpoint(stages/'finetune') is not None,
             callback=callback, callback_every=callback_every))
         def evaluation():
-            if kept('evaluation'): return load_evaluation(stages/'evaluation')  # its first 64 samples of each model
+            if kept('evaluation'):  # with its first 64 samples of each model; measured again on another device
+                ev = load_evaluation(stages/'evaluation')
+                if (ev.settings.get('device'), ev.settings.get('compile')) == (str(s.device), s.compile): return ev
             ev = evaluate((ft.denoiser, ft.scheduler), teacher, 'digits:all' if s.data == 'digits' else s.data,
                           s.num_samples, s.sample_steps, s.seed, device=s.device, progress=progress, compile=s.compile,
                           spacing=s.spacing)
@@ -230,7 +235,8 @@ def summary_text(d:dict) -> str:
     "The recipe's summary table as plain text."
     rows = [('params', 'params', '{:,.0f}'), ('MACs (conv+linear)', 'macs', '{:,.0f}'), ('FID', 'fid', '{:.2f}'),
             (f"forward latency ms (batch {d.get('latency_batch', 64)})", 'latency_ms', '{:.1f}'),
-            (f"sampling ms (DDIM, batch {d.get('sampling_batch', 16)})", 'sampling_ms', '{:.0f}')]
+            (f"sampling ms ({SAMPLERS[d.get('sampler', 'ddim')]}, batch {d.get('sampling_batch', 16)})", 'sampling_ms',
+             '{:.0f}')]
     w = max(len(r[0]) for r in rows) + 2
     lines = [f"{'':{w}}{'teacher':>16}{'pruned':>16}{'pruned / teacher':>18}"]
     for label, k, f in rows:
@@ -266,7 +272,8 @@ def model_card(d:dict, s:RecipeSettings,
                   f"with the teacher's, range {d['speedup_range'][0]:.2f}-{d['speedup_range'][1]:.2f}) "
                   f"for a MACs reduction of {d['macs_reduction']:.2f}x")
     fid_line = (f"- FID ({'digits features' if fid_cal else 'Inception'}; {s.num_samples} samples, "
-                f"DDIM-{s.sample_steps}): teacher {d['teacher']['fid']:.2f}, pruned {d['pruned']['fid']:.2f}")
+                f"{SAMPLERS[d.get('sampler', 'ddim')]}-{s.sample_steps}): teacher {d['teacher']['fid']:.2f}, "
+                f"pruned {d['pruned']['fid']:.2f}")
     cal_line = (f"- FID references, computed the same way: train vs held-out digits "
                 f"{fid_cal['train_vs_heldout']:.2f}, digits vs uniform noise {fid_cal['real_vs_noise']:.1f}"
                 if fid_cal else '')

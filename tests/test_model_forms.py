@@ -156,9 +156,12 @@ def test_a_flow_matching_unet_runs_every_step_by_its_sigmas(cli, tmp_path):
         assert r.returncode == 0, (cmd, r.stderr)
     assert json.loads((tmp_path/'a'/'result.json').read_text())['t_prime'] >= 0
     for name in ('p', 'f'): assert type(load_model(tmp_path/name)[1]) is FlowMatchEulerDiscreteScheduler
-    one_line_exit_2(cli('sample', '--sampler', 'ddpm', '--model', tmp_path/'flow', '--out', tmp_path/'o'),
-                    "DDPM's ancestral sampler is for DDPM-style schedulers")
-    assert not (tmp_path/'o').exists()
+    refused = {('sample', '--sampler', 'ddpm'): "DDPM's ancestral sampler is for DDPM-style schedulers",
+               ('sample', '--spacing', 'quad'): "spacing 'quad' is DDIM's", ('evaluate', '--spacing', 'quad'): "spacing 'quad' is DDIM's",
+               ('run', '--spacing', 'quad', '--steps', '2'): "spacing 'quad' is DDIM's"}  # before any step of the run
+    for cmd, needle in refused.items():
+        one_line_exit_2(cli(*cmd, '--model', tmp_path/'flow', '--out', tmp_path/'o'), needle)
+        assert not (tmp_path/'o').exists()
 
 def test_a_dit_pipeline_with_a_flow_matching_scheduler_is_one_line(cli, tmp_path):
     pipe = tiny_latent_pipeline('dit')

@@ -65,12 +65,12 @@ TMP = re.compile(re.escape(tempfile.gettempdir()) + r'/tmp[^/\s\'",)]*')
 def clean(out):
     "An output as a lesson shows it: no progress bars, no terminal escapes, temporary folders as `<tmp>`; or None."
     if out.get('output_type') == 'stream':
-        raw = ''.join(out['text']).replace('\r\n', '\n')
+        raw = ANSI.sub('', ''.join(out['text'])).replace('\r\n', '\n')  # escapes first: a bar's redraw is text
         # each line as a terminal leaves it: a bar redraws itself after \r, so only its last drawing stays
         shown = [next((p for p in reversed(l.split('\r')) if p.strip('\n')), l.split('\r')[-1])
                  for l in re.split(r'(?<=\n)', raw)]
         keep = lambda c: not BAR.search(c) and (c.strip() or c == '\n')  # printed blank lines stay, escapes go
-        text = TMP.sub('<tmp>', ''.join(c for l in shown if keep(c := ANSI.sub('', l)))).lstrip('\n')  # not above all
+        text = TMP.sub('<tmp>', ''.join(l for l in shown if keep(l))).lstrip('\n')  # no blank line above all
         return dict(out, text=text) if text.strip() else None
     data = out.get('data', {})
     plain = ''.join(data.get('text/plain', ''))
