@@ -47,7 +47,7 @@ def flow_sigmas(scheduler, seq_len:int=None, # tokens per image (`image_seq_len`
     `calculate_shift`). Esser et al. 2024 (SD3), Sec. 5.3.2."""
     c = scheduler.config
     s = torch.arange(1, c.num_train_timesteps + 1, dtype=torch.float64) / c.num_train_timesteps
-    if c.get('use_dynamic_shifting'):  # the scheduler's own time shift (Flux's: exponential), else the exponential
+    if c.get('use_dynamic_shifting'):  # the scheduler's own time shift; Flux's is the shift above with exp(mu)
         mu = _mu(scheduler, seq_len)
         shifted = (scheduler.time_shift(mu, 1.0, s) if hasattr(scheduler, 'time_shift')
                    else math.exp(mu) / (math.exp(mu) + (1 / s - 1)))
@@ -63,7 +63,7 @@ def _flow_sigma(scheduler, t, like:torch.Tensor) -> torch.Tensor:
 
 def signal_noise(scheduler, t, like:torch.Tensor) -> tuple:
     """`(a_t, s_t)` with `x_t = a_t x0 + s_t noise`: `sqrt(abar_t)` and `sqrt(1 - abar_t)` for DDPM-style schedulers,
-    `1 - sigma_t` and `sigma_t` for flow matching (rectified flow, Liu et al. 2022; Esser et al. 2024, Eq. 3)."""
+    `1 - sigma_t` and `sigma_t` for flow matching (rectified flow, Liu et al. 2022; Esser et al. 2024, Sec. 3)."""
     if is_flow(scheduler):
         s = _flow_sigma(scheduler, t, like)
         return 1 - s, s
@@ -206,8 +206,8 @@ def check_spacing(scheduler, spacing:str) -> str:
     "`spacing` where `scheduler`'s sampler takes it: 'uniform' or 'quad' for DDIM, only 'uniform' for a flow model."
     check_choice(spacing, SPACINGS, 'DDIM spacing')
     if spacing != 'uniform' and prediction_type(scheduler) == 'flow_prediction':
-        raise InputError(f"spacing {spacing!r} is DDIM's: a flow-matching model samples at its scheduler's sigmas "
-                         "(spacing 'uniform')")
+        raise InputError(f"spacing {spacing!r} is DDIM's: a flow-matching model samples at its scheduler's own "
+                         "sigmas (leave the spacing at its default)")
     return spacing
 
 def ddim_timesteps(num_train:int, steps:int,
@@ -280,7 +280,8 @@ def euler_sigmas(scheduler, steps:int, like:torch.Tensor) -> torch.Tensor:
     """The `steps + 1` sigmas Euler sampling of a flow model visits, from the noisiest to 0. A
     `FlowMatchEulerDiscreteScheduler` sets them itself (on a copy) as the pipelines call it: SD3's
     `set_timesteps(steps)`, or with dynamic shifting Flux's `sigmas = linspace(1, 1/steps, steps)` and `mu` from
-    `like`'s size. Other flow schedulers (Heun's, Sana's DPM-Solver): their training sigmas at evenly spaced indices."""
+    `like`'s size (dynamic shifting is taken to be Flux's). Other flow schedulers (Heun's, Sana's DPM-Solver): their
+    training sigmas at evenly spaced indices."""
     if type(scheduler) is FlowMatchEulerDiscreteScheduler:
         sched = copy.deepcopy(scheduler)
         if sched.config.get('use_dynamic_shifting'):

@@ -29,11 +29,11 @@ from .metrics import fid_score
 TIMESTEP_DENSITIES = ('uniform', 'logit_normal')
 
 def sample_timesteps(num_train_timesteps:int, n:int, generator:torch.Generator,
-                     density:str='uniform', # or 'logit_normal': sigmoid of a standard normal, mid-noise most often
+                     density:str='uniform', # or 'logit_normal': sigmoid of a standard normal, middle indices most often
                     ) -> torch.Tensor:
-    """`n` training indices t (0: least noise), drawn uniformly (DDPM, Ho et al. 2020) or logit-normally as diffusers'
-    SD3 and Flux training scripts draw them by default (`compute_density_for_timestep_sampling`, mean 0, std 1;
-    Esser et al. 2024, Sec. 3.1)."""
+    """`n` training indices t (0: least noise), drawn uniformly (DDPM, Ho et al. 2020; diffusers' Flux script) or
+    logit-normally as diffusers' SD3 training script draws them by default (`compute_density_for_timestep_sampling`,
+    mean 0, std 1; Esser et al. 2024, Sec. 3.1)."""
     check_choice(density, TIMESTEP_DENSITIES, 'timestep density')
     T = num_train_timesteps
     if density == 'uniform': return torch.randint(0, T, (n,), generator=generator)

@@ -222,6 +222,7 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True,
             if kept('evaluation'):  # with its first 64 samples of each model; measured again on another device
                 ev = load_evaluation(stages/'evaluation')
                 if (ev.settings.get('device'), ev.settings.get('compile')) == (str(s.device), s.compile): return ev
+                past.pop('evaluate', None)  # measured again: this run's time
             ev = evaluate((ft.denoiser, ft.scheduler), teacher, 'digits:all' if s.data == 'digits' else s.data,
                           s.num_samples, s.sample_steps, s.seed, device=s.device, progress=progress, compile=s.compile,
                           spacing=s.spacing)
