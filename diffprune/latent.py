@@ -84,11 +84,9 @@ def tiny_word_tokenizer(words=('a', 'digit', 'photo', 'of', 'cat', 'zero', 'one'
 
 def _flow_pipeline(kind:str, image_size:int, tok):
     "A tiny SD3, Flux or Sana pipeline: diffusers' own classes, small CLIP / T5 / Gemma encoders, a flow scheduler."
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
-                              Gemma2Config, Gemma2Model)
-    from diffusers import (FlowMatchEulerDiscreteScheduler, DPMSolverMultistepScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline, FluxTransformer2DModel, FluxPipeline, AutoencoderDC,
-                           SanaTransformer2DModel, SanaPipeline)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                           FluxTransformer2DModel, FluxPipeline)
     words = tiny_word_tokenizer()
     clip = lambda cls, **kw: cls(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -116,6 +114,8 @@ def _flow_pipeline(kind:str, image_size:int, tok):
         return FluxPipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
                             vae=AutoencoderKL(**ae), text_encoder=clip(CLIPTextModel), tokenizer=tok,
                             text_encoder_2=t5(), tokenizer_2=words)
+    from transformers import Gemma2Config, Gemma2Model  # Sana's: diffusers 0.32 and transformers 4.42 on
+    from diffusers import AutoencoderDC, SanaTransformer2DModel, SanaPipeline, DPMSolverMultistepScheduler
     gemma = Gemma2Model(Gemma2Config(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0,
                                      bos_token_id=2, eos_token_id=1)).eval()
