@@ -176,9 +176,9 @@ def _prune_pixel(a, out):
 # %% ../nbs/09_cli.ipynb #d1927e0e
 def _prune_latent(a, out, folder):
     "`diffprune prune` of a latent pipeline, calibrated on encoded images (--data) or the teacher's latents."
-    from diffprune.latent import load_pipeline, prune_pipeline, pipeline_macs, save_pipeline, latent_images, denoiser
+    from diffprune.latent import (load_pipeline, prune_pipeline, pipeline_macs, save_pipeline, latent_images, denoiser,
+                                  pipeline_objective)
     from diffprune.prune import check_prune
-    from diffprune.latent import pipeline_objective
     pipe = load_pipeline(folder, a.device)
     pipeline_objective(pipe)  # before minutes of scoring: an objective the pipeline samples, a plan it can make
     check_prune(denoiser(pipe), a.removes, a.layout, a.keep_blocks)

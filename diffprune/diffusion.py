@@ -408,9 +408,10 @@ def ddim_sample(model, scheduler, n:int=16, steps:int=50, seed:int=0, images_per
                         total=-(-n // per), disable=not progress, leave=False):
         x = x.to(device)
         if flow: x = euler_loop(net, scheduler, x, steps, c).clamp(-1, 1)
-        for t, t_prev in zip(ts, ts[1:] + [-1]) if not flow else ():  # the last step lands on x0 (alpha_bar 1)
-            y = model_output(net, x, torch.full((len(x),), t, device=device), c)
-            x = ddim_step(scheduler, x, y, t, t_prev)
+        else:
+            for t, t_prev in zip(ts, ts[1:] + [-1]):  # the last step lands on x0 (alpha_bar 1)
+                y = model_output(net, x, torch.full((len(x),), t, device=device), c)
+                x = ddim_step(scheduler, x, y, t, t_prev)
         out.append(x[:k].float().cpu())
     return (torch.cat(out) + 1) / 2
 
