@@ -16,12 +16,15 @@ _API = {  # `dp.NAME`: the one call per step, and what a notebook needs around t
     'evaluate': 'evaluation', 'fid_score': 'metrics', 'prune_pipeline': 'latent', 'load_pipeline': 'latent',
     'run_recipe': 'report', 'PrunedUNet2DModel': 'unet', 'PrunedUNet2DConditionModel': 'unet',
     'PrunedDiTTransformer2DModel': 'transformer', 'PrunedPixArtTransformer2DModel': 'transformer',
+    'PrunedSD3Transformer2DModel': 'mmdit', 'PrunedFluxTransformer2DModel': 'mmdit',
+    'PrunedSanaTransformer2DModel': 'sana',
     'ClassPixelPipeline': 'transformer', 'register_family': 'family', 'Family': 'family'}
 # diffusers loads a `model_index.json` component ["diffprune", class] by the diffusers base class this package names
 _DIFFUSERS_BASES = ('ModelMixin',)
 # the denoiser families diffprune ships (nbs/00c_family.ipynb) as `module:attribute`; other packages add theirs as
 # entry points of the `diffprune.families` group
-_FAMILIES = {'unet': 'unet:UNET', 'transformer': 'transformer:TRANSFORMER'}
+_FAMILIES = {'unet': 'unet:UNET', 'transformer': 'transformer:TRANSFORMER', 'sd3': 'mmdit:SD3', 'flux': 'mmdit:FLUX',
+             'sana': 'sana:SANA'}
 
 def __getattr__(name):
     "`import diffprune as dp; dp.score_model(...)`: imports the module on first use, so importing diffprune is free."

@@ -225,11 +225,7 @@ def ddim_timesteps(num_train:int, steps:int,
 @old_keywords(unet='model')
 def sample_shape(model) -> tuple:
     "`(channels, height, width)` of `model`'s samples; diffusers records `sample_size` as an int or `(height, width)`."
-    c = inner_model(model).config  # a compiled or data-parallel model's own
-    s = c.sample_size
-    if s is None:
-        raise InputError("the model records no sample_size: set its config.sample_size (int or (height, width))")
-    return (c.in_channels, *image_hw(s))
+    return family_of(model).sample_shape(inner_model(model))  # a compiled or data-parallel model's own
 
 @old_keywords(unet='model')
 def num_classes(model) -> int:

@@ -101,16 +101,18 @@ def _flow_pipeline(kind:str, image_size:int, tok):
     if kind == 'sd3':
         tr = SD3Transformer2DModel(sample_size=side, patch_size=2, in_channels=4, out_channels=4, num_layers=3,
                                    attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-                                   caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=side)
+                                   caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=side,
+                                   qk_norm='rms_norm', dual_attention_layers=(0,))  # as SD3.5 has them
         return StableDiffusion3Pipeline(
             transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=AutoencoderKL(**ae),
             text_encoder=clip(CLIPTextModelWithProjection, projection_dim=16), tokenizer=tok,
             text_encoder_2=clip(CLIPTextModelWithProjection, projection_dim=16), tokenizer_2=tok,
             text_encoder_3=t5(), tokenizer_3=words)
     if kind == 'flux':  # latents packed 2x2: 16 channels a token; RoPE over (text, height, width) sums to the head
-        tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+        tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
                                     pooled_projection_dim=32, axes_dims_rope=(2, 2, 4))
+        tr.register_to_config(sample_size=side)  # the latents' side: Flux's config has no field of its own for it
         return FluxPipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
                             vae=AutoencoderKL(**ae), text_encoder=clip(CLIPTextModel), tokenizer=tok,
                             text_encoder_2=t5(), tokenizer_2=words)
@@ -127,8 +129,9 @@ def _flow_pipeline(kind:str, image_size:int, tok):
                        decoder_layers_per_block=(1, 1), downsample_block_type='conv',
                        upsample_block_type='interpolate', decoder_norm_types='rms_norm', decoder_act_fns='silu')
     tr = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-                                num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
-                                cross_attention_dim=16, caption_channels=32, sample_size=side, patch_size=1)
+                                num_layers=3, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                cross_attention_dim=16, caption_channels=32, sample_size=side, patch_size=1,
+                                qk_norm='rms_norm_across_heads')  # as Sana 1.5 has it
     sched = DPMSolverMultistepScheduler(prediction_type='flow_prediction', use_flow_sigmas=True, flow_shift=3.0)
     return SanaPipeline(tokenizer=words, text_encoder=gemma, vae=dc, transformer=tr, scheduler=sched)
 
@@ -193,15 +196,16 @@ def denoiser(pipe) -> nn.Module: return getattr(pipe, denoiser_name(pipe))
 
 @torch.no_grad()
 def encode_images(pipe, images:torch.Tensor, images_per_pass:int=64) -> torch.Tensor:
-    "Scaled latents `scaling_factor * E(x)` of `images` (in [-1, 1]), as the pipeline's denoiser sees them."
+    "Latents `scaling_factor * (E(x) - shift_factor)` of `images` in [-1, 1]: what the denoiser sees (SD3, Flux shift)."
     ae = autoencoder(pipe)
     dev = next(ae.parameters()).device
     out = []
     for i in range(0, len(images), images_per_pass):
         x = images[i:i + images_per_pass].to(dev)
         if x.shape[1] != ae.config.in_channels: x = x.expand(-1, ae.config.in_channels, -1, -1)  # grey digits -> RGB
-        z = ae.encode(x).latents if isinstance(ae, VQModel) else ae.encode(x).latent_dist.mean
-        out.append(z.cpu() * ae.config.scaling_factor)
+        enc = ae.encode(x)  # a VQ model's latents, a KL autoencoder's mean, a deep-compression one's latent (Sana)
+        z = enc.latents if isinstance(ae, VQModel) else enc.latent if hasattr(enc, 'latent') else enc.latent_dist.mean
+        out.append((z.cpu() - (ae.config.get('shift_factor') or 0)) * ae.config.scaling_factor)
     return torch.cat(out)
 
 # %% ../nbs/07_latent.ipynb #d4f46587
@@ -239,7 +243,8 @@ def cycled_labels(pipe, n:int, class_labels=None) -> torch.Tensor:
 
 def image_size(pipe) -> tuple:
     "`(height, width)` of the pipeline's images: the denoiser's latent size times the autoencoder's downsampling."
-    f = 2 ** (len(autoencoder(pipe).config.block_out_channels) - 1)
+    c = autoencoder(pipe).config  # the pipeline's own factor where it records one (Sana's deep-compression autoencoder)
+    f = getattr(pipe, 'vae_scale_factor', None) or 2 ** (len(c.block_out_channels) - 1)
     return tuple(s * f for s in sample_shape(denoiser(pipe))[1:])
 
 # %% ../nbs/07_latent.ipynb #b871e71f
@@ -261,6 +266,10 @@ def sample_latents(model, scheduler, n:int, steps:int=20, seed:int=0, cond=None,
 def pipeline_objective(pipe) -> str:
     "The objective of a pipeline's denoiser (`prediction_type`); refused where the pipeline's sampler cannot run it."
     kind = prediction_type(pipe.scheduler)
+    if kind != 'flow_prediction' and family_of(denoiser(pipe)).flow_pipelines:
+        raise ModelError(f"{type(pipe).__name__} samples its {type(denoiser(pipe)).__name__}, a flow-matching model, "
+                         f"with a flow-matching scheduler, not {type(pipe.scheduler).__name__}: give it the scheduler "
+                         "it was trained with (FlowMatchEulerDiscreteScheduler)")
     if kind == 'flow_prediction' and not family_of(denoiser(pipe)).flow_pipelines:
         raise ModelError(f"{type(pipe).__name__} samples with DDPM-style schedulers, and this one's scheduler "
                          f"({type(pipe.scheduler).__name__}) is a flow-matching one: give the pipeline the scheduler "
@@ -409,7 +418,7 @@ def latent_folder(model):
     if not idx.exists(): return None
     try: keys = json.loads(idx.read_text())
     except ValueError as e: raise ModelError(f"{str(idx)!r} is not JSON: the pipeline folder is damaged") from e
-    check_pipeline(p, keys)  # a pipeline no family covers (an SD3 one) is named, not taken for a damaged folder
+    check_pipeline(p, keys)  # a pipeline no family covers (a Wan one) is named, not taken for a damaged folder
     return p if ('vae' in keys or 'vqvae' in keys) else None
 
 # %% ../nbs/07_latent.ipynb #4b83acf8

@@ -17,6 +17,10 @@ from safetensors.torch import save_file, load_file
 import diffusers
 from diffusers import UNet2DModel, DDPMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+from diffusers.models.normalization import RMSNorm
+try: from diffusers.models.attention import AttentionModuleMixin  # diffusers 0.35 on: Flux's own attention class
+except ImportError: AttentionModuleMixin = Attention  # before it, Flux's attention was an `Attention`
 from diffusers.models.upsampling import Upsample2D
 from diffusers.models.downsampling import Downsample2D
 import diffprune
@@ -65,11 +69,15 @@ def tiny_unet(channels:int=1, attention:bool=True, head_dim:int=None, seed:int=0
     return UNet2DModel(**unet_config(16, channels, (16, 32), (False, attention), norm_groups=4, head_dim=head_dim))
 
 # %% ../nbs/01_models.ipynb #1a528530
-_STRUCT_ATTRS = {nn.Conv2d: ('in_channels', 'out_channels'), nn.Linear: ('in_features', 'out_features'),
+_STRUCT_ATTRS = {nn.Conv2d: ('in_channels', 'out_channels', 'groups'),  # groups: depthwise convolutions (Sana's)
+                 nn.Linear: ('in_features', 'out_features'),
                  nn.GroupNorm: ('num_groups', 'num_channels'), nn.LayerNorm: ('normalized_shape',),
                  nn.Embedding: ('num_embeddings', 'embedding_dim'),  # class embeddings
                  Attention: ('heads', 'inner_dim', 'inner_kv_dim', 'scale', 'query_dim', 'out_dim'),
-                 Upsample2D: ('channels', 'out_channels'), Downsample2D: ('channels', 'out_channels')}
+                 Upsample2D: ('channels', 'out_channels'), Downsample2D: ('channels', 'out_channels'),
+                 AttentionModuleMixin: ('heads', 'inner_dim'),  # diffusers' newer attentions (Flux's)
+                 FluxSingleTransformerBlock: ('mlp_hidden_dim',),
+                 RMSNorm: ('dim',)}  # diffusers' own; spanning all heads in Sana 1.5's q/k norms
 
 def _attrs(m):
     for cls, names in _STRUCT_ATTRS.items():
@@ -87,10 +95,11 @@ def _rebuilt(m, a:dict):
     "A copy of layer `m` with the recorded attributes `a` (new parameters, to be loaded)."
     if isinstance(m, nn.Conv2d):
         return nn.Conv2d(a['in_channels'], a['out_channels'], m.kernel_size, m.stride, m.padding, m.dilation,
-                         m.groups, m.bias is not None)
+                         a.get('groups', m.groups), m.bias is not None)  # folders before 0.7 recorded no groups
     if isinstance(m, nn.Linear): return nn.Linear(a['in_features'], a['out_features'], m.bias is not None)
     if isinstance(m, nn.GroupNorm): return nn.GroupNorm(a['num_groups'], a['num_channels'], m.eps, m.affine)
     if isinstance(m, nn.LayerNorm): return nn.LayerNorm(a['normalized_shape'], m.eps, m.elementwise_affine)
+    if isinstance(m, RMSNorm): return RMSNorm(a['dim'], m.eps, m.elementwise_affine, bias=m.bias is not None)
     if isinstance(m, nn.Embedding): return nn.Embedding(a['num_embeddings'], a['embedding_dim'], m.padding_idx)
     for k, v in a.items(): setattr(m, k, v)  # attention heads, Upsample2D/Downsample2D widths
     if isinstance(m, Attention): m.sliceable_head_dim = m.heads  # attention slicing splits by the heads it has
@@ -122,7 +131,8 @@ def match_attention_scale(model):
 
 # %% ../nbs/01_models.ipynb #ec3790a0
 _SHAPES = ('in_channels', 'out_channels', 'in_features', 'out_features', 'num_groups', 'num_channels',
-           'normalized_shape', 'num_embeddings', 'embedding_dim', 'heads', 'inner_dim', 'inner_kv_dim', 'channels')
+           'normalized_shape', 'num_embeddings', 'embedding_dim', 'heads', 'inner_dim', 'inner_kv_dim', 'channels',
+           'mlp_hidden_dim', 'groups', 'dim')
 
 def _widths(attrs:dict) -> dict: return {k: v for k, v in attrs.items() if k in _SHAPES}
 
@@ -130,7 +140,8 @@ def _widths(attrs:dict) -> dict: return {k: v for k, v in attrs.items() if k in 
 def is_pruned(model) -> bool:
     "True when a layer of `model` has another width than its config builds: a pruned model with free-form widths."
     model = inner_model(model)  # a compiled or data-parallel model: its own module
-    with torch.device('meta'): fresh = type(model).from_config(model.config)  # shapes only, no memory
+    with torch.device('meta'), diffprune.quiet_loading():  # shapes only, no memory; a config's extra keys unsaid
+        fresh = type(model).from_config(model.config)
     # only the layers the config builds, and only their widths: an attention scale, fused projections or adapters
     # are no pruning
     mine = layer_structure(model)
@@ -149,7 +160,7 @@ class PrunedModelMixin:
             raise InputError(f"a pruned model loads without {', '.join(bad)}: load it whole, then move or quantize it")
         model = load_denoiser(_local_folder(pretrained_model_name_or_path, subfolder, kwargs))
         if isinstance(torch_dtype, str): torch_dtype = getattr(torch, torch_dtype)
-        return model.to(device=device, dtype=torch_dtype)
+        return model if device is None and torch_dtype is None else model.to(device=device, dtype=torch_dtype)
 
     def save_pretrained(self, save_directory, is_main_process:bool=True, **kwargs):
         "Write the folder `from_pretrained` reads: config (with the recorded widths) and safetensors weights."
@@ -289,7 +300,8 @@ def load_denoiser(path) -> nn.Module:
     cfg.update(record.get('config', {}))  # what config.json holds back from plain diffusers
     if PRUNED_NOTE in str(cfg.get(family.note_key)):
         raise ModelError(f"{str(path)!r} holds a pruned model without the record of its widths: the folder is damaged")
-    model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith('_')})
+    with diffprune.quiet_loading():  # keys a config keeps beyond its class's own (a tiny Flux's `sample_size`) unsaid
+        model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith('_')})
     if (blocks := cfg.get(BLOCK_MAP)) is not None: model.register_to_config(**{BLOCK_MAP: blocks})
     apply_structure(model, record.get('structure', {}))
     try: sd = load_file(wfile)
@@ -343,7 +355,7 @@ def _scheduler(path):
 def denoiser_folder(path) -> Path:
     "The folder of a model folder's denoiser: its family's folder (`unet/`, `transformer/`), else the folder itself."
     path = Path(path)
-    return next((path/f.folder for f in families() if (path/f.folder/'config.json').exists()), path)
+    return next((path/f.folder for f in families() if (path/f.folder).is_dir()), path)  # a missing config: damaged
 
 def check_pipeline(path, components:dict):
     "Refuse a pipeline folder (its `model_index.json` read as `components`) whose denoiser no family covers."

@@ -123,10 +123,18 @@ def width_table(self:PruneResult) -> pd.DataFrame:
 @patch
 def name_after(self:PruneResult, name:str) -> str:
     "The layer `name` after pruning: kept blocks renumbered (the family's `blocks`), None for a removed block's layer."
-    blocks = family_of(self.denoiser).blocks
-    if self.blocks_kept is None or blocks is None or not name.startswith(blocks + '.'): return name
-    i, _, rest = name[len(blocks) + 1:].partition('.')
-    return f'{blocks}.{self.blocks_kept.index(int(i))}.{rest}' if int(i) in self.blocks_kept else None
+    lists, (head, _, rest) = family_of(self.denoiser).blocks, name.partition('.')
+    if self.blocks_kept is None or head not in lists: return name
+    i, _, rest = rest.partition('.')
+    before = [l for l in lists for _ in range(self.blocks_before(l))]  # the list each block number was in
+    n = before.index(head) + int(i)  # its number across the lists
+    if n not in self.blocks_kept: return None
+    return f'{head}.{sum(before[k] == head for k in self.blocks_kept if k < n)}.{rest}'
+
+@patch
+def blocks_before(self:PruneResult, name:str) -> int:
+    "How many blocks the list `name` (one of the family's `blocks`) held before pruning."
+    return len({k.split('.')[1] for k in self.widths_before if k.split('.')[0] == name})
 
 # %% ../nbs/04_prune.ipynb #e61e5307
 @patch
@@ -229,9 +237,9 @@ def check_targets(removes:str, pruning_ratio, target_macs, keep_blocks) -> tuple
         raise InputError("keep_blocks is the plan: drop pruning_ratio and target_macs, or use removes='both' for width")
     return (removes, *(check_target(pruning_ratio, target_macs) if removes == 'both' else (None, None)))
 
-def _block_map(model, blocks:str, kept:list) -> list:
+def _block_map(model, kept:list) -> list:
     "The teacher's block behind each of `kept` (blocks of `model`): its recorded map (`BLOCK_MAP`), composed."
-    old = model.config.get(BLOCK_MAP) or list(range(len(getattr(model, blocks))))
+    old = model.config.get(BLOCK_MAP) or list(range(len(family_of(model).model_blocks(model))))
     return [old[i] for i in kept]
 
 @old_keywords(prune='removes')  # the old name, kept until 0.7
@@ -257,7 +265,7 @@ def prune_model(scored:ScoredModel, *, # from `score_model`: the denoiser, its g
         chosen = {} if keep_blocks is None else {'blocks': keep_blocks}  # asked only of families with blocks
         plan = pruner.plan(pruning_ratio=pruning_ratio, target_macs=target_macs, removes=removes, **chosen)
         report = pruner.report(plan)
-        teacher_blocks = report.get('blocks_kept') and _block_map(model, family.blocks, report['blocks_kept'])
+        teacher_blocks = report.get('blocks_kept') and _block_map(model, report['blocks_kept'])
         model = pruner.apply(plan)
     if teacher_blocks: model.register_to_config(**{BLOCK_MAP: teacher_blocks})  # travels with the config
     model = family.complete(as_pruned(model) if is_pruned(model) else model)  # diffusers saves and loads its widths

@@ -9,6 +9,7 @@ __all__ = ['example_inputs', 'layer_macs', 'count_macs', 'count_params', 'widths
 import math
 import torch, torch.nn as nn
 from diffusers.models.attention_processor import Attention
+from .models import AttentionModuleMixin
 from .family import family_of, inner_model
 from .checks import old_keywords
 
@@ -30,12 +31,14 @@ def layer_macs(model, call=None) -> tuple:
         h = args[0] if args else kwargs['hidden_states']
         n = h.shape[2] * h.shape[3] if h.ndim == 4 else h.shape[1]
         e = kwargs.get('encoder_hidden_states')
-        nk = e.shape[1] if e is not None else n
+        if e is not None and getattr(m, 'add_q_proj', None) is not None: n = nk = n + e.shape[1]  # joint: both streams
+        else: nk = e.shape[1] if e is not None else n
         attns[m] = n * nk * m.to_q.out_features + n * nk * m.to_v.out_features
     for m in model.modules():
         if isinstance(m, nn.Conv2d): hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear): hooks.append(m.register_forward_hook(lin_hook))
-        elif isinstance(m, Attention): hooks.append(m.register_forward_hook(attn_hook, with_kwargs=True))
+        elif isinstance(m, (Attention, AttentionModuleMixin)):
+            hooks.append(m.register_forward_hook(attn_hook, with_kwargs=True))
     try: call() if call else model(**example_inputs(model))
     finally:
         for h in hooks: h.remove()

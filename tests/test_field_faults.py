@@ -188,8 +188,8 @@ def test_added_conditioning_diffprune_cannot_build_is_refused_in_one_line():
 # 7. Transformer pipelines
 
 @pytest.mark.parametrize('index', [
-    {'_class_name': 'StableDiffusion3Pipeline', 'transformer': ['diffusers', 'SD3Transformer2DModel'],
-     'vae': ['diffusers', 'AutoencoderKL'], 'scheduler': ['diffusers', 'FlowMatchEulerDiscreteScheduler']},
+    {'_class_name': 'WanPipeline', 'transformer': ['diffusers', 'WanTransformer3DModel'],
+     'vae': ['diffusers', 'AutoencoderKLWan'], 'scheduler': ['diffusers', 'UniPCMultistepScheduler']},
     {'_class_name': 'PixelTransformerPipeline', 'transformer': ['diffusers', 'Transformer2DModel'], 'scheduler': ['diffusers', 'DDPMScheduler']},
 ])
 def test_a_transformer_pipeline_folder_is_named_not_called_damaged(cli, tmp_path, index):
@@ -199,6 +199,15 @@ def test_a_transformer_pipeline_folder_is_named_not_called_damaged(cli, tmp_path
         r = cli(*cmd, '--model', tmp_path/'pipe', '--out', tmp_path/'o')
         one_line_exit_2(r, f"is a {index['_class_name']} folder and its denoiser is transformer/ ({index['transformer'][1]})")
         assert 'damaged' not in r.stderr
+
+def test_a_covered_pipeline_folder_without_its_denoisers_config_is_called_damaged(cli, tmp_path):
+    (tmp_path/'pipe'/'transformer').mkdir(parents=True)
+    (tmp_path/'pipe'/'model_index.json').write_text(json.dumps({
+        '_class_name': 'StableDiffusion3Pipeline', 'transformer': ['diffusers', 'SD3Transformer2DModel'],
+        'vae': ['diffusers', 'AutoencoderKL'], 'scheduler': ['diffusers', 'FlowMatchEulerDiscreteScheduler']}))
+    r = cli('prune', '--pruning-ratio', '0.3', '--model', tmp_path/'pipe', '--out', tmp_path/'o')
+    one_line_exit_2(r, f"{tmp_path/'pipe'/'transformer'/'config.json'}")
+    assert 'damaged' in r.stderr
 
 # 9. The package's own files and results
 

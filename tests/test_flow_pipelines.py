@@ -1,6 +1,6 @@
 """Offline stand-ins for the flow-matching pipelines of issue #29: tiny SD3, Flux and Sana pipelines built in code (small
-CLIP, T5 and Gemma encoders, word-level tokenizers), run through diffusers' own pipeline classes. Their transformers have
-no diffprune family yet, so diffprune refuses them in one line."""
+CLIP, T5 and Gemma encoders, word-level tokenizers), run through diffusers' own pipeline classes. Each has a
+family (tests/test_flow_transformers.py)."""
 import numpy as np, pytest, torch
 from diffusers import DiffusionPipeline
 from diffprune.latent import tiny_latent_pipeline
@@ -8,7 +8,7 @@ from diffprune.models import is_flow
 
 @pytest.mark.parametrize('kind,cls', [('sd3', 'StableDiffusion3Pipeline'), ('flux', 'FluxPipeline'),
                                       ('sana', 'SanaPipeline')])
-def test_a_tiny_flow_pipeline_samples_offline_reloads_and_is_refused_in_one_line(kind, cls, cli, tmp_path):
+def test_a_tiny_flow_pipeline_samples_offline_and_reloads(kind, cls, tmp_path):
     pipe = tiny_latent_pipeline(kind)
     assert type(pipe).__name__ == cls and is_flow(pipe.scheduler)
     side = 32 if kind == 'sana' else 16  # Sana's pipeline takes sides in multiples of 32
@@ -21,6 +21,3 @@ def test_a_tiny_flow_pipeline_samples_offline_reloads_and_is_refused_in_one_line
     assert first.shape == (1, side, side, 3) and np.isfinite(first).all()
     pipe.save_pretrained(tmp_path/'p')
     np.testing.assert_allclose(images(DiffusionPipeline.from_pretrained(tmp_path/'p')), first, atol=1e-5)  # float order
-    r = cli('prune', '--target-macs', '0.5', '--model', tmp_path/'p', '--out', tmp_path/'o')
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert f'is a {cls} folder' in r.stderr and not (tmp_path/'o').exists()

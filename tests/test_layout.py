@@ -1,6 +1,7 @@
 """The house: a module imports only modules whose notebooks come earlier in the order a reader learns them."""
 import ast, re
 from pathlib import Path
+import diffprune
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,9 +33,9 @@ def test_imports_only_point_forward_in_notebook_order():
     assert not backward, backward
 
 # the modules of the denoiser families: the only ones that may name a denoiser's diffusers class
-FAMILIES = {'unet', 'transformer'}
+FAMILIES = {spec.split(':')[0] for spec in diffprune._FAMILIES.values()}  # the built-in families' own modules
 DENOISER_CLASSES = ('UNet2DModel', 'UNet2DConditionModel', 'DiTTransformer2DModel', 'PixArtTransformer2DModel',
-                    'Transformer2DModel')
+                    'Transformer2DModel', 'SD3Transformer2DModel', 'FluxTransformer2DModel', 'SanaTransformer2DModel')
 
 def test_outside_the_family_modules_nothing_branches_on_the_kind_of_denoiser():
     "No `isinstance` on a denoiser class, no `is_transformer`, no `transformer_blocks` outside a family's own module."
