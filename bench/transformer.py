@@ -1,18 +1,24 @@
-"""Diff-Pruning on a diffusion transformer: the shipped digits DiT at half the MACs, by method and by what goes.
+"""Diff-Pruning on a diffusion transformer: a shipped digits transformer at half the MACs, by method and by what goes.
 
-For each seed the teacher (`digits-dit`, 8 blocks of 4 heads and 256 MLP units) is scored on 32 labelled digits
-(every 5th timestep; Diff-Pruning keeps [0, T'] at thr 0.05, the Taylor baseline all timesteps) and pruned to
-`--target` of the MACs:
+`--model digits-dit` (the default): the DiT, 8 blocks of 4 heads and 256 MLP units, trained 12,000 steps (DDPM).
+`--model digits-mmdit`: the class-conditioned MMDiT in SD3.5's block layout, 6 joint blocks (4 heads in each of two
+attentions in the first two, one in the rest; 256 units in each of the image and text stream's MLPs), trained 8,000
+steps with flow matching; its samples are Euler's, its finetune draws logit-normal timesteps.
+
+For each seed the teacher is scored on 32 labelled digits (every 5th timestep; Diff-Pruning keeps [0, T'] at thr
+0.05, the Taylor baseline all timesteps) and pruned to `--target` of the MACs:
 - methods, pruning width (heads and MLP units): Diff-Pruning, Taylor over all timesteps, magnitude, random;
 - what goes, scored by Diff-Pruning: width, depth (whole blocks), both.
-Each is finetuned with the same settings and seed (`--finetune-steps` at batch 64, about 10% of the teacher's
-12,000 training steps, EMA), then `--samples` DDIM-50 samples from the same noise, every class in turn, are scored
-by FID (digits features, against all digits). Differences to Diff-Pruning width are paired by seed, with a 95%
-t-interval. Forward speed: the teacher and the three Diff-Pruning models of the first seed, interleaved runs, eager
-fp32, at batch 1 and 64; speedup is the median per-run ratio over the teacher (`paired_speedup`), set against the
-MACs reduction. Runs are appended to a partial file as they finish, so an interrupted run continues where it stopped.
+Each is finetuned with the same settings and seed (`--finetune-steps` at batch 64; the defaults are 10% of the
+teacher's training, EMA), then `--samples` DDIM-50 samples (Euler-50 for flow) from the same noise, every class in
+turn, are scored by FID (digits features, against all digits). Differences to Diff-Pruning width are paired by
+seed, with a 95% t-interval. Forward speed: the teacher and the three Diff-Pruning models of the first seed,
+interleaved runs, eager fp32, at batch 1 and 64; speedup is the median per-run ratio over the teacher
+(`paired_speedup`), set against the MACs reduction. Runs are appended to a partial file as they finish, so an
+interrupted run continues where it stopped.
 
     python bench/transformer.py            # 3 seeds, 1,200 finetune steps, 512 samples: about 30 minutes on 2 cores
+    python bench/transformer.py --model digits-mmdit --finetune-steps 400   # about 30 minutes on 2 cores
     python bench/transformer.py --quick    # seconds: tiny settings that check the plumbing, not the result
 """
 import statistics, time
@@ -99,8 +105,11 @@ def verdicts(summary:list, speeds:list) -> list:
 
 if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
-    a = seeded_args(p, 'transformer', seeds=3, finetune_steps=1200)
-    teacher = load_model('digits-dit')
+    p.add_argument('--model', default='digits-dit', choices=('digits-dit', 'digits-mmdit'), help="the teacher")
+    mmdit = p.parse_known_args()[0].model == 'digits-mmdit'
+    a = seeded_args(p, 'transformer_mmdit' if mmdit else 'transformer', seeds=3,
+                    finetune_steps=800 if mmdit else 1200)
+    teacher = load_model(a.model)
     runs = seeded_runs(a, lambda seed: run(seed, a, teacher))
     summary = summarise(runs)
     print(table(summary, ['method', 'prune', 'n', 'fid_mean', 'fid_ci95', 'minus_ref_mean', 'minus_ref_ci95',

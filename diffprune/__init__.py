@@ -17,7 +17,8 @@ _API = {  # `dp.NAME`: the one call per step, and what a notebook needs around t
     'run_recipe': 'report', 'PrunedUNet2DModel': 'unet', 'PrunedUNet2DConditionModel': 'unet',
     'PrunedDiTTransformer2DModel': 'transformer', 'PrunedPixArtTransformer2DModel': 'transformer',
     'PrunedSD3Transformer2DModel': 'mmdit', 'PrunedFluxTransformer2DModel': 'mmdit',
-    'PrunedSanaTransformer2DModel': 'sana',
+    'PrunedSanaTransformer2DModel': 'sana', 'ClassSD3Transformer2DModel': 'mmdit',
+    'PrunedClassSD3Transformer2DModel': 'mmdit',
     'ClassPixelPipeline': 'transformer', 'register_family': 'family', 'Family': 'family'}
 # diffusers loads a `model_index.json` component ["diffprune", class] by the diffusers base class this package names
 _DIFFUSERS_BASES = ('ModelMixin',)

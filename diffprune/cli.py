@@ -343,7 +343,7 @@ def _round_to(s:str):
 # %% ../nbs/09_cli.ipynb #08087cb1
 @subcommand('sample', 'sample a grid of images from a model')
 def _sample_args(p):
-    p.add_argument('--model', default='digits', help="'digits', 'digits-dit', a model folder or a hub id")
+    p.add_argument('--model', default='digits', help="'digits', 'digits-dit', 'digits-mmdit', a folder or a hub id")
     p.add_argument('--num', type=_count('--num'), default=64, help="number of images")
     p.add_argument('--sample-steps', type=_count('--sample-steps'), default=50, help="DDIM steps")
     p.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim')
@@ -369,7 +369,7 @@ def _compile_mode(a):
 
 # %% ../nbs/09_cli.ipynb #7bd44dcb
 def _model_data(p, calibration_size=64):
-    p.add_argument('--model', default='digits', help="'digits', 'digits-dit', a model folder or a hub id")
+    p.add_argument('--model', default='digits', help="'digits', 'digits-dit', 'digits-mmdit', a folder or a hub id")
     p.add_argument('--data', help="'digits' (the default for pixel models), a hub dataset or a folder of images; "
                                   "latent pipelines calibrate on the teacher's own latents without it")
     p.add_argument('--threshold', type=arg(check_threshold, name='--threshold'), default=THRESHOLD,

@@ -41,7 +41,8 @@ class Family:
     block_counts = () # the config key that counts each of those lists ('num_layers', ...): see `depth_config`
     removes = ('width',) # what its pruner can remove: some of `REMOVES`
     layouts = ('free-form',) # the layouts its pruner can keep: some of `LAYOUTS`
-    flow_pipelines = False # whether its latent pipelines sample flow-matching models (SD3, Flux, Sana do; LDM, DiT not)
+    flow_pipelines = False # whether its models are flow-matching ones (SD3, Flux, Sana): a DDPM-style scheduler is
+                           # refused for them and their pipelines; False: DDPM-style pipelines, any scheduler alone
 
     def covers(self, model) -> bool:
         "True when `model` (unwrapped) is of a class this family covers."
@@ -185,18 +186,27 @@ def complete(self:Family, model):
 # %% ../nbs/00c_family.ipynb #19cad3a9
 _REGISTERED = []
 
+def _upgraded(family:Family) -> Family:
+    "`family` with 0.6's `blocks` (one list's name) as the tuple 0.7 asks for; the old form warns, until 0.8."
+    if isinstance(family.blocks, str):
+        warnings.warn(f"the {family.name} family names its blocks as a string ({family.blocks!r}): since diffprune "
+                      "0.7 `Family.blocks` is a tuple of list names, with `block_counts` their config keys",
+                      DeprecationWarning, stacklevel=3)
+        family.blocks, family.block_counts = (family.blocks,), family.block_counts or ('num_layers',)
+    return family
+
 def register_family(family:Family) -> Family:
     "Add `family` to the registry (it is asked before those registered earlier); returns it."
     if not isinstance(family, Family): raise InputError(f"a family is a diffprune Family, not {family!r}")
-    _REGISTERED.insert(0, family)
+    _REGISTERED.insert(0, _upgraded(family))
     return family
 
 def _load(load, spec:str, what:str):
     "The family `load()` gives, or None with a warning naming `spec`: one broken plugin stops nothing else."
     try:
         f = load()
-        if isinstance(f, importlib.import_module('diffprune.family').Family): return f  # the library's class, also
-        # where this runs in the notebook that defines its own
+        # the library's class, also where this runs in the notebook that defines its own
+        if isinstance(f, importlib.import_module('diffprune.family').Family): return _upgraded(f)
         problem = f"is not a Family instance (its type: {type(f).__name__})"
     except Exception as e: problem = f"cannot be loaded ({type(e).__name__}: {e})"
     warnings.warn(f"diffprune: the {what} family {spec!r} {problem}; it is left out")

@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['DIGITS_CONFIG', 'CIFAR10_CONFIG', 'DIGITS_DIT_CONFIG', 'BLOCK_MAP', 'PRUNED_NOTE', 'ASSETS', 'DIGITS_TEACHER',
-           'DIGITS_DIT', 'SHIPPED', 'unet_config', 'dit_config', 'tiny_unet', 'layer_structure', 'apply_structure',
-           'match_attention_scale', 'is_pruned', 'PrunedModelMixin', 'as_pruned', 'is_fused', 'unfuse_projections',
-           'save_denoiser', 'block_widths', 'write_model', 'save_model', 'load_denoiser', 'is_flow', 'check_scheduler',
-           'denoiser_folder', 'check_pipeline', 'load_model', 'folder_record', 'on_device']
+           'DIGITS_DIT', 'DIGITS_MMDIT', 'SHIPPED', 'unet_config', 'dit_config', 'tiny_unet', 'layer_structure',
+           'apply_structure', 'match_attention_scale', 'is_pruned', 'PrunedModelMixin', 'as_pruned', 'is_fused',
+           'unfuse_projections', 'save_denoiser', 'block_widths', 'write_model', 'save_model', 'load_denoiser',
+           'is_flow', 'check_scheduler', 'check_objective', 'denoiser_folder', 'check_pipeline', 'load_model',
+           'folder_record', 'on_device']
 
 # %% ../nbs/01_models.ipynb #07d35512
 import contextlib, copy, json
@@ -325,7 +326,8 @@ def _load_hub_bin(cls, path):
 ASSETS = Path(diffprune.__file__).parent/'assets'
 DIGITS_TEACHER = ASSETS/'digits_teacher'
 DIGITS_DIT = ASSETS/'digits_dit'  # a class-conditional DiT on the digits (nbs/04b_transformer.ipynb)
-SHIPPED = {'digits': DIGITS_TEACHER, 'digits-dit': DIGITS_DIT}  # the teachers the package ships, by name
+DIGITS_MMDIT = ASSETS/'digits_mmdit'  # a class-conditional MMDiT trained by flow matching (nbs/04c_mmdit.ipynb)
+SHIPPED = {'digits': DIGITS_TEACHER, 'digits-dit': DIGITS_DIT, 'digits-mmdit': DIGITS_MMDIT}  # by name
 
 def is_flow(scheduler) -> bool:
     "True for a flow-matching scheduler: diffusers' `FlowMatch...` ones, or one whose `prediction_type` says so (Sana)."
@@ -339,6 +341,13 @@ def check_scheduler(scheduler):
         raise ModelError(f"the model's scheduler ({type(scheduler).__name__}) adds noise neither by alphas_cumprod "
                          "(DDPM, DDIM, PNDM, Euler, ...) nor by flow matching's sigmas: diffprune cannot noise for it")
     return scheduler
+
+def check_objective(denoiser, scheduler) -> tuple:
+    "`(denoiser, scheduler)`, refused where a flow-matching family's model (SD3, Flux, Sana) has a DDPM-style one."
+    if family_of(denoiser).flow_pipelines and scheduler is not None and not is_flow(scheduler):
+        raise ModelError(f"a {type(inner_model(denoiser)).__name__} is a flow-matching model: give it the scheduler "
+                         f"it was trained with (FlowMatchEulerDiscreteScheduler), not {type(scheduler).__name__}")
+    return denoiser, scheduler
 
 def _scheduler(path):
     "The scheduler a model folder records, as its own class (never rewritten to another); DDPM's 1000 steps if none."
@@ -373,7 +382,7 @@ def check_pipeline(path, components:dict):
 # %% ../nbs/01_models.ipynb #fa8707ea
 def load_model(model, device='cpu') -> tuple:
     "`(denoiser, scheduler)` for `model`: 'digits', 'digits-dit', a model folder (pruned ones too) or a hub id."
-    if isinstance(model, tuple): return model
+    if isinstance(model, tuple): return check_objective(*model)
     if model is None or str(model) == '': raise ModelError("no model given: pass 'digits', a model folder or a hub id")
     model = str(model)
     path = SHIPPED.get(model) or Path(model).expanduser()
@@ -389,7 +398,7 @@ def load_model(model, device='cpu') -> tuple:
     if not (folder/'config.json').exists():
         raise ModelError(f"{model!r} is not a diffusion model folder: "
                          "no unet/config.json, transformer/config.json or config.json in it")
-    return load_denoiser(folder).to(device), _scheduler(path)
+    return check_objective(load_denoiser(folder).to(device), _scheduler(path))
 
 # %% ../nbs/01_models.ipynb #a0742f3b
 def folder_record(model) -> dict:

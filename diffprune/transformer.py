@@ -346,7 +346,7 @@ class PrunedPixArtTransformer2DModel(PrunedModelMixin, PixArtTransformer2DModel)
 PrunedDiTTransformer2DModel.__module__ = PrunedPixArtTransformer2DModel.__module__ = 'diffprune'
 
 class ClassPixelPipeline(DiffusionPipeline):
-    "A class-conditional pixel-space pipeline (a DiT and its scheduler); diffusers' `DiTPipeline` needs a VAE."
+    "A class-conditional pixel-space pipeline (a DiT, or 04c's class MMDiT, and its scheduler; DDPM-style or flow)."
     def __init__(self, transformer, scheduler):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
@@ -358,10 +358,11 @@ class ClassPixelPipeline(DiffusionPipeline):
         labels = torch.as_tensor(class_labels, dtype=torch.long).view(-1).to(self.device)
         c = self.transformer.config
         x = torch.randn((len(labels), c.in_channels, c.sample_size, c.sample_size), generator=generator)
-        x = x.to(self.device) * self.scheduler.init_noise_sigma
+        x = x.to(self.device) * getattr(self.scheduler, 'init_noise_sigma', 1.)  # flow-matching schedulers: 1
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
-            out = self.transformer(self.scheduler.scale_model_input(x, t), timestep=t.expand(len(x)).to(self.device),
+            inp = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, 'scale_model_input') else x
+            out = self.transformer(inp, timestep=t.expand(len(x)).to(self.device),
                                    class_labels=labels).sample[:, :x.shape[1]]  # a learned variance half is unused
             x = self.scheduler.step(out, t, x, generator=generator).prev_sample
         image = (x / 2 + 0.5).clamp(0, 1)

@@ -47,12 +47,17 @@ def pruned(tmp_path_factory):
     prune_model(score_model('digits', method='magnitude', progress=False), pruning_ratio=0.3).save(d)
     return d
 
+APART = {'slow': 'minutes of CPU each; the slow tier, run by `pytest -m slow`',
+         'browser': 'the widgets in JupyterLab in headless Chromium, run by `pytest -m browser` (.ci/run does)'}
+
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: minutes of CPU each; the slow tier, run by `pytest -m slow`')
+    for name, what in APART.items(): config.addinivalue_line('markers', f'{name}: {what}')
 
 def pytest_collection_modifyitems(config, items):
-    "Tests marked slow run only when `-m` names them (the slow tier); the default run skips them."
-    if 'slow' in (config.getoption('markexpr') or ''): return
-    skip = pytest.mark.skip(reason='slow tier: run it with `pytest -m slow`')
-    for item in items:
-        if 'slow' in item.keywords: item.add_marker(skip)
+    "Tests marked slow or browser run only when `-m` names their mark; the default run skips them."
+    asked = config.getoption('markexpr') or ''
+    for name, what in APART.items():
+        if name in asked: continue
+        skip = pytest.mark.skip(reason=what)
+        for item in items:
+            if name in item.keywords: item.add_marker(skip)

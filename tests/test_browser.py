@@ -1,8 +1,10 @@
 """The notebooks' widgets (ThresholdExplorer, PruneExplorer) in a real browser (JupyterLab + Debian's headless Chromium),
 through tests/browser_check.py on the small notebooks in tests/browser_notebooks/.
 
-Skipped where Chromium is not installed, unless DIFFPRUNE_REQUIRE_BROWSER=1 (set by .ci/run, which installs it): then a
-missing browser fails instead. Screenshots are kept in tests/artifacts/browser/.
+Marked `browser`: run by `pytest -m browser`, which .ci/run does after the README's test command (JupyterLab and a
+browser take half a minute, and many machines have no Chromium). Skipped where Chromium is not installed, unless
+DIFFPRUNE_REQUIRE_BROWSER=1 (set by .ci/run, which installs it): then a missing browser fails instead. Screenshots are
+kept in tests/artifacts/browser/.
 """
 import os, subprocess, sys
 from pathlib import Path
@@ -12,6 +14,7 @@ HERE = Path(__file__).parent
 CHROMIUM = os.environ.get('DIFFPRUNE_CHROMIUM', '/usr/bin/chromium')
 required = os.environ.get('DIFFPRUNE_REQUIRE_BROWSER') == '1'
 
+@pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists() and not required, reason=f'no Chromium at {CHROMIUM} (apt-get install chromium)')
 def test_widgets_render_and_respond_in_jupyterlab(tmp_path):
     art = HERE/'artifacts'/'browser'

@@ -188,3 +188,10 @@ def test_an_old_name_takes_its_old_keyword_too():
     with pytest.raises(ValueError, match='RecipeSettings got prune= and removes='):
         from diffprune.report import RecipeSettings
         RecipeSettings(prune='width', removes='width')
+
+def test_a_family_naming_its_blocks_as_0_6_did_warns_and_still_works(monkeypatch):
+    "0.6's `blocks = 'transformer_blocks'` (one list's name) is read as 0.7's tuple, with a DeprecationWarning."
+    monkeypatch.setattr(diffprune.family, '_REGISTERED', [])
+    class OldStyle(TinyFamily): blocks = 'transformer_blocks'
+    with pytest.warns(DeprecationWarning, match='a tuple of list names'): f = register_family(OldStyle())
+    assert f.blocks == ('transformer_blocks',) and f.block_counts == ('num_layers',)

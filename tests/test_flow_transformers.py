@@ -3,10 +3,11 @@ diffusers configs, and their pipelines are pruned, finetuned and sampled from th
 import copy, json
 import pytest, torch
 from diffusers import DiffusionPipeline, SD3Transformer2DModel, FluxTransformer2DModel
-from diffprune.checks import InputError
+from diffprune.checks import InputError, ModelError
+from diffprune.models import load_model
 from diffprune.family import family_of
 from diffprune.latent import tiny_latent_pipeline, save_pipeline, load_pipeline, pipeline_images, text_conditioning
-from diffprune.transformer import TransformerPruner, handed_on
+from diffprune.transformer import TransformerPruner, handed_on, ClassPixelPipeline
 
 @pytest.fixture(scope='module')
 def pipes(tmp_path_factory):
@@ -93,7 +94,8 @@ def test_a_pipeline_is_pruned_finetuned_and_sampled_from_the_cli_and_loads_throu
     ours = load_pipeline(tmp_path/'ft')
     theirs = DiffusionPipeline.from_pretrained(tmp_path/'ft')  # diffusers' own loading, diffprune imported
     assert type(theirs.transformer) is type(ours.transformer) and type(theirs.transformer).__name__.startswith('Pruned')
-    torch.testing.assert_close(pipeline_images(theirs, 2, 2, prompt='a digit'), pipeline_images(ours, 2, 2, prompt='a digit'))
+    torch.testing.assert_close(pipeline_images(theirs, 2, 2, prompt='a digit'),
+                               pipeline_images(ours, 2, 2, prompt='a digit'))
 
 def test_bad_mmdit_input_gets_one_line(cli, pipes, tmp_path):
     flux = copy.deepcopy(pipes['flux'].transformer)
@@ -111,3 +113,20 @@ def test_bad_mmdit_input_gets_one_line(cli, pipes, tmp_path):
     wrong = type(pipes['sd3'])(**{**pipes['sd3'].components, 'scheduler': DDPMScheduler()})
     r = cli('prune', '--model', save_pipeline(wrong, tmp_path/'wrong'), '--target-macs', '0.5', '--out', tmp_path/'o')
     assert r.returncode == 2 and 'with a flow-matching scheduler, not DDPMScheduler' in r.stderr, r.stderr
+    with pytest.raises(ModelError, match='is a flow-matching model: give it the scheduler it was trained with'):
+        load_model((pipes['flux'].transformer, DDPMScheduler()))  # what every step loads a pair through
+
+def test_the_shipped_mmdit_prunes_and_its_folder_samples_through_its_pipeline(cli, tmp_path):
+    "digits-mmdit (flow matching, class-conditioned) from the CLI; its folder runs in ClassPixelPipeline's Euler loop."
+    r = cli('prune', '--model', 'digits-mmdit', '--method', 'magnitude', '--target-macs', '0.5', '--out', tmp_path/'p')
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path/'p'/'result.json').read_text())['macs_after'] <= 0.5 * json.loads(
+        (tmp_path/'p'/'result.json').read_text())['macs_before']
+    pipe = ClassPixelPipeline.from_pretrained(tmp_path/'p')  # diffusers' loading, through the pipeline it names
+    assert type(pipe.transformer).__name__ == 'PrunedClassSD3Transformer2DModel'
+    pipe.set_progress_bar_config(disable=True)
+    x = pipe([3, 7], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type='pt').images
+    assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all() and 0 <= x.min() and x.max() <= 1
+    r = cli('sample', '--model', tmp_path/'p', '--class-labels', '3', '--num', '2', '--sample-steps', '4',
+            '--out', tmp_path/'s')
+    assert r.returncode == 0 and (tmp_path/'s'/'samples.png').exists(), r.stderr
