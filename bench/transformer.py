@@ -1,9 +1,9 @@
 """Diff-Pruning on a diffusion transformer: a shipped digits transformer at half the MACs, by method and by what goes.
 
 `--model digits-dit` (the default): the DiT, 8 blocks of 4 heads and 256 MLP units, trained 12,000 steps (DDPM).
-`--model digits-mmdit`: the class-conditioned MMDiT in SD3.5's block layout, 6 joint blocks (4 heads in each of two
-attentions in the first two, one in the rest; 256 units in each of the image and text stream's MLPs), trained 8,000
-steps with flow matching; its samples are Euler's, its finetune draws logit-normal timesteps.
+`--model digits-mmdit`: the class-conditioned MMDiT in SD3.5 Medium's block layout, 6 joint blocks (4 heads in
+each of two attentions in the first two, one in the rest; 256 units in each of the image and text stream's MLPs),
+trained 8,000 steps with flow matching; its samples are Euler's, its finetune draws logit-normal timesteps.
 
 For each seed the teacher is scored on 32 labelled digits (every 5th timestep; Diff-Pruning keeps [0, T'] at thr
 0.05, the Taylor baseline all timesteps) and pruned to `--target` of the MACs:

@@ -131,9 +131,19 @@ def sample_shape(self:Family, model) -> tuple:
     return (c.in_channels, *image_hw(c.sample_size))
 
 @patch
+def block_lists(self:Family) -> tuple:
+    "The family's `blocks` as a tuple of list names; 0.6's forms (one name, or None) are read too, with a warning."
+    if self.blocks is None or isinstance(self.blocks, str):
+        warnings.warn(f"the {self.name} family gives its blocks as {self.blocks!r}: since diffprune 0.7 "
+                      "`Family.blocks` is a tuple of list names (() for none), with `block_counts` their config "
+                      "keys; the old forms are read until 0.8", DeprecationWarning, stacklevel=2)
+        return () if self.blocks is None else (self.blocks,)
+    return tuple(self.blocks)
+
+@patch
 def model_blocks(self:Family, model) -> list:
     "`[(list name, index in the list, block)]` of the family's `blocks` lists: the numbering a depth plan uses."
-    return [(name, i, b) for name in self.blocks for i, b in enumerate(getattr(model, name))]
+    return [(name, i, b) for name in self.block_lists() for i, b in enumerate(getattr(model, name))]
 
 @patch
 def block_units(self:Family, block) -> dict:
@@ -148,7 +158,9 @@ def kept_blocks(self:Family, model) -> dict:
 @patch
 def depth_config(self:Family, model) -> dict:
     "The config of a model whose blocks were removed: each list's length under its `block_counts` key."
-    return {key: len(getattr(model, name)) for name, key in zip(self.blocks, self.block_counts)}
+    lists = self.block_lists()
+    counts = self.block_counts or (('num_layers',) if len(lists) == 1 else ())  # 0.6's families: `num_layers`
+    return {key: len(getattr(model, name)) for name, key in zip(lists, counts)}
 
 @patch
 def shows(self:Family, name:str, module) -> bool:
@@ -186,19 +198,10 @@ def complete(self:Family, model):
 # %% ../nbs/00c_family.ipynb #19cad3a9
 _REGISTERED = []
 
-def _upgraded(family:Family) -> Family:
-    "`family` with 0.6's `blocks` (one list's name) as the tuple 0.7 asks for; the old form warns, until 0.8."
-    if isinstance(family.blocks, str):
-        warnings.warn(f"the {family.name} family names its blocks as a string ({family.blocks!r}): since diffprune "
-                      "0.7 `Family.blocks` is a tuple of list names, with `block_counts` their config keys",
-                      DeprecationWarning, stacklevel=3)
-        family.blocks, family.block_counts = (family.blocks,), family.block_counts or ('num_layers',)
-    return family
-
 def register_family(family:Family) -> Family:
     "Add `family` to the registry (it is asked before those registered earlier); returns it."
     if not isinstance(family, Family): raise InputError(f"a family is a diffprune Family, not {family!r}")
-    _REGISTERED.insert(0, _upgraded(family))
+    _REGISTERED.insert(0, family)
     return family
 
 def _load(load, spec:str, what:str):
@@ -206,7 +209,7 @@ def _load(load, spec:str, what:str):
     try:
         f = load()
         # the library's class, also where this runs in the notebook that defines its own
-        if isinstance(f, importlib.import_module('diffprune.family').Family): return _upgraded(f)
+        if isinstance(f, importlib.import_module('diffprune.family').Family): return f
         problem = f"is not a Family instance (its type: {type(f).__name__})"
     except Exception as e: problem = f"cannot be loaded ({type(e).__name__}: {e})"
     warnings.warn(f"diffprune: the {what} family {spec!r} {problem}; it is left out")

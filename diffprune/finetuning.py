@@ -16,14 +16,16 @@ from fastcore.basics import patch
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from safetensors.torch import save_file, load_file
-from diffusers import UNet2DModel, DDPMScheduler
+from diffusers import UNet2DModel, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from .checks import InputError, OldName, old_keywords, check_count, check_positive, check_range, check_choice
 from .data import digits_split, get_dataset, save_fig
 from .files import atomic_folder, write_json, read_json
-from .models import DIGITS_CONFIG, DIGITS_TEACHER, load_model, save_model, write_model, check_scheduler
+from .models import (DIGITS_CONFIG, DIGITS_TEACHER, load_model, save_model, write_model, check_scheduler,
+                              check_objective)
 from .diffusion import (denoising_loss, regression_target, prediction_type, add_noise, model_output,
                                  index_cond, cond_to, stack_cond, sample_shape, ddim_sample, num_classes, check_cond)
 from .metrics import fid_score
+from .family import family_of
 
 # %% ../nbs/05_finetuning.ipynb #869db4cb
 TIMESTEP_DENSITIES = ('uniform', 'logit_normal')
@@ -328,14 +330,16 @@ def train_teacher(steps:int=8000, batch_size:int=64, lr:float=5e-4, seed:int=0,
                   model:nn.Module=None, # or a model to train, e.g. `DiTTransformer2DModel(**DIGITS_DIT_CONFIG)`
                   eval_every:int=1000, # steps between FIDs of the EMA model (512 DDIM-50 samples)
                   out=None, # folder to save each evaluated EMA checkpoint into (step_N/)
-                  scheduler=None, # the noise schedule (default: DDPM's, 1000 steps); a flow-matching one trains flow
+                  scheduler=None, # default: DDPM's 1000 steps, or flow matching's for a flow family's model (SD3)
                  ) -> tuple: # (ema model, scheduler, log of {step, loss, fid})
     """Train a digits model (a UNet, a class DiT or class MMDiT) from scratch: Adam, clipping, warm-up EMA, the EMA
     model's FIDs. Timesteps are drawn as `finetune` draws them: uniformly, or logit-normally for flow matching."""
     torch.manual_seed(seed)
     model = model if model is not None else UNet2DModel(**(config or DIGITS_CONFIG))
     ema = copy.deepcopy(model).requires_grad_(False)
-    sched = check_scheduler(scheduler or DDPMScheduler(num_train_timesteps=1000))
+    flow = family_of(model).flow_pipelines  # SD3, Flux, Sana: flow-matching models, trained as such
+    sched = scheduler or (FlowMatchEulerDiscreteScheduler(shift=1.0) if flow else DDPMScheduler(num_train_timesteps=1000))
+    check_objective(model, check_scheduler(sched))  # a flow model with a DDPM schedule could not be loaded back
     T, density, g = sched.config.num_train_timesteps, default_density(sched), torch.Generator().manual_seed(seed)
     (x, y), opt = digits_split('train'), torch.optim.Adam(model.parameters(), lr)
     classes = num_classes(model)  # a class-conditional model learns each image with its label

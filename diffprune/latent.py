@@ -102,7 +102,7 @@ def _flow_pipeline(kind:str, image_size:int, tok):
         tr = SD3Transformer2DModel(sample_size=side, patch_size=2, in_channels=4, out_channels=4, num_layers=3,
                                    attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
                                    caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=side,
-                                   qk_norm='rms_norm', dual_attention_layers=(0,))  # as SD3.5 has them
+                                   qk_norm='rms_norm', dual_attention_layers=(0,))  # as SD3.5 Medium has them
         return StableDiffusion3Pipeline(
             transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=AutoencoderKL(**ae),
             text_encoder=clip(CLIPTextModelWithProjection, projection_dim=16), tokenizer=tok,

@@ -8,7 +8,7 @@ __all__ = ['DIGITS_MMDIT_CONFIG', 'SD3', 'FLUX', 'joint_block_units', 'cut_singl
            'PrunedFluxTransformer2DModel', 'example_values', 'text_length', 'check_prompt_length', 'SD3Family',
            'pack_latents', 'unpack_latents', 'latent_ids', 'FluxFamily']
 
-# %% ../nbs/04c_mmdit.ipynb #7cab549e
+# %% ../nbs/04c_mmdit.ipynb #09fce69b
 import functools
 import torch, torch.nn as nn
 from diffusers import SD3Transformer2DModel, FluxTransformer2DModel
@@ -21,7 +21,7 @@ from .models import PrunedModelMixin
 from .transformer import (TransformerFamily, TransformerPruner, head_units, mlp_units, linear_parts,
                                    cut_linears, cut_heads)
 
-# %% ../nbs/04c_mmdit.ipynb #0eff76b6
+# %% ../nbs/04c_mmdit.ipynb #4a2a9efa
 def joint_block_units(block) -> dict:
     "An MMDiT block's units (SD3's joint block, Flux's double block): heads of both streams, SD3.5's attn2, MLPs."
     out = {'attn': head_units(block.attn)}
@@ -33,8 +33,8 @@ def joint_block_units(block) -> dict:
 def _sync_single(block):
     "A Flux single block's recorded widths, after a cut: its MLP width and the two parts of `proj_out`'s input."
     block.mlp_hidden_dim = block.proj_mlp.out_features
-    if hasattr(block.proj_out, '_tp_packed_row_blocks'):  # tensor parallelism splits proj_out's input by these
-        block.proj_out._tp_packed_row_blocks = [block.attn.to_q.out_features, block.mlp_hidden_dim]
+    # diffusers' tensor parallelism splits proj_out's input by these (a rebuilt proj_out had lost them)
+    block.proj_out._tp_packed_row_blocks = [block.attn.to_q.out_features, block.mlp_hidden_dim]
 
 def cut_single_heads(block, drop:list):
     "Remove heads `drop` of a Flux single block: its q, k, v rows and their columns at the front of `proj_out`."
@@ -59,7 +59,7 @@ def single_block_units(block) -> dict:
                 {block.proj_mlp: 1., out: n / (inner + n)}, functools.partial(cut_single_mlp, block), rounds=True)
     return {'attn': heads, 'mlp': mlp}
 
-# %% ../nbs/04c_mmdit.ipynb #6b741206
+# %% ../nbs/04c_mmdit.ipynb #4b6c1136
 class ClassSD3Transformer2DModel(SD3Transformer2DModel):
     "SD3's MMDiT conditioned on a class: the label's embedding is the text stream's one token and the pooled vector."
     @register_to_config
@@ -85,13 +85,13 @@ class ClassSD3Transformer2DModel(SD3Transformer2DModel):
 
 ClassSD3Transformer2DModel.__module__ = 'diffprune'  # diffusers finds the class by the library a folder names
 
-# the shipped digits MMDiT: SD3.5's block layout (q/k RMSNorm, a second attention in the first blocks), 16x16 digits
+# the shipped digits MMDiT: SD3.5 Medium's block layout (q/k RMSNorm, a second attention in the first blocks)
 DIGITS_MMDIT_CONFIG = dict(num_classes=10, sample_size=16, patch_size=2, in_channels=1, out_channels=1, num_layers=6,
                            attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
                            caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=8,
                            dual_attention_layers=(0, 1), qk_norm='rms_norm')
 
-# %% ../nbs/04c_mmdit.ipynb #ba479d4c
+# %% ../nbs/04c_mmdit.ipynb #88861f75
 class PrunedSD3Transformer2DModel(PrunedModelMixin, SD3Transformer2DModel):
     "An `SD3Transformer2DModel` pruned to free-form widths: heads and MLP widths per block (see `is_pruned`)."
 
@@ -120,7 +120,7 @@ def check_prompt_length(tokenizer, prompts:list, limit:int) -> list:
                              f"pipeline's text encoder reads {limit}: shorten it")
     return prompts
 
-# %% ../nbs/04c_mmdit.ipynb #6ddb6d7a
+# %% ../nbs/04c_mmdit.ipynb #12381b89
 class SD3Family(TransformerFamily):
     "SD3 and SD3.5 (MMDiT): heads of both streams, attn2's heads, both MLPs' units, and whole joint blocks."
     name, classes = 'sd3', (SD3Transformer2DModel, ClassSD3Transformer2DModel)
@@ -174,7 +174,7 @@ class SD3Family(TransformerFamily):
 
 SD3 = SD3Family()  # the instance the registry finds (`diffprune._FAMILIES`)
 
-# %% ../nbs/04c_mmdit.ipynb #67a4ebe1
+# %% ../nbs/04c_mmdit.ipynb #531c3c07
 def pack_latents(x:torch.Tensor) -> torch.Tensor:
     "`(B, C, H, W)` latents as Flux's `(B, H/2 * W/2, 4C)` tokens: each 2x2 patch one token, as `FluxPipeline` packs."
     B, C, H, W = x.shape
@@ -191,7 +191,7 @@ def latent_ids(height:int, width:int, device=None) -> torch.Tensor:
     rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing='ij')
     return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float().to(device)
 
-# %% ../nbs/04c_mmdit.ipynb #d47f6fbb
+# %% ../nbs/04c_mmdit.ipynb #dd8d16cc
 class FluxFamily(TransformerFamily):
     "FLUX.1: heads and MLP units of double and single blocks, and whole blocks of both kinds, numbered in one row."
     name, classes = 'flux', (FluxTransformer2DModel,)
@@ -203,8 +203,12 @@ class FluxFamily(TransformerFamily):
 
     def class_named(self, name:str, config:dict) -> type: return Family.class_named(self, name, config)  # no remap
     def kept_blocks(self, model) -> dict: return {}
-    def complete(self, model): return model
     def shows(self, name:str, module) -> bool: return name.endswith(('attn.to_q', 'net.0.proj', 'proj_mlp'))
+
+    def complete(self, model):
+        "Single blocks whose `proj_out` was rebuilt (a reloaded pruned folder) say again how its input splits."
+        for b in model.single_transformer_blocks: _sync_single(b)
+        return model
 
     def block_units(self, block) -> dict:
         return single_block_units(block) if isinstance(block, FluxSingleTransformerBlock) else joint_block_units(block)
@@ -217,6 +221,8 @@ class FluxFamily(TransformerFamily):
     def predict(self, model, x:torch.Tensor, t:torch.Tensor, cond:dict) -> torch.Tensor:
         "The velocity at latents `x`: packed into tokens with their ids, timestep / 1000, as `FluxPipeline` calls it."
         cond, (_, _, h, w) = dict(cond or {}), x.shape
+        if h % 2 or w % 2:
+            raise InputError(f"Flux packs 2x2 latent patches into tokens: the latents' sides must be even, not {h}x{w}")
         if inner_model(model).config.guidance_embeds and cond.get('guidance') is None:
             raise InputError("this Flux is guidance-distilled (FLUX.1-dev): give a guidance value with its "
                              f"conditioning ('guidance': one per sample; its pipeline's default is {self.guidance})")

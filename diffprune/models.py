@@ -193,7 +193,8 @@ _FUSED = {'to_qkv': ('to_q', 'to_k', 'to_v'), 'to_kv': ('to_k', 'to_v'),
 
 def _fused(m) -> list:
     "The fused projection layers attention `m` holds (whether or not its processor reads them)."
-    return [n for n in _FUSED if getattr(m, n, None) is not None] if isinstance(m, Attention) else []
+    if not isinstance(m, (Attention, AttentionModuleMixin)): return []  # Flux's attention is diffusers' newer kind
+    return [n for n in _FUSED if getattr(m, n, None) is not None]
 
 def is_fused(model) -> bool:
     "True when an attention of `model` holds fused projections (diffusers' `fuse_qkv_projections`)."
@@ -205,7 +206,9 @@ def unfuse_projections(model):
     model = inner_model(model)
     for m in model.modules():
         if not (names := _fused(m)): continue
-        reads_fused = type(m.processor).__name__.startswith('Fused')  # else the separate layers are the live ones
+        fused_processor = type(m.processor).__name__.startswith('Fused')  # diffusers' `Attention` reads fused layers
+        # by its processor, Flux's attention by its flag; else the separate layers are the live ones
+        reads_fused = fused_processor or (isinstance(m, AttentionModuleMixin) and getattr(m, 'fused_projections', False))
         for fused in names:
             f, layers = getattr(m, fused), [getattr(m, n) for n in _FUSED[fused]]
             if reads_fused:
@@ -214,7 +217,7 @@ def unfuse_projections(model):
                     for l, b in zip(layers, f.bias.split([l.out_features for l in layers])): l.bias.copy_(b)
             delattr(m, fused)
         m.fused_projections = False
-        if reads_fused: m.set_processor(AttnProcessor2_0())
+        if fused_processor: m.set_processor(AttnProcessor2_0())
     if getattr(model, 'original_attn_processors', None) is not None:  # the processors before `fuse_qkv_projections`
         model.set_attn_processor(model.original_attn_processors)
         model.original_attn_processors = None

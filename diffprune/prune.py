@@ -123,7 +123,7 @@ def width_table(self:PruneResult) -> pd.DataFrame:
 @patch
 def name_after(self:PruneResult, name:str) -> str:
     "The layer `name` after pruning: kept blocks renumbered (the family's `blocks`), None for a removed block's layer."
-    lists, (head, _, rest) = family_of(self.denoiser).blocks, name.partition('.')
+    lists, (head, _, rest) = family_of(self.denoiser).block_lists(), name.partition('.')
     if self.blocks_kept is None or head not in lists: return name
     i, _, rest = rest.partition('.')
     before = [l for l in lists for _ in range(self.blocks_before(l))]  # the list each block number was in

@@ -6,7 +6,7 @@
 __all__ = ['SANA', 'cut_glumbconv', 'glumbconv_units', 'sana_block_units', 'PrunedSanaTransformer2DModel', 'pipeline_default',
            'SanaFamily']
 
-# %% ../nbs/04d_sana.ipynb #f98f41eb
+# %% ../nbs/04d_sana.ipynb #d8e6aaa0
 import functools, inspect
 import torch
 import torch_pruning as tp
@@ -17,7 +17,7 @@ from .models import PrunedModelMixin
 from .transformer import TransformerFamily, head_units, linear_parts
 from .mmdit import check_prompt_length, text_length, example_values
 
-# %% ../nbs/04d_sana.ipynb #0eb8e6ba
+# %% ../nbs/04d_sana.ipynb #c6759cff
 def cut_glumbconv(ff, drop:list):
     "Remove units `drop` of a `GLUMBConv`, in place: value channels `drop`, gate channels `drop + h`, their inputs."
     both = list(drop) + [ff.conv_point.in_channels + j for j in drop]  # h read before the cut
@@ -40,7 +40,7 @@ def sana_block_units(block) -> dict:
     if getattr(block, 'attn2', None) is not None: out['attn2'] = head_units(block.attn2)
     return {**out, 'mlp': glumbconv_units(block.ff)}
 
-# %% ../nbs/04d_sana.ipynb #6aa00991
+# %% ../nbs/04d_sana.ipynb #a9650f27
 class PrunedSanaTransformer2DModel(PrunedModelMixin, SanaTransformer2DModel):
     "A `SanaTransformer2DModel` pruned to free-form widths: heads and GLUMBConv widths per block (see `is_pruned`)."
 
@@ -50,7 +50,7 @@ def pipeline_default(pipe, name:str):
     "The default of keyword `name` of the pipeline's `__call__`: what it samples with when not told otherwise."
     return inspect.signature(type(pipe).__call__).parameters[name].default
 
-# %% ../nbs/04d_sana.ipynb #77cbf458
+# %% ../nbs/04d_sana.ipynb #43fc785c
 class SanaFamily(TransformerFamily):
     "Sana: linear-attention and cross-attention heads, GLUMBConv units and whole blocks; flow matching."
     name, classes = 'sana', (SanaTransformer2DModel,)

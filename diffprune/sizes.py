@@ -33,7 +33,10 @@ def layer_macs(model, call=None) -> tuple:
         e = kwargs.get('encoder_hidden_states')
         if e is not None and getattr(m, 'add_q_proj', None) is not None: n = nk = n + e.shape[1]  # joint: both streams
         else: nk = e.shape[1] if e is not None else n
-        attns[m] = n * nk * m.to_q.out_features + n * nk * m.to_v.out_features
+        if 'Linear' in type(getattr(m, 'processor', None)).__name__:  # Sana's linear attention: V K^T, then by Q
+            d = m.to_q.out_features // m.heads
+            attns[m] = 2 * n * m.heads * d * (d + 1)  # per head (d + 1) x d, a padded row of ones for the normaliser
+        else: attns[m] = n * nk * m.to_q.out_features + n * nk * m.to_v.out_features
     for m in model.modules():
         if isinstance(m, nn.Conv2d): hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear): hooks.append(m.register_forward_hook(lin_hook))

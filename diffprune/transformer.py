@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['TRANSFORMER', 'attentions', 'head_rows', 'mlp_rows', 'linear_parts', 'cut_linears', 'projections', 'head_norms',
            'cut_norm', 'cut_heads', 'head_units', 'cut_mlp', 'mlp_units', 'dit_block_units', 'unit_scores',
-           'block_score', 'TransformerPruner', 'skipped_block_losses', 'handed_on', 'chosen_blocks',
+           'block_score', 'legacy_units', 'TransformerPruner', 'skipped_block_losses', 'handed_on', 'chosen_blocks',
            'PrunedDiTTransformer2DModel', 'PrunedPixArtTransformer2DModel', 'ClassPixelPipeline', 'transformer_inputs',
            'transformer_widths', 'TransformerFamily']
 
 # %% ../nbs/04b_transformer.ipynb #8e29fa24
-import functools, inspect, math
+import functools, inspect, math, warnings
 import torch, torch.nn as nn, numpy as np
 from fastcore.basics import patch
 import torch_pruning as tp
@@ -128,6 +128,13 @@ def block_score(method:str, block, grads:dict, generator=None) -> float:
                                        for p in block.parameters()]))
 
 # %% ../nbs/04b_transformer.ipynb #5af416bf
+def legacy_units(family, block) -> dict:
+    "0.6's reading of a block (DiT's attn1, attn2, ff) for a family that declares no `block_units`, with a warning."
+    if not (hasattr(block, 'attn1') and hasattr(block, 'ff')): return {}
+    warnings.warn(f"the {family.name} family declares no block_units: its blocks are read as DiT's (attn1, attn2, "
+                  "ff), as diffprune 0.6 read them, until 0.8", DeprecationWarning, stacklevel=3)
+    return dit_block_units(block)
+
 class TransformerPruner:
     "Scores of a transformer's heads, MLP units and blocks (its family's `block_units`); makes and applies plans."
     def __init__(self, model, method:str, gradients:dict=None, # {parameter name: sum_t dL_t/dw}, Taylor methods
@@ -137,7 +144,7 @@ class TransformerPruner:
         g = torch.Generator().manual_seed(seed)
         grads = {p: (gradients or {}).get(n) for n, p in model.named_parameters()}
         blocks = [b for _, _, b in self.family.model_blocks(model)]  # numbered across the family's block lists
-        self.anatomy = [self.family.block_units(b) for b in blocks]
+        self.anatomy = [self.family.block_units(b) or legacy_units(self.family, b) for b in blocks]
         self.units = [{k: (u.n, unit_scores(method, u.n, u.parts, grads, g)) for k, u in a.items()}
                       for a in self.anatomy]
         self.block_scores = torch.tensor([block_score(method, b, grads, g) for b in blocks])
@@ -154,6 +161,12 @@ class TransformerPruner:
         if self.rounding and self.rounding > narrowest:
             raise InputError(f"no MLP width of this model ({narrowest} units) is a multiple of {self.rounding} below "
                              "its own: use a smaller round_to (--round-to)")
+
+    def check_width(self):
+        "Refuse a width plan where the family's blocks declare no units (`block_units`)."
+        if not any(self.units):
+            raise InputError(f"the {self.family.name} family declares no units its blocks can lose (block_units): "
+                             "width pruning has nothing to remove; use removes='depth' (--removes depth)")
 
     def fixed_note(self) -> str:
         "The blocks every plan keeps, and why, for messages ('' for none)."
@@ -213,6 +226,7 @@ def depth_plan(self:TransformerPruner, n:int) -> dict:
 def width_plan(self:TransformerPruner, keep:float, blocks:list=None, mlp_keep:float=None) -> dict:
     "Every kept block keeps `keep` of its heads (at least one) and of its MLP units (a multiple of `round_to`)."
     if not 0 < keep <= 1: raise InputError(f"the fraction of width to keep must be in (0, 1], not {keep}")
+    self.check_width()
     blocks = list(range(len(self.units))) if blocks is None else blocks
     r, out = self.round_to or 1, {}
     for i in blocks:
@@ -321,7 +335,7 @@ def apply(self:TransformerPruner, plan:dict):
             keep = plan['keep'].get((i, k), n)
             if keep < n: self.anatomy[i][k].cut(sorted(torch.argsort(s)[:n - keep].tolist()))  # the lowest-scored
     numbered = self.family.model_blocks(m)
-    for name in self.family.blocks:
+    for name in self.family.block_lists():
         setattr(m, name, nn.ModuleList([b for i, (l, _, b) in enumerate(numbered) if l == name and i in kept]))
     m.register_to_config(**self.family.depth_config(m))  # a depth-pruned model is its config's model
     sync_diffusers_attrs(m)
@@ -474,8 +488,9 @@ class TransformerFamily(Family):
 
     def describe(self, result) -> str:
         "The blocks kept (by name where the family has two lists, as Flux), the widths per block, the class."
-        lists = [l for l in self.blocks for _ in range(result.blocks_before(l))]  # each block number's list
-        kept = (result.blocks_kept if len(self.blocks) == 1 else
+        names = self.block_lists()
+        lists = [l for l in names for _ in range(result.blocks_before(l))]  # each block number's list
+        kept = (result.blocks_kept if len(names) == 1 else
                 [f'{lists[i]}.{i - lists.index(lists[i])}' for i in result.blocks_kept])
         w = ' / '.join(sorted(set(transformer_widths(result.denoiser).values())))
         return (f"blocks kept: {len(result.blocks_kept)} of {len(lists)} {kept}; per block: {w}; "

@@ -189,9 +189,30 @@ def test_an_old_name_takes_its_old_keyword_too():
         from diffprune.report import RecipeSettings
         RecipeSettings(prune='width', removes='width')
 
-def test_a_family_naming_its_blocks_as_0_6_did_warns_and_still_works(monkeypatch):
-    "0.6's `blocks = 'transformer_blocks'` (one list's name) is read as 0.7's tuple, with a DeprecationWarning."
-    monkeypatch.setattr(diffprune.family, '_REGISTERED', [])
+def test_a_family_giving_its_blocks_as_0_6_did_warns_and_still_works():
+    "0.6's `blocks = 'transformer_blocks'` (one list's name) or None is read as 0.7's tuple, with a DeprecationWarning."
     class OldStyle(TinyFamily): blocks = 'transformer_blocks'
-    with pytest.warns(DeprecationWarning, match='a tuple of list names'): f = register_family(OldStyle())
-    assert f.blocks == ('transformer_blocks',) and f.block_counts == ('num_layers',)
+    f = OldStyle()
+    with pytest.warns(DeprecationWarning, match='a tuple of list names'): assert f.block_lists() == ('transformer_blocks',)
+    assert f.blocks == 'transformer_blocks'  # the family's own attribute stays what its code reads
+    class NoBlocks(TinyFamily): blocks = None
+    with pytest.warns(DeprecationWarning, match='a tuple of list names'): assert NoBlocks().block_lists() == ()
+
+def test_a_0_6_transformer_family_without_block_units_prunes_as_0_6_did(monkeypatch):
+    "A family written for 0.6 (no `block_units`) gets DiT's units with a warning, never a silent no-op."
+    from diffusers import DiTTransformer2DModel
+    from diffprune.transformer import TransformerPruner, transformer_inputs
+    from diffprune.checks import InputError
+    monkeypatch.setattr(diffprune.family, '_REGISTERED', [])
+    class OldDiT(Family):
+        name, classes, folder, blocks = 'old-dit', (DiTTransformer2DModel,), 'transformer', ('transformer_blocks',)
+        def example_inputs(self, model, batch=1): return transformer_inputs(model, batch)
+    register_family(OldDiT())
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_layers=2, sample_size=8, in_channels=1, out_channels=1, num_attention_heads=2,
+                                attention_head_dim=8, num_embeds_ada_norm=10)
+    with pytest.warns(DeprecationWarning, match="read as DiT's"): pr = TransformerPruner(dit, 'magnitude', round_to=None)
+    plan = pr.plan(pruning_ratio=0.5)
+    assert plan['keep'][(0, 'attn1')] == 1 and plan['keep'][(0, 'mlp')] < pr.units[0]['mlp'][0]
+    pr.units = [{} for _ in pr.units]  # blocks that declare nothing to lose: width is refused, not a no-op
+    with pytest.raises(InputError, match='declares no units its blocks can lose'): pr.plan(pruning_ratio=0.5)

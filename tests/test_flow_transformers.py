@@ -130,3 +130,18 @@ def test_the_shipped_mmdit_prunes_and_its_folder_samples_through_its_pipeline(cl
     r = cli('sample', '--model', tmp_path/'p', '--class-labels', '3', '--num', '2', '--sample-steps', '4',
             '--out', tmp_path/'s')
     assert r.returncode == 0 and (tmp_path/'s'/'samples.png').exists(), r.stderr
+
+def test_a_flux_with_fused_projections_prunes_as_the_unfused_one(pipes):
+    "diffusers' fuse_qkv_projections on Flux's attention: taken apart before the cut, so the same model comes out."
+    from diffprune.importance import ScoredModel, importance_criterion
+    from diffprune.prune import prune_model
+    plain, fused = copy.deepcopy(pipes['flux'].transformer), copy.deepcopy(pipes['flux'].transformer)
+    fused.fuse_qkv_projections()
+    out = [prune_model(ScoredModel(m, pipes['flux'].scheduler, 'magnitude', importance_criterion('magnitude')),
+                       pruning_ratio=0.5).denoiser for m in (plain, fused)]
+    torch.testing.assert_close(output(out[1]), output(out[0]))
+
+def test_flux_latents_of_an_odd_side_are_refused_in_one_line(pipes):
+    x, t, cond = inputs(pipes['flux'].transformer)
+    with pytest.raises(InputError, match='must be even, not 7x8'):
+        family_of(pipes['flux'].transformer).predict(pipes['flux'].transformer, x[:, :, :7], t, cond)
