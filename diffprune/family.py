@@ -13,7 +13,6 @@ import torch, torch.nn as nn
 from fastcore.basics import patch
 import diffprune
 from .checks import InputError, REMOVES, LAYOUTS, check_choice
-from .data import image_hw
 
 # %% ../nbs/00c_family.ipynb #d16afb7e
 def _side(size) -> tuple: return (size, size) if isinstance(size, int) else tuple(size)
@@ -125,6 +124,7 @@ def check_blocks(self:Family, model, blocks) -> list:
 @patch
 def sample_shape(self:Family, model) -> tuple:
     "`(channels, height, width)` of the samples `model` denoises: its config's `in_channels` and `sample_size`."
+    from diffprune.data import image_hw  # here, not above: data imports matplotlib, which the registry need not
     c = model.config
     if getattr(c, 'sample_size', None) is None:
         raise InputError("the model records no sample_size: set its config.sample_size (int or (height, width))")
