@@ -8,7 +8,7 @@ __all__ = ['DIGITS_MMDIT_CONFIG', 'SD3', 'FLUX', 'joint_block_units', 'cut_singl
            'PrunedFluxTransformer2DModel', 'example_values', 'text_length', 'check_prompt_length', 'SD3Family',
            'pack_latents', 'unpack_latents', 'latent_ids', 'FluxFamily']
 
-# %% ../nbs/04c_mmdit.ipynb #09fce69b
+# %% ../nbs/04c_mmdit.ipynb #437977c2
 import functools
 import torch, torch.nn as nn
 from diffusers import SD3Transformer2DModel, FluxTransformer2DModel
@@ -21,9 +21,9 @@ from .models import PrunedModelMixin
 from .transformer import (TransformerFamily, TransformerPruner, head_units, mlp_units, linear_parts,
                                    cut_linears, cut_heads)
 
-# %% ../nbs/04c_mmdit.ipynb #4a2a9efa
+# %% ../nbs/04c_mmdit.ipynb #d1df4c35
 def joint_block_units(block) -> dict:
-    "An MMDiT block's units (SD3's joint block, Flux's double block): heads of both streams, SD3.5's attn2, MLPs."
+    "An MMDiT block's units (SD3's joint block, Flux's double block): heads of both streams, attn2 (SD3.5 Medium), MLPs."
     out = {'attn': head_units(block.attn)}
     if getattr(block, 'attn2', None) is not None: out['attn2'] = head_units(block.attn2)
     out['mlp'] = mlp_units(block.ff)
@@ -59,7 +59,7 @@ def single_block_units(block) -> dict:
                 {block.proj_mlp: 1., out: n / (inner + n)}, functools.partial(cut_single_mlp, block), rounds=True)
     return {'attn': heads, 'mlp': mlp}
 
-# %% ../nbs/04c_mmdit.ipynb #4b6c1136
+# %% ../nbs/04c_mmdit.ipynb #6bb9c61f
 class ClassSD3Transformer2DModel(SD3Transformer2DModel):
     "SD3's MMDiT conditioned on a class: the label's embedding is the text stream's one token and the pooled vector."
     @register_to_config
@@ -91,7 +91,7 @@ DIGITS_MMDIT_CONFIG = dict(num_classes=10, sample_size=16, patch_size=2, in_chan
                            caption_projection_dim=64, pooled_projection_dim=64, pos_embed_max_size=8,
                            dual_attention_layers=(0, 1), qk_norm='rms_norm')
 
-# %% ../nbs/04c_mmdit.ipynb #88861f75
+# %% ../nbs/04c_mmdit.ipynb #f598a2d2
 class PrunedSD3Transformer2DModel(PrunedModelMixin, SD3Transformer2DModel):
     "An `SD3Transformer2DModel` pruned to free-form widths: heads and MLP widths per block (see `is_pruned`)."
 
@@ -120,7 +120,7 @@ def check_prompt_length(tokenizer, prompts:list, limit:int) -> list:
                              f"pipeline's text encoder reads {limit}: shorten it")
     return prompts
 
-# %% ../nbs/04c_mmdit.ipynb #12381b89
+# %% ../nbs/04c_mmdit.ipynb #a8dbf32f
 class SD3Family(TransformerFamily):
     "SD3 and SD3.5 (MMDiT): heads of both streams, attn2's heads, both MLPs' units, and whole joint blocks."
     name, classes = 'sd3', (SD3Transformer2DModel, ClassSD3Transformer2DModel)
@@ -174,7 +174,7 @@ class SD3Family(TransformerFamily):
 
 SD3 = SD3Family()  # the instance the registry finds (`diffprune._FAMILIES`)
 
-# %% ../nbs/04c_mmdit.ipynb #531c3c07
+# %% ../nbs/04c_mmdit.ipynb #bb758c0f
 def pack_latents(x:torch.Tensor) -> torch.Tensor:
     "`(B, C, H, W)` latents as Flux's `(B, H/2 * W/2, 4C)` tokens: each 2x2 patch one token, as `FluxPipeline` packs."
     B, C, H, W = x.shape
@@ -191,7 +191,7 @@ def latent_ids(height:int, width:int, device=None) -> torch.Tensor:
     rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing='ij')
     return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float().to(device)
 
-# %% ../nbs/04c_mmdit.ipynb #dd8d16cc
+# %% ../nbs/04c_mmdit.ipynb #5cc56f76
 class FluxFamily(TransformerFamily):
     "FLUX.1: heads and MLP units of double and single blocks, and whole blocks of both kinds, numbered in one row."
     name, classes = 'flux', (FluxTransformer2DModel,)
