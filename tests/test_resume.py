@@ -27,26 +27,34 @@ def run(out, stage='none', at=0) -> int:
     p.start(); p.join()
     return p.exitcode
 
-def test_killed_in_every_step_resumes_to_the_same_result(tmp_path):
-    run(tmp_path/'straight')
-    # one run, killed in each step in turn (in the finetune between two checkpoints), resumed each time
-    for stage, at in [('analyse', 0), ('score', 0), ('prune', 0), ('finetune', 3), ('evaluate', 0)]:
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory) -> Path:
+    "One uninterrupted run of the recipe, shared by the tests that compare with it."
+    out = tmp_path_factory.mktemp('resume')/'straight'
+    assert run(out) == 0
+    return out
+
+def test_killed_in_each_kind_of_step_resumes_to_the_same_result(tmp_path, straight):
+    # one run, killed after each kind of state is kept: the analysis and the scores (pruning next), a finetune
+    # checkpoint (killed between two), the finetuned model (evaluation next); resumed each time
+    for stage, at in [('prune', 0), ('finetune', 3), ('evaluate', 0)]:
         assert run(tmp_path/'killed', stage, at) == -signal.SIGKILL, (stage, at)
     assert run(tmp_path/'killed') == 0
-    a, b = (json.loads((tmp_path/k/'result.json').read_text()) for k in ('straight', 'killed'))
+    a, b = (json.loads((k/'result.json').read_text()) for k in (straight, tmp_path/'killed'))
     assert a['pruned']['fid'] == b['pruned']['fid'] and a['ssim'] == b['ssim']
     assert {**a['prune'], 'seconds': 0} == {**b['prune'], 'seconds': 0}
-    wa, wb = (load_file(next((tmp_path/k/'model').rglob('*.safetensors'))) for k in ('straight', 'killed'))
+    wa, wb = (load_file(next((k/'model').rglob('*.safetensors'))) for k in (straight, tmp_path/'killed'))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
     stages = tmp_path/'killed'/'stages'
     assert {p.name for p in stages.iterdir()} == {'settings.json', 'analysis.json', 'scores', 'pruned', 'finetune',
                                                   'evaluation', 'times.json'}
     assert not list(stages.rglob('.*tmp*'))  # what the kills left half-written is gone
 
-def test_a_finished_run_resumes_from_its_kept_steps_without_redoing_them(tmp_path, monkeypatch):
+def test_a_finished_run_resumes_from_its_kept_steps_without_redoing_them(tmp_path, monkeypatch, straight):
     "Every step kept: no analysis, scoring or sampling again, the same evaluation, and each step's first time."
+    import shutil
     import diffprune.report as report
-    run(tmp_path/'done')
+    shutil.copytree(straight, tmp_path/'done')  # a copy: this test rewrites a kept step
     first = json.loads((tmp_path/'done'/'result.json').read_text())
     def redone(*a, **k): raise AssertionError('a kept step was computed again')
     for name in ('analyze_timesteps', 'score_model', 'evaluate'): monkeypatch.setattr(report, name, redone)
