@@ -18,7 +18,7 @@ interleaved runs, eager fp32, at batch 1 and 64; speedup is the median per-run r
 interrupted run continues where it stopped.
 
     python bench/transformer.py            # 3 seeds, 1,200 finetune steps, 512 samples: about 30 minutes on 2 cores
-    python bench/transformer.py --model digits-mmdit --finetune-steps 400   # about 30 minutes on 2 cores
+    python bench/transformer.py --model digits-mmdit   # 800 finetune steps (10%): about 45 minutes on 2 cores
     python bench/transformer.py --quick    # seconds: tiny settings that check the plumbing, not the result
 """
 import statistics, time
