@@ -24,8 +24,8 @@ _API = {  # `dp.NAME`: the one call per step, and what a notebook needs around t
 _DIFFUSERS_BASES = ('ModelMixin',)
 # the denoiser families diffprune ships (nbs/00c_family.ipynb) as `module:attribute`; other packages add theirs as
 # entry points of the `diffprune.families` group
-_FAMILIES = {'unet': 'unet:UNET', 'transformer': 'transformer:TRANSFORMER', 'sd3': 'mmdit:SD3', 'flux': 'mmdit:FLUX',
-             'sana': 'sana:SANA'}
+_FAMILIES = {'unet': 'unet_depth:UNET', 'transformer': 'transformer:TRANSFORMER', 'sd3': 'mmdit:SD3',
+             'flux': 'mmdit:FLUX', 'sana': 'sana:SANA'}
 
 def __getattr__(name):
     "`import diffprune as dp; dp.score_model(...)`: imports the module on first use, so importing diffprune is free."

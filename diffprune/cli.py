@@ -132,13 +132,13 @@ def cmd_analyze(a):
 def _check_prune_args(a):
     "Refuse what argparse cannot see alone: both targets or neither, --data where the method uses none."
     targets = ('--pruning-ratio', '--target-macs')
-    if a.keep_blocks is None or a.removes == 'both': check_target(a.pruning_ratio, a.target_macs, names=targets)
+    chosen = [f for f, v in (('--keep-blocks', a.keep_blocks), ('--remove-units', a.remove_units)) if v is not None]
+    if not chosen or a.removes == 'both': check_target(a.pruning_ratio, a.target_macs, names=targets)
     elif (a.pruning_ratio, a.target_macs) != (None, None):
-        raise UsageError("--keep-blocks is the plan: drop --pruning-ratio and --target-macs (or add --removes both "
-                         "to prune the kept blocks' width to them)")
+        raise UsageError(f"{chosen[0]} is the plan: drop --pruning-ratio and --target-macs (or add --removes both "
+                         "to prune the width that stays to them)")
     if a.data is not None and a.method in ('magnitude', 'random'):  # it would be recorded as if it had been used
-        raise UsageError(f"--method {a.method} scores the weights, not data: "
-                         "drop --data (diff-pruning and taylor use it)")
+        raise UsageError(f"--method {a.method} scores weights, not data: drop --data (diff-pruning and taylor use it)")
 
 def cmd_prune(a):
     "Prune a model with a method to a pruning ratio or a MACs target."
@@ -165,11 +165,11 @@ def _prune_pixel(a, out):
     _no_conditioning(a, 'prune')
     if a.method in ('diff-pruning', 'taylor'): a.data = str(a.data or 'digits')  # recorded only where it is used
     model = load_model(a.model, a.device)
-    check_prune(model[0], a.removes, a.layout, a.keep_blocks)  # before minutes of scoring
+    check_prune(model[0], a.removes, a.layout, a.keep_blocks, a.remove_units)  # before minutes of scoring
     imp = score_model(model, a.data, a.method, a.threshold, calibration_size=a.calibration_size,
                       sampled_timesteps=a.sampled_timesteps, stride=a.stride, seed=a.seed, device=a.device)
     res = prune_model(imp, pruning_ratio=a.pruning_ratio, target_macs=a.target_macs, round_to=a.round_to,
-                      layout=a.layout, removes=a.removes, keep_blocks=a.keep_blocks)
+                      layout=a.layout, removes=a.removes, keep_blocks=a.keep_blocks, remove_units=a.remove_units)
     res.save(out, extra=dict(source=str(a.model), data=a.data, seed=a.seed))
     _say(res, 'model', out)
 
@@ -181,13 +181,14 @@ def _prune_latent(a, out, folder):
     from diffprune.prune import check_prune
     pipe = load_pipeline(folder, a.device)
     pipeline_objective(pipe)  # before minutes of scoring: an objective the pipeline samples, a plan it can make
-    check_prune(denoiser(pipe), a.removes, a.layout, a.keep_blocks)
+    check_prune(denoiser(pipe), a.removes, a.layout, a.keep_blocks, a.remove_units)
     images = latent_images(pipe, a.data, a.calibration_size, a.seed)
     pruned, res, _ = prune_pipeline(pipe, images, a.calibration_size, a.prompt, a.class_labels, method=a.method,
                                     threshold=a.threshold, sampled_timesteps=a.sampled_timesteps, stride=a.stride,
                                     target_macs=a.target_macs, pruning_ratio=a.pruning_ratio,
                                     calibration_steps=a.calibration_steps, seed=a.seed, round_to=a.round_to,
-                                    layout=a.layout, removes=a.removes, keep_blocks=a.keep_blocks)
+                                    layout=a.layout, removes=a.removes, keep_blocks=a.keep_blocks,
+                                    remove_units=a.remove_units)
     macs = {'teacher': pipeline_macs(pipe), 'pruned': pipeline_macs(pruned)}
     save_pipeline(pruned, out, dict(source=str(a.model), seed=a.seed, prune=res.summary()), result=res,
                   record=dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, prompt=a.prompt,
@@ -404,8 +405,8 @@ def _targets(p, target_macs=None):
                    help="free-form (the default): each group's own width, loads with diffprune installed; diffusers: "
                         "one width per level, a plain diffusers config that loads without diffprune")
     p.add_argument('--removes', choices=REMOVES, default='width',
-                   help="what goes: width (channels; a transformer's heads and MLP units, the default), depth (whole "
-                        "transformer blocks) or both (transformers: half the MACs reduction each, in the log)")
+                   help="what goes: width (channels, heads, MLP units: the default), depth (transformer blocks, a "
+                        "UNet's ResNet pairs and mid-block) or both (about half the MACs reduction each, in the log)")
     p.add_argument('--prune', dest='removes', choices=REMOVES, action=_OldFlag, metavar='--removes',
                    help=argparse.SUPPRESS)
 
@@ -415,9 +416,10 @@ def _prune_args(p):
     p.add_argument('--method', choices=METHODS, default='diff-pruning')
     _targets(p)
     p.add_argument('--keep-blocks', type=int, nargs='+', metavar='INDEX',
-                   help="the transformer blocks to keep, by index, in place of a target: a depth plan chosen elsewhere; "
-                        "with --removes both, a target then prunes their width by the scores (else --method magnitude "
-                        "skips the gradient scoring the plan does not use)")
+                   help="a transformer's blocks to keep, by index, in place of a target (a depth plan made elsewhere)")
+    p.add_argument('--remove-units', nargs='+', metavar='NAME',
+                   help="a UNet's depth units to remove, by name or a preset (bk-sdm-base, bk-sdm-small), in place of "
+                        "a target; with either, --removes both and a target then prune the width that stays")
     p.add_argument('--round-to', type=_round_to, default='auto', metavar='N',
                    help="keep pruned widths multiples of N; 'auto' (the default): 8 with --target-macs where the "
                         "model allows, else any width; 16 is faster on CPUs but cost FID; 1: any width")
@@ -563,9 +565,7 @@ def main(argv=None) -> int:
     p = parser()
     try: a = p.parse_args(argv)
     except SystemExit as e: return e.code  # --help (0) or an argument argparse refuses (2)
-    if a.command is None:
-        p.print_help()
-        return 2
+    if a.command is None: return p.print_help() or 2  # no subcommand: the help, as an error
     debug = a.debug or os.environ.get('DIFFPRUNE_DEBUG') == '1'  # every error with its whole traceback and causes
     stderr, sys.stderr = sys.stderr, _Stderr(sys.stderr)  # so a message never lands on a bar's open line
     try:

@@ -122,6 +122,12 @@ def check_blocks(self:Family, model, blocks) -> list:
                      + ' and '.join(f.name for f in families() if f.blocks) + " models)")
 
 @patch
+def check_units(self:Family, model, units, layout:str='free-form') -> list:
+    "`units`, names of the model's depth units to remove (or a preset's name), checked: the plan, chosen elsewhere."
+    raise InputError(f"a {type(model).__name__}'s units to remove cannot be chosen by name (remove_units, "
+                     "--remove-units: for UNets); a transformer's blocks are chosen with keep_blocks (--keep-blocks)")
+
+@patch
 def sample_shape(self:Family, model) -> tuple:
     "`(channels, height, width)` of the samples `model` denoises: its config's `in_channels` and `sample_size`."
     from diffprune.data import image_hw  # here, not above: data imports matplotlib, which the registry need not

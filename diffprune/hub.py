@@ -15,7 +15,7 @@ def _card_rows(meta:dict) -> list:
     "`(what, value)` rows for the card from a folder's metadata (prune, finetune and evaluation summaries)."
     p, f, e = meta.get('prune', {}), meta.get('finetune', {}), meta.get('evaluation', {})
     settings = ('method', 'pruning_ratio', 'target_macs', 'layout', 'removes', 'blocks_kept', 'teacher_blocks',
-                'threshold', 't_prime')
+                'units_removed', 'threshold', 't_prime')
     rows = [(k, p[k]) for k in settings if p.get(k) is not None]
     if p.get('params_before'): rows.append(('params', f"{p['params_before']:,} -> {p['params_after']:,}"))
     if p.get('macs_before'):

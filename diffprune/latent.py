@@ -334,19 +334,20 @@ def prune_pipeline(pipe, # a latent diffusers pipeline (its denoiser is pruned)
                    calibration_steps:int=20, # DDIM steps of the teacher's calibration latents
                    seed:int=0, progress:bool=True, round_to='auto',
                    layout:str='free-form', # or 'diffusers' (see `prune_model`)
-                   removes:str='width', # 'width', or a transformer's 'depth' or 'both' (see `prune_model`)
+                   removes:str='width', # 'width', 'depth' or 'both' (see `prune_model`)
                    keep_blocks:list=None, # or: the transformer blocks to keep, by index (see `prune_model`)
+                   remove_units:list=None, # or: a UNet's depth units to remove, by name or a preset (04e)
                   ) -> tuple:
     "Diff-Pruning on the denoiser of a latent pipeline: `(pruned pipeline, PruneResult, (latents, cond))`."
     pipeline_objective(pipe)  # before the teacher generates any latents: an objective the pipeline can sample,
-    check_prune(denoiser(pipe), removes, layout, keep_blocks)  # and a plan the family can make
-    check_targets(removes, pruning_ratio, target_macs, keep_blocks)
+    check_prune(denoiser(pipe), removes, layout, keep_blocks, remove_units)  # and a plan the family can make
+    check_targets(removes, pruning_ratio, target_macs, keep_blocks if remove_units is None else remove_units)
     z, cond = pipeline_latents(pipe, images, calibration_size, prompts, class_labels, calibration_steps, seed,
                                progress)
     scored = score_model((denoiser(pipe), pipe.scheduler), z, method, threshold, sampled_timesteps=sampled_timesteps,
                          stride=stride, cond=cond, seed=seed, progress=progress)
     res = prune_model(scored, pruning_ratio=pruning_ratio, target_macs=target_macs, round_to=round_to,
-                      layout=layout, removes=removes, keep_blocks=keep_blocks)
+                      layout=layout, removes=removes, keep_blocks=keep_blocks, remove_units=remove_units)
     return with_denoiser(pipe, res.denoiser), res, (z, cond)
 
 # %% ../nbs/07_latent.ipynb #3c463c4a

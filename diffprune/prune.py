@@ -83,6 +83,7 @@ class PruneResult:
     removes: str = 'width' # what pruning removed: 'width' (channels, heads, MLP units), 'depth' (blocks) or 'both'
     blocks_kept: list = None # a transformer's blocks that stay, by their index before this pruning
     teacher_blocks: list = None # the same blocks by their index in the first teacher (maps compose over prunes)
+    units_removed: list = None # a UNet's depth units removed, by name (04e)
 
     unet = OldName('denoiser')  # the old name, kept until 0.7
 
@@ -94,6 +95,7 @@ class PruneResult:
                  attn_macs_before=self.attn_macs_before, attn_macs_after=self.attn_macs_after,
                  round_to=self.round_to, layout=self.layout, removes=self.removes, seconds=round(self.seconds, 2))
         if self.blocks_kept is not None: d.update(blocks_kept=self.blocks_kept, teacher_blocks=self.teacher_blocks)
+        if self.units_removed is not None: d['units_removed'] = self.units_removed
         if self.time_fit_error is not None: d['time_fit_error'] = round(self.time_fit_error, 6)
         if (ana := self.analysis) is not None:
             d.update(threshold=ana.threshold, t_prime=ana.t_prime, kept_timesteps=ana.kept_timesteps)
@@ -223,18 +225,23 @@ def save(self:PruneResult, path,
 
 # %% ../nbs/04_prune.ipynb #06e07759
 @old_keywords(prune='removes')
-def check_prune(model, removes:str='width', layout:str='free-form', keep_blocks=None):
-    "Refuse a `removes`, `layout` or `keep_blocks` that `model`'s family cannot prune it to, before any scoring."
+def check_prune(model, removes:str='width', layout:str='free-form', keep_blocks=None, remove_units=None):
+    "Refuse, before any scoring, what `model`'s family cannot prune it to: `removes`, `layout`, blocks or units."
     family = family_of(model)
-    family.check(inner_model(model), removes, layout)
+    # units chosen by name are a depth plan (with width too, given a target), checked as one
+    family.check(inner_model(model), 'depth' if remove_units is not None and removes == 'width' else removes, layout)
+    if keep_blocks is not None and remove_units is not None:
+        raise InputError("give the blocks to keep (keep_blocks) or the units to remove (remove_units), not both")
     if keep_blocks is not None: family.check_blocks(inner_model(model), keep_blocks)
+    if remove_units is not None: family.check_units(inner_model(model), remove_units, layout)
 
-def check_targets(removes:str, pruning_ratio, target_macs, keep_blocks) -> tuple:
-    "`(removes, pruning_ratio, target_macs)` checked: chosen blocks are the depth plan, and width takes one target."
-    if keep_blocks is None: return (removes, *check_target(pruning_ratio, target_macs))
-    if removes == 'width': removes = 'depth'  # the blocks given are what goes
+def check_targets(removes:str, pruning_ratio, target_macs, chosen) -> tuple:
+    "`(removes, pruning_ratio, target_macs)` checked: `chosen` blocks or units are the depth plan; width, one target."
+    if chosen is None: return (removes, *check_target(pruning_ratio, target_macs))
+    if removes == 'width': removes = 'depth'  # the blocks or units given are what goes
     if removes == 'depth' and (pruning_ratio, target_macs) != (None, None):
-        raise InputError("keep_blocks is the plan: drop pruning_ratio and target_macs, or use removes='both' for width")
+        raise InputError("the blocks or units chosen are the plan: drop pruning_ratio and target_macs, "
+                         "or use removes='both' for width")
     return (removes, *(check_target(pruning_ratio, target_macs) if removes == 'both' else (None, None)))
 
 def _block_map(model, kept:list) -> list:
@@ -250,11 +257,13 @@ def prune_model(scored:ScoredModel, *, # from `score_model`: the denoiser, its g
                 layout:str='free-form', # 'free-form': any width per group; 'diffusers': widths a plain config builds
                 removes:str='width', # 'width' (channels, heads, MLP units), 'depth' (whole blocks) or 'both'
                 keep_blocks:list=None, # or: the blocks to keep, by index (scores computed elsewhere, a paper's oracle)
+                remove_units:list=None, # or: a UNet's depth units to remove, by name, or a preset's name (04e)
                 seed:int=0, # the seed of the random criterion's draws where the family's pruner draws its own
                ) -> PruneResult:
     "Prune a copy of `scored.denoiser` to `pruning_ratio` or `target_macs` in one shot, by its family's pruner."
-    check_prune(scored.denoiser, removes, layout, keep_blocks)  # as asked, then as chosen blocks make it
-    removes, pruning_ratio, target_macs = check_targets(removes, pruning_ratio, target_macs, keep_blocks)
+    check_prune(scored.denoiser, removes, layout, keep_blocks, remove_units)  # as asked, then as a choice makes it
+    chosen = keep_blocks if remove_units is None else remove_units
+    removes, pruning_ratio, target_macs = check_targets(removes, pruning_ratio, target_macs, chosen)
     check_prune(scored.denoiser, removes, layout)
     t0 = time.time()
     # a copy of the model itself (not its compiled or data-parallel wrapper), its fused projections taken apart
@@ -262,7 +271,8 @@ def prune_model(scored:ScoredModel, *, # from `score_model`: the denoiser, its g
     family, before = family_of(model), measure(model)
     with scored.gradients_on(model):  # `.grad` for pruners that read it (torch-pruning's criteria)
         pruner = family.pruner(model, scored, round_to=round_to, layout=layout, seed=seed)
-        chosen = {} if keep_blocks is None else {'blocks': keep_blocks}  # asked only of families with blocks
+        # asked only of families with blocks, or with units chosen by name
+        chosen = {} if chosen is None else {'blocks': keep_blocks} if remove_units is None else {'units': remove_units}
         plan = pruner.plan(pruning_ratio=pruning_ratio, target_macs=target_macs, removes=removes, **chosen)
         report = pruner.report(plan)
         teacher_blocks = report.get('blocks_kept') and _block_map(model, report['blocks_kept'])

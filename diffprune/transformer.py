@@ -19,7 +19,7 @@ from diffusers.models.activations import GEGLU, SwiGLU
 from .checks import (InputError, REMOVES, LAYOUTS, check_choice, check_pruning_ratio, check_target_macs,
                               check_target, old_names, old_keywords)
 from .family import Family, Units, family_of
-from .models import PrunedModelMixin, is_pruned
+from .models import PrunedModelMixin, is_pruned, set_config
 from .diffusion import eps_loss, eval_mode, sample_shape
 from .sizes import layer_macs
 from .importance import ScoredModel, weight_terms, reduce_terms, channel_scores
@@ -337,7 +337,7 @@ def apply(self:TransformerPruner, plan:dict):
     numbered = self.family.model_blocks(m)
     for name in self.family.block_lists():
         setattr(m, name, nn.ModuleList([b for i, (l, _, b) in enumerate(numbered) if l == name and i in kept]))
-    m.register_to_config(**self.family.depth_config(m))  # a depth-pruned model is its config's model
+    set_config(m, **self.family.depth_config(m))  # a depth-pruned model is its config's model
     sync_diffusers_attrs(m)
     m.zero_grad(set_to_none=True)
     return m

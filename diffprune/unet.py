@@ -548,8 +548,8 @@ class UNetFamily(Family):
 
     def check(self, model, removes:str='width', layout:str='free-form'):
         if removes in ('depth', 'both'):
-            raise InputError(f"removes={removes!r} takes whole transformer blocks; "
-                             "a UNet is pruned by width (channels)")
+            raise InputError(f"this family prunes a UNet by width (channels); removes={removes!r} is the registered "
+                             "UNet family's (diffprune.unet_depth, 04e)")
         super().check(model, removes, layout)
 
     def encode_prompts(self, pipe, prompts:list) -> dict:
@@ -573,7 +573,7 @@ class UNetFamily(Family):
         return (f"diffusers layout: block_out_channels {list(c.block_out_channels)}, attention_head_dim "
                 f"{c.attention_head_dim}: a plain {type(result.denoiser).__name__} that loads without diffprune")
 
-UNET = UNetFamily()  # the instance the registry finds (`diffprune._FAMILIES`)
+UNET = UNetFamily()  # by width alone; the registry finds 04e's, which adds depth (`diffprune._FAMILIES`)
 
 # %% ../nbs/04a_unet.ipynb #60ee2b01
 def kept_channels(scored:ScoredModel, *, pruning_ratio:float=None, target_macs:float=None, round_to='auto') -> set:

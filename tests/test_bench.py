@@ -22,6 +22,12 @@ def test_gpu_script_runs_quick_on_cpu(tmp_path):
     assert isinstance(mem['mib_per_image'], float) and all(x['above_model_mib'] > 0 for x in mem['rows'])
     imp = json.loads((tmp_path/'importance_speed_quick.json').read_text())
     assert {x['mode'] for x in imp['rows']} >= {'paper loop', 'exact ipp=16', 'fast k=8'}
+    # the two measurements no GPU has run yet: UNet depth on an SD-1.5-sized UNet (#30), a FLUX.1-wide one (#29)
+    sd = json.loads((tmp_path/'unet_depth_sd15_quick.json').read_text())
+    assert {x['arm'] for x in sd['speed']} == {'teacher', 'bk-sdm-small', 'width'} and sd['units_removed']
+    flux = json.loads((tmp_path/'flux_speed_quick.json').read_text())
+    assert {x['prune'] for x in flux['rows']} == {'teacher', 'width', 'depth'}
+    assert all(x['macs_reduction'] > 1.5 for x in flux['rows'] if x['prune'] != 'teacher')
 
 def test_gpu_script_refuses_an_unknown_argument_in_one_line():
     r = subprocess.run(['bash', str(ROOT/'bench'/'gpu.sh'), '--fast'], capture_output=True, text=True, timeout=60)
@@ -56,3 +62,18 @@ def test_transformer_bench_runs_quick_with_every_method_and_kind_at_the_target(t
     depth = next(x for x in res['runs'] if x['prune'] == 'depth')
     assert 0 in depth['blocks_kept'] and len(depth['blocks_kept']) < 8
     assert {x['prune'] for x in res['speed']} == {'teacher', 'width', 'depth', 'both'} and len(res['verdicts']) == 8
+
+@pytest.mark.slow  # a benchmark's harness on tiny settings (a minute of CPU): the slow tier
+def test_unet_depth_bench_runs_quick_and_pairs_depth_with_width_at_its_macs(tmp_path):
+    "bench/unet_depth.py --quick: depth and both, each against width at the MACs it reached; the CIFAR-10 preset."
+    env = dict(os.environ, MPLBACKEND='Agg', HF_HUB_OFFLINE='1')
+    r = subprocess.run([sys.executable, 'unet_depth.py', '--quick', '--out', str(tmp_path)], cwd=ROOT/'bench',
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path/'unet_depth_quick.json').read_text())
+    runs = {x['arm']: x for x in res['runs']}
+    assert set(runs) == {'teacher', 'depth', 'width@depth', 'both', 'width'}
+    assert runs['depth']['units_removed'] and not runs['width@depth']['units_removed']
+    for deep, wide in (('depth', 'width@depth'), ('both', 'width')):
+        assert abs(runs[deep]['macs_fraction'] - runs[wide]['macs_fraction']) < 0.01
+    assert {(x['model'], x['arm']) for x in res['speed']} >= {('cifar10', 'bk-sdm-small'), ('cifar10', 'width')}

@@ -59,24 +59,30 @@ def assert_plain(unet, cls):
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in unet.state_dict().items()}
 
 def test_the_diffusers_layout_is_a_plain_config_that_loads_without_diffprune(cli, tmp_path):
-    "The digits teacher by Diff-Pruning (CLI, MACs target), the CIFAR-10 UNet and a tiny Stable Diffusion pipeline."
+    "The digits teacher by Diff-Pruning (CLI, MACs target), the CIFAR-10 UNet by width and depth, a tiny SD pipeline."
     r = cli('prune', '--layout', 'diffusers', '--target-macs', '0.5', '--calibration-size', '8', '--stride', '100',
             '--out', tmp_path/'digits')
     assert r.returncode == 0, r.stderr
     assert 'diffusers layout: block_out_channels [' in r.stdout and 'a plain UNet2DModel' in r.stdout
     assert json.loads((tmp_path/'digits'/'result.json').read_text())['layout'] == 'diffusers'
     torch.manual_seed(0)
-    cifar = prune_model(magnitude(UNet2DModel(**CIFAR10_CONFIG)), target_macs=0.5, layout='diffusers')
+    shaped = dict(CIFAR10_CONFIG, block_out_channels=(32, 64, 64, 64), norm_num_groups=8)  # its anatomy, CPU-sized
+    cifar = prune_model(magnitude(UNet2DModel(**shaped)), target_macs=0.5, layout='diffusers')
     assert_plain(cifar.denoiser, UNet2DModel)
-    assert cifar.macs_after / cifar.macs_before <= 0.5 and cifar.denoiser.config.block_out_channels[0] < 128
+    assert cifar.macs_after / cifar.macs_before <= 0.5 and cifar.denoiser.config.block_out_channels[0] < 32
     cifar.save(tmp_path/'cifar10')
+    torch.manual_seed(0)  # depth: BK-SDM-Small's blocks gone, a plain config (`layers_per_block` 1, no mid-block)
+    bk = prune_model(magnitude(UNet2DModel(**shaped)), remove_units='bk-sdm-small', layout='diffusers')
+    assert_plain(bk.denoiser, UNet2DModel)
+    bk.save(tmp_path/'bk')
     pipe = tiny_latent_pipeline('text', tokenizer_dir=tmp_path/'tok')
     sd, res, _ = prune_pipeline(pipe, calibration_size=4, stride=200, target_macs=0.6, calibration_steps=2,
                                 prompts='a digit', progress=False, layout='diffusers')
     assert_plain(sd.unet, UNet2DConditionModel) and res.layout == 'diffusers'
     assert list(sd.unet.config.block_out_channels) != list(pipe.unet.config.block_out_channels)
     save_pipeline(sd, tmp_path/'sd')
-    loads = (('digits', 'DDPMPipeline'), ('cifar10', 'DDPMPipeline'), ('sd', 'StableDiffusionPipeline'))
+    loads = (('digits', 'DDPMPipeline'), ('cifar10', 'DDPMPipeline'), ('bk', 'DDPMPipeline'),
+             ('sd', 'StableDiffusionPipeline'))
     outputs = load_without_diffprune(*((tmp_path/name, cls, tmp_path/f'{name}-out') for name, cls in loads))
     for (name, cls), got_both in zip(loads, outputs):
         index = json.loads((tmp_path/name/'model_index.json').read_text())

@@ -33,7 +33,13 @@ def test_imports_only_point_forward_in_notebook_order():
     assert not backward, backward
 
 # the modules of the denoiser families: the only ones that may name a denoiser's diffusers class
-FAMILIES = {spec.split(':')[0] for spec in diffprune._FAMILIES.values()}  # the built-in families' own modules
+def _family_modules() -> set:
+    "The built-in families' own modules: those of each registered family's class and its bases (04a's UNet, 04e's)."
+    from diffprune.family import families
+    return {c.__module__.rpartition('.')[2] for f in families() for c in type(f).__mro__
+            if c.__module__.startswith('diffprune.') and c.__module__ != 'diffprune.family'}
+
+FAMILIES = _family_modules()
 DENOISER_CLASSES = ('UNet2DModel', 'UNet2DConditionModel', 'DiTTransformer2DModel', 'PixArtTransformer2DModel',
                     'Transformer2DModel', 'SD3Transformer2DModel', 'FluxTransformer2DModel', 'SanaTransformer2DModel')
 

@@ -165,7 +165,7 @@ def test_the_cli_prunes_samples_finetunes_and_evaluates_the_shipped_dit(cli, tmp
      'depth pruning cannot go below'),
     (['prune', '--model', 'digits-dit', '--target-macs', '0.01', '--method', 'magnitude'], 'width pruning cannot go below'),
     (['prune', '--model', 'digits', '--target-macs', '0.5', '--removes', 'depth', '--method', 'magnitude'],
-     'a UNet is pruned by width'),
+     'depth pruning cannot go below 90% of the MACs'),
     (['prune', '--model', 'digits-dit', '--pruning-ratio', '0.3', '--layout', 'diffusers', '--method', 'magnitude'],
      "use removes='depth' (--removes depth), or layout='free-form'"),
     (['sample', '--model', 'digits-dit', '--class-labels', '12'], r'class labels must be in [0, 10)'),
@@ -245,8 +245,8 @@ def test_round_to_is_checked_and_auto_rounding_is_for_macs_targets_only():
 def test_prune_kind_and_layout_are_refused_before_scoring(cli, tmp_path, monkeypatch):
     import diffprune.importance
     monkeypatch.setattr(diffprune.importance, 'score_model', lambda *a, **k: pytest.fail('scored before refusing'))
-    r = cli('prune', '--model', 'digits', '--target-macs', '0.5', '--prune', 'both', '--out', tmp_path/'o')
-    assert r.returncode == 2 and 'a UNet is pruned by width' in r.stderr
+    r = cli('prune', '--model', 'digits', '--prune', 'depth', '--remove-units', 'nope', '--out', tmp_path/'o')
+    assert r.returncode == 2 and "this UNet has no unit 'nope'" in r.stderr
     assert 'diffprune: --prune is now --removes' in r.stderr  # the old flag (until 0.6) works, and says so
 
 def test_a_torchvision_style_dataset_is_refused_in_words_and_the_pixel_pipeline_gives_pil(tmp_path):
@@ -256,3 +256,13 @@ def test_a_torchvision_style_dataset_is_refused_in_words_and_the_pixel_pipeline_
     save_model(tiny_dit(), SCHED, tmp_path/'m')
     imgs = ClassPixelPipeline.from_pretrained(tmp_path/'m')([1, 2], num_inference_steps=2, output_type='pil').images
     assert len(imgs) == 2 and imgs[0].size == (16, 16)
+
+def test_a_depth_pruned_dit_built_with_default_num_layers_rebuilds_from_its_config():
+    "diffusers drops the arguments a model was built with by default from `from_config`: the pruned count must stay."
+    from diffusers import DDPMScheduler, DiTTransformer2DModel
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(sample_size=8, in_channels=1, out_channels=1, num_attention_heads=2,
+                                attention_head_dim=8, patch_size=2, num_embeds_ada_norm=10)  # num_layers: 28, by default
+    res = prune_model(ScoredModel(dit, DDPMScheduler(), 'magnitude', importance_criterion('magnitude')),
+                      keep_blocks=[0, 1, 2])
+    assert len(DiTTransformer2DModel.from_config(res.denoiser.config).transformer_blocks) == 3
