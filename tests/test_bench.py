@@ -33,14 +33,18 @@ def test_gpu_script_refuses_an_unknown_argument_in_one_line():
     r = subprocess.run(['bash', str(ROOT/'bench'/'gpu.sh'), '--fast'], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and '--fast' in r.stderr, r.stderr
 
+def quick_run(script:str, tmp_path) -> dict:
+    "`bench/SCRIPT --quick`, run to its end with the results in `tmp_path`; its JSON."
+    env = dict(os.environ, MPLBACKEND='Agg', HF_HUB_OFFLINE='1')
+    r = subprocess.run([sys.executable, script, '--quick', '--out', str(tmp_path)], cwd=ROOT/'bench',
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads((tmp_path/script.replace('.py', '_quick.json')).read_text())
+
 @pytest.mark.slow  # a benchmark's harness on tiny settings (a minute of CPU): the slow tier
 def test_layouts_bench_runs_quick_and_pairs_the_layouts_at_the_same_macs(tmp_path):
     "bench/layouts.py --quick: the three layouts of each seed, the free-form one matched to the diffusers one's MACs."
-    env = dict(os.environ, MPLBACKEND='Agg', HF_HUB_OFFLINE='1')
-    r = subprocess.run([sys.executable, 'layouts.py', '--quick', '--out', str(tmp_path)], cwd=ROOT/'bench',
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    res = json.loads((tmp_path/'layouts_quick.json').read_text())
+    res = quick_run('layouts.py', tmp_path)
     runs = {x['layout']: x for x in res['runs']}
     assert set(runs) == {'diffusers', 'free-form matched', 'free-form'}
     assert runs['diffusers']['macs_fraction'] <= 0.5 < runs['free-form']['macs_fraction'] + 0.01
@@ -50,11 +54,7 @@ def test_layouts_bench_runs_quick_and_pairs_the_layouts_at_the_same_macs(tmp_pat
 @pytest.mark.slow  # a benchmark's harness on tiny settings (a minute of CPU): the slow tier
 def test_transformer_bench_runs_quick_with_every_method_and_kind_at_the_target(tmp_path):
     "bench/transformer.py --quick: the four methods by width and Diff-Pruning by depth and both, each within the MACs."
-    env = dict(os.environ, MPLBACKEND='Agg', HF_HUB_OFFLINE='1')
-    r = subprocess.run([sys.executable, 'transformer.py', '--quick', '--out', str(tmp_path)], cwd=ROOT/'bench',
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    res = json.loads((tmp_path/'transformer_quick.json').read_text())
+    res = quick_run('transformer.py', tmp_path)
     arms = {(x['method'], x['prune']) for x in res['runs']}
     assert arms == {('teacher', None), *((m, 'width') for m in ('diff-pruning', 'taylor', 'magnitude', 'random')),
                     ('diff-pruning', 'depth'), ('diff-pruning', 'both')}
@@ -66,11 +66,7 @@ def test_transformer_bench_runs_quick_with_every_method_and_kind_at_the_target(t
 @pytest.mark.slow  # a benchmark's harness on tiny settings (a minute of CPU): the slow tier
 def test_unet_depth_bench_runs_quick_and_pairs_depth_with_width_at_its_macs(tmp_path):
     "bench/unet_depth.py --quick: depth and both, each against width at the MACs it reached; the CIFAR-10 preset."
-    env = dict(os.environ, MPLBACKEND='Agg', HF_HUB_OFFLINE='1')
-    r = subprocess.run([sys.executable, 'unet_depth.py', '--quick', '--out', str(tmp_path)], cwd=ROOT/'bench',
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    res = json.loads((tmp_path/'unet_depth_quick.json').read_text())
+    res = quick_run('unet_depth.py', tmp_path)
     runs = {x['arm']: x for x in res['runs']}
     assert set(runs) == {'teacher', 'depth', 'width@depth', 'both', 'width'}
     assert runs['depth']['units_removed'] and not runs['width@depth']['units_removed']
