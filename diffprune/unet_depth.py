@@ -6,7 +6,7 @@
 __all__ = ['PRESETS', 'UNET', 'DepthUnit', 'level_pairs', 'depth_units', 'removal', 'depth_config', 'remove_units', 'unit_scores',
            'skipped_unit_losses', 'preset_units', 'named_units', 'UNetDepthPruner', 'UNetDepthFamily']
 
-# %% ../nbs/04e_unet_depth.ipynb #55431905
+# %% ../nbs/04e_unet_depth.ipynb #5d361667
 import copy, math
 from dataclasses import dataclass
 import torch, torch.nn as nn
@@ -19,7 +19,7 @@ from .diffusion import eps_loss, eval_mode
 from .transformer import block_score
 from .unet import UNetFamily, UNetPruner
 
-# %% ../nbs/04e_unet_depth.ipynb #11b9c163
+# %% ../nbs/04e_unet_depth.ipynb #2a2a48f9
 @dataclass
 class DepthUnit:
     "Layers of a UNet that go together and leave a UNet that runs: a down/up pair of ResNets, or the mid-block."
@@ -55,7 +55,7 @@ def depth_units(unet) -> list:
     if unet.mid_block is not None: units.append(DepthUnit('mid_block', 'mid', None, ('mid_block',)))
     return units
 
-# %% ../nbs/04e_unet_depth.ipynb #7c011f85
+# %% ../nbs/04e_unet_depth.ipynb #2d18670b
 def removal(unet, units:list) -> dict:
     "`{list path: indices kept}` (and `{'mid_block': None}`) of `unet` without `units`."
     drop, gone = {}, {}
@@ -98,7 +98,7 @@ def remove_units(unet, units:list, layout:str='free-form'):
     if cfg is None: return as_pruned(unet)  # saves as its Pruned class: plain diffusers would build the lost layers
     return set_config(unet, **cfg)
 
-# %% ../nbs/04e_unet_depth.ipynb #3d52ae19
+# %% ../nbs/04e_unet_depth.ipynb #d9b64176
 def unit_scores(unet, units:list, method:str, gradients:dict=None, # {parameter name: sum_t dL_t/dw}
                 seed:int=0) -> torch.Tensor:
     "`(units,)`: each unit's score, Eq. 8 over all its weights (`block_score`), for `method`."
@@ -121,7 +121,7 @@ def skipped_unit_losses(unet, scheduler, x0:torch.Tensor, # a calibration batch 
     with eval_mode(unet): base = loss(unet)
     return torch.tensor([loss(remove_units(copy.deepcopy(unet), [u]).eval()) - base for u in units])
 
-# %% ../nbs/04e_unet_depth.ipynb #3f7a1f09
+# %% ../nbs/04e_unet_depth.ipynb #77209bcb
 PRESETS = {  # BK-SDM's block removal (Kim et al., 2023, Sec. 3.1), on any UNet with a pair at every level
     'bk-sdm-base': "one R-A pair of every down stage and one of every up stage (BK-SDM-Base: 2 to 1 and 3 to 2 in SD)",
     'bk-sdm-small': "bk-sdm-base and the mid-block (BK-SDM-Small)"}
@@ -152,7 +152,7 @@ def named_units(unet, names) -> list:
     if not names: raise InputError("name at least one unit to remove")
     return [units[n] for n in names]
 
-# %% ../nbs/04e_unet_depth.ipynb #09858ed3
+# %% ../nbs/04e_unet_depth.ipynb #bd3c8e1b
 class UNetDepthPruner:
     "Depth units of a UNet and their scores; plans that remove units, then (`removes='both'`) narrow what is left."
     def __init__(self, unet, scored, round_to='auto', layout:str='free-form', seed:int=0):
@@ -188,7 +188,7 @@ class UNetDepthPruner:
         "The plan of the `n` first steps: the lowest-scored units."
         return dict(units=[u for s in self.steps[:n] for u in s], width=None)
 
-# %% ../nbs/04e_unet_depth.ipynb #4e072084
+# %% ../nbs/04e_unet_depth.ipynb #91a12c61
 from fastcore.basics import patch
 
 @patch
@@ -272,7 +272,7 @@ def report(self:UNetDepthPruner, plan:dict) -> dict:
     return {**width, 'units_removed': [u.name for u in plan['units']],
             'group_scores': {**(width.get('group_scores') or {}), **scores}}
 
-# %% ../nbs/04e_unet_depth.ipynb #f0088b4b
+# %% ../nbs/04e_unet_depth.ipynb #005445f5
 class UNetDepthFamily(UNetFamily):
     "UNets (`UNet2DModel`, `UNet2DConditionModel`) by width (04a) and by depth: pairs of ResNets and the mid-block."
     removes = REMOVES
