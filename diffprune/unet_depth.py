@@ -6,8 +6,8 @@
 __all__ = ['PRESETS', 'UNET', 'DepthUnit', 'level_pairs', 'depth_units', 'removal', 'depth_config', 'remove_units', 'unit_scores',
            'skipped_unit_losses', 'preset_units', 'named_units', 'UNetDepthPruner', 'UNetDepthFamily']
 
-# %% ../nbs/04e_unet_depth.ipynb #5d361667
-import copy, math
+# %% ../nbs/04e_unet_depth.ipynb #ef0619cc
+import copy, functools, math
 from dataclasses import dataclass
 import torch, torch.nn as nn
 from diffusers import UNet2DModel, UNet2DConditionModel
@@ -19,7 +19,7 @@ from .diffusion import eps_loss, eval_mode
 from .transformer import block_score
 from .unet import UNetFamily, UNetPruner
 
-# %% ../nbs/04e_unet_depth.ipynb #2a2a48f9
+# %% ../nbs/04e_unet_depth.ipynb #81b8ffb4
 @dataclass
 class DepthUnit:
     "Layers of a UNet that go together and leave a UNet that runs: a down/up pair of ResNets, or the mid-block."
@@ -55,7 +55,7 @@ def depth_units(unet) -> list:
     if unet.mid_block is not None: units.append(DepthUnit('mid_block', 'mid', None, ('mid_block',)))
     return units
 
-# %% ../nbs/04e_unet_depth.ipynb #2d18670b
+# %% ../nbs/04e_unet_depth.ipynb #51fa9e2e
 def removal(unet, units:list) -> dict:
     "`{list path: indices kept}` (and `{'mid_block': None}`) of `unet` without `units`."
     drop, gone = {}, {}
@@ -98,7 +98,7 @@ def remove_units(unet, units:list, layout:str='free-form'):
     if cfg is None: return as_pruned(unet)  # saves as its Pruned class: plain diffusers would build the lost layers
     return set_config(unet, **cfg)
 
-# %% ../nbs/04e_unet_depth.ipynb #d9b64176
+# %% ../nbs/04e_unet_depth.ipynb #167507de
 def unit_scores(unet, units:list, method:str, gradients:dict=None, # {parameter name: sum_t dL_t/dw}
                 seed:int=0) -> torch.Tensor:
     "`(units,)`: each unit's score, Eq. 8 over all its weights (`block_score`), for `method`."
@@ -121,7 +121,7 @@ def skipped_unit_losses(unet, scheduler, x0:torch.Tensor, # a calibration batch 
     with eval_mode(unet): base = loss(unet)
     return torch.tensor([loss(remove_units(copy.deepcopy(unet), [u]).eval()) - base for u in units])
 
-# %% ../nbs/04e_unet_depth.ipynb #77209bcb
+# %% ../nbs/04e_unet_depth.ipynb #9f51d419
 PRESETS = {  # BK-SDM's block removal (Kim et al., 2023, Sec. 3.1), on any UNet with a pair at every level
     'bk-sdm-base': "one R-A pair of every down stage and one of every up stage (BK-SDM-Base: 2 to 1 and 3 to 2 in SD)",
     'bk-sdm-small': "bk-sdm-base and the mid-block (BK-SDM-Small)"}
@@ -152,18 +152,30 @@ def named_units(unet, names) -> list:
     if not names: raise InputError("name at least one unit to remove")
     return [units[n] for n in names]
 
-# %% ../nbs/04e_unet_depth.ipynb #bd3c8e1b
+# %% ../nbs/04e_unet_depth.ipynb #9152d394
 class UNetDepthPruner:
     "Depth units of a UNet and their scores; plans that remove units, then (`removes='both'`) narrow what is left."
     def __init__(self, unet, scored, round_to='auto', layout:str='free-form', seed:int=0):
-        self.unet, self.scored, self.round_to_asked, self.layout = unet, scored, round_to, layout
+        self.unet, self.scored, self.round_to_asked, self.layout, self.seed = unet, scored, round_to, layout, seed
         self.units = depth_units(unet)
-        self.scores = unit_scores(unet, self.units, scored.method, scored.gradients, seed)
-        convs, _ = layer_macs(unet)
-        self.base, mods = sum(convs.values()), dict(unet.named_modules())
-        self.unit_macs = [sum(convs.get(m, 0) for p in u.layers for m in mods[p].modules()) for u in self.units]
-        self.steps = self._steps()
         self._width = {}  # a depth-pruned copy's width pruner, by the units it lost
+
+    # scores, MACs and steps are counted when a depth plan first asks: a width plan alone is 04a's, at 04a's cost
+    @functools.cached_property
+    def scores(self) -> torch.Tensor:
+        return unit_scores(self.unet, self.units, self.scored.method, self.scored.gradients, self.seed)
+
+    @functools.cached_property
+    def _macs(self) -> tuple:
+        "`(conv + linear MACs of one image, each unit's share of them)`."
+        convs, _ = layer_macs(self.unet)
+        mods = dict(self.unet.named_modules())
+        share = [sum(convs.get(m, 0) for p in u.layers for m in mods[p].modules()) for u in self.units]
+        return sum(convs.values()), share
+
+    base = property(lambda self: self._macs[0])
+    unit_macs = property(lambda self: self._macs[1])
+    steps = functools.cached_property(lambda self: self._steps())
 
     def _steps(self) -> list:
         "Removals in score order, each a list of units: one unit, or (a UNet2DModel, 'diffusers') a pair per level."
@@ -188,7 +200,7 @@ class UNetDepthPruner:
         "The plan of the `n` first steps: the lowest-scored units."
         return dict(units=[u for s in self.steps[:n] for u in s], width=None)
 
-# %% ../nbs/04e_unet_depth.ipynb #91a12c61
+# %% ../nbs/04e_unet_depth.ipynb #36e6910d
 from fastcore.basics import patch
 
 @patch
@@ -272,7 +284,7 @@ def report(self:UNetDepthPruner, plan:dict) -> dict:
     return {**width, 'units_removed': [u.name for u in plan['units']],
             'group_scores': {**(width.get('group_scores') or {}), **scores}}
 
-# %% ../nbs/04e_unet_depth.ipynb #005445f5
+# %% ../nbs/04e_unet_depth.ipynb #ea8ac818
 class UNetDepthFamily(UNetFamily):
     "UNets (`UNet2DModel`, `UNet2DConditionModel`) by width (04a) and by depth: pairs of ResNets and the mid-block."
     removes = REMOVES
