@@ -42,7 +42,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['diffprune', 'diffprune.*']),
     include_package_data=True,
-    package_data={'diffprune': ['assets/*/*.json', 'assets/*/*.safetensors', 'assets/*.json']},
+    package_data={'diffprune': ['assets/*/*.json', 'assets/*/*.safetensors', 'assets/*.json', 'assets/*.py']},
     install_requires=requirements,
     extras_require=extras,
     dependency_links=cfg.get('dep_links', '').split(),

@@ -45,14 +45,18 @@ def hub_card(meta:dict, pruned:bool, pipeline_tag:str='unconditional-image-gener
     table = '\n'.join(f'| {k} | {v} |' for k, v in rows) or '| (no run recorded) | |'
     repo = 'THIS_REPO'  # `push_to_hub` names the repository in what it uploads
     plain = f"from diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained('{repo}')"
-    load = (f"import diffprune  # the pruned model's class\nfrom huggingface_hub import snapshot_download\n"
-            f"from diffusers import DiffusionPipeline\n"
-            f"pipe = DiffusionPipeline.from_pretrained(snapshot_download('{repo}'))" if pruned else plain)
+    load = (f"from diffusers import DiffusionPipeline\n"  # the folder's own class, diffprune.py, rebuilds its widths
+            f"pipe = DiffusionPipeline.from_pretrained('{repo}', trust_remote_code=True)" if pruned else plain)
     if pipeline:  # a pipeline diffusers lacks (a pixel-space DiT's, say): diffprune's class loads the folder
         load = (f"from huggingface_hub import snapshot_download\nfrom diffprune import {pipeline}\n"
                 f"pipe = {pipeline}.from_pretrained(snapshot_download('{repo}'))")
-    note = (f"\nThe {part}'s widths are free-form (`{part}/config.json` records them), so loading needs "
-            f"`pip install diffprune`; `diffprune.load_model('{repo}')` loads it too.\n" if pruned else '')
+    note = '' if not pruned else (
+            f"\nThe {part}'s widths are free-form (`{part}/config.json` records them), so loading needs "
+            f"`pip install diffprune`; `diffprune.load_model('{repo}')` loads it too.\n" if pipeline else
+            f"\nThe {part}'s widths are free-form: `{part}/config.json` records them and `{part}/diffprune.py`, a "
+            f"short class on torch and diffusers, rebuilds them. `trust_remote_code=True` lets diffusers run that "
+            f"file from this repository: read it first. With diffprune installed, `diffprune.load_model('{repo}')` "
+            f"loads the model without running it.\n")
     return f"""---
 {data.to_yaml()}
 ---

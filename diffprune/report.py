@@ -266,6 +266,10 @@ def model_card(d:dict, s:RecipeSettings,
               ) -> str:
     "report.md: what was pruned, how, and what came out."
     fid_cal = d.get('fid_references')
+    import diffusers  # a pipeline diffusers has loads the folder's own class; diffprune's own needs diffprune
+    load = (f"`{pipeline}.from_pretrained('model', trust_remote_code=True)`: the flag lets diffusers run the class a "
+             "free-form pruned folder carries"
+            if hasattr(diffusers, pipeline) else f"`import diffprune`, then `{pipeline}.from_pretrained('model')`")
     table = '\n'.join('    ' + l for l in summary_text(d).splitlines()[:6])  # the size and speed rows, as a code block
     kept = (f"[0, {d['t_prime']}], {len(d['kept_timesteps'])} timesteps" if 't_prime' in d
             else 'not used by this method')
@@ -284,8 +288,7 @@ def model_card(d:dict, s:RecipeSettings,
 
 A structurally pruned copy of `{s.model}`, made with diffprune (Diff-Pruning, Fang et al., NeurIPS 2023) and finetuned
 for {s.steps} steps on `{s.data}`. Load it with `diffprune.models.load_model('model')`, or with diffusers itself
-(`import diffprune`, then `{pipeline}.from_pretrained('model')`); `diffprune push model REPO_ID` shares it on
-the Hub with its model card (`model/README.md`).
+({load}); `diffprune push model REPO_ID` shares it on the Hub with its model card (`model/README.md`).
 
 ## Settings
 

@@ -15,12 +15,16 @@ def same_output(a, b, **cond) -> bool:
     with torch.no_grad(): return torch.equal(a(x, t, **cond).sample, b(x, t, **cond).sample)
 
 def test_a_pruned_pixel_folder_loads_through_every_diffusers_entry_point(pruned):
+    "With `trust_remote_code=True` (the folder's own class, #31); without it, through diffprune's class and loaders."
     ref, _ = load_model(pruned)
     assert is_pruned(ref) and json.loads((pruned/'model_index.json').read_text())['unet'] == ['diffprune', 'PrunedUNet2DModel']
     for cls in (DiffusionPipeline, DDPMPipeline, DDIMPipeline):
-        with quiet_loading(): pipe = cls.from_pretrained(pruned)
+        with quiet_loading(): pipe = cls.from_pretrained(pruned, trust_remote_code=True)
         assert type(pipe.unet).__name__ == 'PrunedUNet2DModel' and same_output(pipe.unet, ref), cls.__name__
+        with pytest.raises(ValueError, match='trust_remote_code=True'), quiet_loading(): cls.from_pretrained(pruned)
     assert same_output(diffprune.PrunedUNet2DModel.from_pretrained(pruned, subfolder='unet'), ref)
+    with quiet_loading(): pipe = DDPMPipeline.from_pretrained(pruned, unet=load_model(pruned)[0])  # code not run
+    assert same_output(pipe.unet, ref) and same_output(load_pipeline(pruned).unet, ref)
 
 def test_an_unpruned_folder_stays_a_plain_diffusers_folder(tmp_path):
     from diffusers import DDPMScheduler, UNet2DModel
@@ -36,9 +40,9 @@ def test_a_pruned_latent_pipeline_loads_through_its_own_diffusers_class(kind, cl
                               prompts=prompts, progress=False)
     save_pipeline(pp, tmp_path/kind)
     ref = load_pipeline(tmp_path/kind).unet
-    with quiet_loading(): loaded = cls.from_pretrained(tmp_path/kind).unet
+    with quiet_loading(): loaded = cls.from_pretrained(tmp_path/kind, trust_remote_code=True).unet
     cond = dict(encoder_hidden_states=torch.randn(2, 4, ref.config.cross_attention_dim)) if kind == 'text' else {}
-    assert is_pruned(loaded) and same_output(loaded, ref, **cond)
+    assert type(loaded).__name__ == type(ref).__name__ and same_output(loaded, ref, **cond)
 
 def test_without_diffprune_diffusers_refuses_a_pruned_folder_naming_diffprune(pruned):
     "No route builds the config's widths and fills them with random weights, even with diffusers' own advice."
@@ -61,7 +65,7 @@ def test_a_saved_folder_carries_a_hub_model_card_with_valid_metadata(pruned, tmp
     assert card.data.library_name == 'diffusers' and card.data.pipeline_tag == 'unconditional-image-generation'
     assert 'pruning' in card.data.tags and 'diff-pruning' not in card.data.tags  # pruned by magnitude
     assert card.data.base_model is None  # the shipped teacher is no hub id
-    assert '| method | magnitude |' in card.text and '| params |' in card.text and 'import diffprune' in card.text
+    assert '| method | magnitude |' in card.text and '| params |' in card.text and 'trust_remote_code=True' in card.text
     from diffprune.models import load_model, block_widths
     widths = block_widths(load_model(pruned)[0])  # the card's widths are the pruned UNet's, e.g. '24, 24 of 32'
     assert all(f'| widths {b} | {w} |' in card.text for b, w in widths.items()) and len(widths) >= 3
@@ -95,9 +99,9 @@ def test_push_uploads_the_folder_and_its_card_through_huggingface_hub_and_it_loa
     assert push_to_hub(folder, 'someone/digits-pruned', api=hub)
     assert [c[0] for c in hub.calls] == ['create_repo', 'create_commit'] * 2 and hub.calls[0][2]['private']
     repo = tmp_path/'hub'/'someone'/'digits-pruned'
-    assert "snapshot_download('someone/digits-pruned')" in (repo/'README.md').read_text()
+    assert "from_pretrained('someone/digits-pruned', trust_remote_code=True)" in (repo/'README.md').read_text()
     assert 'THIS_REPO' in (folder/'README.md').read_text() and not (repo/'checkpoints').exists()
-    with quiet_loading(): pipe = DiffusionPipeline.from_pretrained(repo)  # what snapshot_download gives a user
+    with quiet_loading(): pipe = DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)  # as from the Hub
     assert same_output(pipe.unet, load_model(pruned)[0])
 
 def test_push_refuses_in_one_line_what_cannot_work(cli, pruned, tmp_path, monkeypatch):
@@ -115,10 +119,10 @@ def test_push_refuses_in_one_line_what_cannot_work(cli, pruned, tmp_path, monkey
     assert r.returncode == 2 and 'not a Hub repository id' in r.stderr
 
 def test_a_pruned_pipeline_saved_again_by_diffusers_loads_again(pruned, tmp_path):
-    with quiet_loading(): pipe = DDPMPipeline.from_pretrained(pruned)
+    with quiet_loading(): pipe = DDPMPipeline.from_pretrained(pruned, unet=load_model(pruned)[0])
     pipe.save_pretrained(tmp_path/'again')  # diffusers' own save, as a user who edits the pipeline does
     assert json.loads((tmp_path/'again'/'model_index.json').read_text())['unet'] == ['diffprune', 'PrunedUNet2DModel']
-    with quiet_loading(): again = DiffusionPipeline.from_pretrained(tmp_path/'again')
+    with quiet_loading(): again = DiffusionPipeline.from_pretrained(tmp_path/'again', trust_remote_code=True)
     assert same_output(again.unet, load_model(pruned)[0])
 
 def test_from_pretrained_takes_a_dtype_by_name_and_refuses_what_it_cannot_do(pruned):
