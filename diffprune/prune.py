@@ -20,7 +20,7 @@ from .checks import InputError, REMOVES, LAYOUTS, OldName, old_names, old_keywor
 from .data import save_fig
 from .files import atomic_folder, write_json
 from .family import family_of, families, inner_model
-from .models import write_model, match_attention_scale, is_pruned, as_pruned, unfuse_projections, BLOCK_MAP
+from .models import write_model, match_attention_scale, is_pruned, as_pruned, unfuse_projections, BLOCK_MAP, BLOCK_NAMES
 from .sizes import measure
 from .importance import ScoredModel
 
@@ -244,10 +244,14 @@ def check_targets(removes:str, pruning_ratio, target_macs, chosen) -> tuple:
                          "or use removes='both' for width")
     return (removes, *(check_target(pruning_ratio, target_macs) if removes == 'both' else (None, None)))
 
-def _block_map(model, kept:list) -> list:
-    "The teacher's block behind each of `kept` (blocks of `model`): its recorded map (`BLOCK_MAP`), composed."
-    old = model.config.get(BLOCK_MAP) or list(range(len(family_of(model).model_blocks(model))))
-    return [old[i] for i in kept]
+def _block_map(model, kept:list) -> dict:
+    "The teacher's block behind each of `kept` (blocks of `model`), by number and by name: its records, composed."
+    family = family_of(model)
+    blocks, lists = family.model_blocks(model), family.block_lists()
+    old, names = model.config.get(BLOCK_MAP), model.config.get(BLOCK_NAMES)
+    if old is None: old, names = list(range(len(blocks))), [f'{name}.{i}' for name, i, _ in blocks]  # the teacher's
+    elif names is None and len(lists) == 1: names = [f'{lists[0]}.{t}' for t in old]  # pruned before names were kept
+    return {BLOCK_MAP: [old[i] for i in kept], **({BLOCK_NAMES: [names[i] for i in kept]} if names else {})}
 
 @old_keywords(prune='removes')  # the old name, kept until 0.7
 def prune_model(scored:ScoredModel, *, # from `score_model`: the denoiser, its gradients and the criterion
@@ -275,9 +279,10 @@ def prune_model(scored:ScoredModel, *, # from `score_model`: the denoiser, its g
         chosen = {} if chosen is None else {'blocks': keep_blocks} if remove_units is None else {'units': remove_units}
         plan = pruner.plan(pruning_ratio=pruning_ratio, target_macs=target_macs, removes=removes, **chosen)
         report = pruner.report(plan)
-        teacher_blocks = report.get('blocks_kept') and _block_map(model, report['blocks_kept'])
+        maps = report.get('blocks_kept') and _block_map(model, report['blocks_kept'])
         model = pruner.apply(plan)
-    if teacher_blocks: model.register_to_config(**{BLOCK_MAP: teacher_blocks})  # travels with the config
+    if maps: model.register_to_config(**maps)  # travels with the config
+    teacher_blocks = maps and maps[BLOCK_MAP]
     model = family.complete(as_pruned(model) if is_pruned(model) else model)  # diffusers saves and loads its widths
     after = measure(model.eval())
     return PruneResult(denoiser=model, scheduler=scored.scheduler, method=scored.method, pruning_ratio=pruning_ratio,

@@ -13,7 +13,7 @@ import torch_pruning as tp
 from diffusers import SanaTransformer2DModel
 from .checks import InputError
 from .family import Family, Units, prediction, inner_model
-from .models import PrunedModelMixin
+from .models import PrunedModelMixin, note_cut
 from .transformer import TransformerFamily, head_units, linear_parts
 from .mmdit import check_prompt_length, text_length, example_values
 
@@ -21,9 +21,9 @@ from .mmdit import check_prompt_length, text_length, example_values
 def cut_glumbconv(ff, drop:list):
     "Remove units `drop` of a `GLUMBConv`, in place: value channels `drop`, gate channels `drop + h`, their inputs."
     both = list(drop) + [ff.conv_point.in_channels + j for j in drop]  # h read before the cut
-    tp.prune_conv_out_channels(ff.conv_inverted, both)
-    tp.prune_depthwise_conv_out_channels(ff.conv_depth, both)  # its groups follow its channels
-    tp.prune_conv_in_channels(ff.conv_point, list(drop))
+    note_cut(ff.conv_inverted, 'out', both); tp.prune_conv_out_channels(ff.conv_inverted, both)
+    note_cut(ff.conv_depth, 'out', both); tp.prune_depthwise_conv_out_channels(ff.conv_depth, both)  # groups follow
+    note_cut(ff.conv_point, 'in', drop); tp.prune_conv_in_channels(ff.conv_point, list(drop))
 
 def glumbconv_units(ff) -> Units:
     "A `GLUMBConv`'s units: channels `j` and `j + h` of its first and depthwise convolutions, input `j` of its last."

@@ -19,7 +19,7 @@ from diffusers.models.activations import GEGLU, SwiGLU
 from .checks import (InputError, REMOVES, LAYOUTS, check_choice, check_pruning_ratio, check_target_macs,
                               check_target, old_names, old_keywords)
 from .family import Family, Units, family_of
-from .models import PrunedModelMixin, is_pruned, set_config
+from .models import PrunedModelMixin, is_pruned, set_config, note_cut
 from .diffusion import eps_loss, eval_mode, sample_shape
 from .sizes import layer_macs
 from .importance import ScoredModel, weight_terms, reduce_terms, channel_scores
@@ -50,8 +50,8 @@ def linear_parts(ins:list, outs:list, rows:torch.Tensor) -> list:
 
 def cut_linears(ins:list, outs:list, idx:list):
     "Remove output rows `idx` of the `ins` layers and input columns `idx` of the `outs` layers, in place."
-    for l in ins: tp.prune_linear_out_channels(l, idx)
-    for l in outs: tp.prune_linear_in_channels(l, idx)
+    for l in ins: note_cut(l, 'out', idx); tp.prune_linear_out_channels(l, idx)
+    for l in outs: note_cut(l, 'in', idx); tp.prune_linear_in_channels(l, idx)
 
 def projections(attn) -> tuple:
     "`(ins, outs)` of an attention: its q, k, v (a joint attention's context q, k, v too) and its output layers."

@@ -21,7 +21,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from .checks import (InputError, LAYOUTS, check_choice, check_pruning_ratio, check_target_macs,
                               check_target)
 from .family import Family, inner_model
-from .models import PrunedModelMixin, match_attention_scale, is_fused, unfuse_projections
+from .models import PrunedModelMixin, match_attention_scale, is_fused, unfuse_projections, note_cut
 from .diffusion import sample_shape
 from .sizes import layer_macs
 from .importance import ScoredModel, GroupImportance
@@ -251,7 +251,11 @@ def _cut(self:UNetPruner, groups:dict):
     for i, n in sorted(groups.items()):
         if n == 0: continue
         g = self.groups[i]
-        self.DG.get_pruning_group(g.root, g.handler, self.drop_indices(i, n)).prune()
+        group = self.DG.get_pruning_group(g.root, g.handler, self.drop_indices(i, n))
+        for dep, idxs in group:  # each layer's teacher channels, recorded for adapters made for the teacher
+            note_cut(dep.target.module, 'out' if self.DG.is_out_channel_pruning_fn(dep.handler) else 'in',
+                     [getattr(j, 'idx', j) for j in idxs])
+        group.prune()
     sync_diffusers_attrs(self.unet)
     self.unet.zero_grad(set_to_none=True)
     return self.unet

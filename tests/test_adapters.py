@@ -1,0 +1,130 @@
+"""Issue #31: a LoRA made for the teacher, remapped to a pruned folder (renumbered by its depth records, cut to the
+channels each layer kept), gives the pruned model what the teacher with the LoRA merged gives once pruned the same way:
+UNets (free-form and diffusers layout), DiT, Flux (blocks in two lists), SD3 and Sana."""
+import copy
+import pytest, torch
+from torch import nn
+from diffusers import DDPMScheduler
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from diffprune.adapters import remap_adapter, teacher_layers, _folder_records
+from diffprune.checks import InputError, ModelError
+from diffprune.importance import ScoredModel, importance_criterion
+from diffprune.latent import tiny_latent_pipeline
+from diffprune.models import load_model, save_model, kept_channels, BLOCK_MAP, BLOCK_NAMES
+from diffprune.prune import prune_model
+from diffprune.sizes import example_inputs
+
+R = 4
+SCHED = DDPMScheduler(num_train_timesteps=1000)
+
+def magnitude(m, sched=SCHED): return ScoredModel(m, sched, 'magnitude', importance_criterion('magnitude'))
+
+def adapter_for(model, prefix: str, seed=0) -> dict:
+    "A random LoRA (rank R) on every plain Linear and Conv2d of `model`'s blocks, in diffusers' pipeline keys."
+    g, sd = torch.Generator().manual_seed(seed), {}
+    for n, m in model.named_modules():
+        if not n.startswith(('down_blocks', 'mid_block', 'up_blocks', 'transformer_blocks', 'single_transformer_blocks')):
+            continue
+        if isinstance(m, nn.Linear): a, b = (R, m.in_features), (m.out_features, R)
+        elif isinstance(m, nn.Conv2d) and m.groups == 1: a, b = (R, m.in_channels, *m.kernel_size), (m.out_channels, R, 1, 1)
+        else: continue
+        sd[f'{prefix}{n}.lora_A.weight'] = torch.randn(*a, generator=g) / 10
+        sd[f'{prefix}{n}.lora_B.weight'] = torch.randn(*b, generator=g) / 10
+    return sd
+
+def with_lora(model, sd: dict, prefix: str):
+    sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    cfg = LoraConfig(r=R, lora_alpha=R, target_modules=sorted({k.rsplit('.', 2)[0] for k in sd}))
+    model = inject_adapter_in_model(cfg, copy.deepcopy(model))
+    assert not set_peft_model_state_dict(model, sd).unexpected_keys
+    return model
+
+def cut_like(teacher, pruned, folder):
+    "`pruned` with each Linear/Conv2d's weight taken from `teacher`'s layer it came from, cut to the channels it kept."
+    _, config, _ = _folder_records(folder)
+    to_pruned = teacher_layers(config)
+    origin = {p: t for t in dict(teacher.named_modules()) if (p := to_pruned(t)) is not None}
+    out, kept, tm = copy.deepcopy(pruned), kept_channels(pruned), dict(teacher.named_modules())
+    with torch.no_grad():
+        for n, m in out.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                c, w = kept.get(n, {}), tm[origin[n]].weight
+                m.weight.copy_(w[c.get('out', slice(None))][:, c.get('in', slice(None))])
+    return out
+
+def merged(teacher, sd: dict, prefix: str):
+    "The teacher with the LoRA's deltas `B @ A` (scale 1) added to its weights."
+    out = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for n, m in out.named_modules():
+            if (a := sd.get(f'{prefix}{n}.lora_A.weight')) is not None:
+                m.weight += (sd[f'{prefix}{n}.lora_B.weight'].flatten(1) @ a.flatten(1)).reshape(m.weight.shape)
+    return out
+
+def outputs(model, x):
+    with torch.no_grad(): return model(**x)[0]
+
+@pytest.fixture(scope='module')
+def tok(tmp_path_factory): return tmp_path_factory.mktemp('tok')
+
+def pipe_parts(kind, tok):
+    p = tiny_latent_pipeline(kind, tokenizer_dir=tok)
+    return p.transformer, p.scheduler
+
+CASES = {'unet-both': lambda tok: (*load_model('digits'), dict(target_macs=0.5, removes='both')),
+         'unet-depth-diffusers-layout': lambda tok: (*load_model('digits'),
+                                                     dict(remove_units=['mid_block'], layout='diffusers')),
+         'dit-both': lambda tok: (*load_model('digits-dit'), dict(target_macs=0.5, removes='both')),
+         **{k: (lambda tok, k=k: (*pipe_parts(k, tok), dict(target_macs=0.6, removes='both')))
+            for k in ('flux', 'sd3', 'sana')}}
+
+@pytest.mark.parametrize('case', CASES)
+def test_a_remapped_lora_gives_the_teacher_merged_then_pruned_the_same_way(case, tok, tmp_path):
+    teacher, sched, how = CASES[case](tok)
+    teacher.eval()
+    prefix = 'unet.' if 'unet' in case else 'transformer.'
+    sd = adapter_for(teacher, prefix)
+    save_model(prune_model(magnitude(teacher, sched), **how).denoiser, sched, tmp_path/'p')
+    pruned, _ = load_model(tmp_path/'p')
+    x = example_inputs(pruned, 2)
+    # the records map every kept layer to its teacher layer and channels: cut from the teacher, it is the pruned model
+    torch.testing.assert_close(outputs(cut_like(teacher, pruned, tmp_path/'p'), x), outputs(pruned, x), rtol=0, atol=0)
+    remapped = remap_adapter(sd, tmp_path/'p')
+    want = outputs(cut_like(merged(teacher, sd, prefix), pruned, tmp_path/'p'), x)
+    got = outputs(with_lora(pruned, remapped.state_dict, prefix), x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - outputs(pruned, x)).abs().max() > 1e-2  # the LoRA does change the output
+    kept_layers = {k.rsplit('.', 2)[0] for k in remapped.state_dict}
+    assert len(kept_layers) + len(remapped.dropped) == len(sd) // 2  # every teacher layer kept or dropped, once
+    assert remapped.sliced or 'depth' in case
+
+def test_flux_records_its_blocks_by_name_in_both_lists(tok, tmp_path):
+    flux, sched = pipe_parts('flux', tok)
+    n, s = len(flux.transformer_blocks), len(flux.single_transformer_blocks)
+    p = prune_model(magnitude(flux, sched), keep_blocks=[1, n + 0, n + s - 1]).denoiser
+    assert p.config[BLOCK_NAMES] == ['transformer_blocks.1', 'single_transformer_blocks.0',
+                                     f'single_transformer_blocks.{s - 1}']
+    again = prune_model(magnitude(p, sched), keep_blocks=[0, 2]).denoiser  # composed with the first pruning's names
+    assert again.config[BLOCK_NAMES] == ['transformer_blocks.1', f'single_transformer_blocks.{s - 1}']
+    save_model(again, sched, tmp_path/'p')
+    f = teacher_layers(_folder_records(tmp_path/'p')[1])
+    assert (f(f'single_transformer_blocks.{s - 1}.proj_out'), f('single_transformer_blocks.0.proj_out'),
+            f('transformer_blocks.0.attn.to_q')) == ('single_transformer_blocks.0.proj_out', None, None)
+
+def test_bad_adapters_and_folders_get_one_line(tmp_path):
+    teacher, sched = load_model('digits')
+    save_model(teacher, sched, tmp_path/'t')  # unpruned: a LoRA for it passes as it is
+    sd = adapter_for(teacher, 'unet.')
+    assert remap_adapter(sd, tmp_path/'t').state_dict.keys() == sd.keys()
+    dit = adapter_for(load_model('digits-dit')[0], 'transformer.')
+    with pytest.raises(InputError, match='the pruned model does not have: the LoRA was made for another model'):
+        remap_adapter(dit, tmp_path/'t')
+    wide = {k: torch.zeros(v.shape[0], v.shape[1] + 1, *v.shape[2:]) if 'lora_A' in k else v for k, v in sd.items()}
+    with pytest.raises(InputError, match='does not fit the pruned model .* made for another model'):
+        remap_adapter(wide, tmp_path/'t')
+    with pytest.raises(InputError, match='is not a LoRA key diffusers or peft writes'):
+        remap_adapter({'lora_unet_conv_in.lora_down.weight': torch.zeros(1)}, tmp_path/'t')
+    with pytest.raises(ModelError, match='is not a model folder'):
+        remap_adapter(sd, tmp_path)
+    with pytest.raises(InputError, match='no LoRA at'):
+        remap_adapter(tmp_path/'lora.bin', tmp_path/'t')
