@@ -6,7 +6,7 @@ import pytest, torch
 from torch import nn
 from diffusers import DDPMScheduler
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-from diffprune.adapters import remap_adapter, teacher_layers, _folder_records
+from diffprune.adapters import remap_adapter, teacher_layers, block_residuals, _folder_records
 from diffprune.checks import InputError, ModelError
 from diffprune.importance import ScoredModel, importance_criterion
 from diffprune.latent import tiny_latent_pipeline
@@ -128,3 +128,74 @@ def test_bad_adapters_and_folders_get_one_line(tmp_path):
         remap_adapter(sd, tmp_path)
     with pytest.raises(InputError, match='no LoRA at'):
         remap_adapter(tmp_path/'lora.bin', tmp_path/'t')
+
+class Recorder(nn.Module):
+    "A block that passes its input through unchanged and logs it: what the model added since the last block shows."
+    def __init__(self, block, log: list, pair: bool):
+        super().__init__()
+        self.log, self.pair, self.context_pre_only = log, pair, getattr(block, 'context_pre_only', None)
+    def forward(self, hidden_states, *args, encoder_hidden_states=None, **kw):
+        self.log.append(hidden_states.clone())
+        if not self.pair: return hidden_states
+        return (encoder_hidden_states if encoder_hidden_states is not None else args[0]), hidden_states
+
+def received(model, lists, x, pair, **residuals) -> list:
+    "The residual each block of `model` (lists in order) had added after it, with blocks that change nothing."
+    model, log = copy.deepcopy(model), []
+    for name in lists:
+        setattr(model, name, nn.ModuleList([Recorder(b, log, pair) for b in getattr(model, name)]))
+    model.norm_out.register_forward_pre_hook(lambda m, args: log.append(args[0].clone()))
+    with torch.no_grad(): model(**x, **residuals)
+    return [b - a for a, b in zip(log, log[1:])]
+
+CONTROLNETS = {  # teacher blocks kept (n: blocks in the first list), the lists fed, their keywords, pairs returned
+    'flux': (lambda n: [1, n + 1], {'transformer_blocks': 'controlnet_block_samples',
+                                              'single_transformer_blocks': 'controlnet_single_block_samples'}, True),
+    'sd3': (lambda n: [1, n - 1], {'transformer_blocks': 'block_controlnet_hidden_states'}, True),
+    'sana': (lambda n: [0, 2], {'transformer_blocks': 'controlnet_block_samples'}, False)}
+
+@pytest.mark.parametrize('kind', CONTROLNETS)
+def test_each_kept_block_gets_its_teacher_blocks_controlnet_residual(kind, tok):
+    keep, keys, pair = CONTROLNETS[kind]
+    teacher, sched = pipe_parts(kind, tok)
+    lists = tuple(keys)
+    pruned = prune_model(magnitude(teacher, sched), keep_blocks=keep(len(teacher.transformer_blocks))).denoiser
+    x = example_inputs(teacher, 1)
+    width = received(teacher, lists, x, pair)[0].shape  # the token stream's
+    def samples(count): return [torch.full(width, float(j + 1)) for j in range(count)]  # read off by value
+    given = {keys[l]: samples(len(getattr(teacher, l))) for l in lists}  # one per block
+    want = received(teacher, lists, x, pair, **given)
+    ours = {keys[l]: block_residuals(given[keys[l]], pruned, len(getattr(teacher, l)), l) for l in lists}
+    got = received(pruned, lists, x, pair, **ours)
+    blocks = pruned.config[BLOCK_MAP]
+    def same(a, b): return torch.allclose(a, b, atol=1e-5)  # read off as differences of running sums: rounding
+    assert len(got) == len(blocks) and all(same(got[k], want[t]) for k, t in enumerate(blocks)), kind
+    naive = received(pruned, lists, x, pair, **given)  # the teacher's residuals as they are: other blocks' ones
+    assert not all(same(naive[k], want[t]) for k, t in enumerate(blocks))
+
+def test_a_depth_pruned_unet_takes_the_teacher_controlnets_residuals_of_its_kept_resnets(tmp_path):
+    from diffusers import UNet2DConditionModel, ControlNetModel
+    from diffprune.adapters import unet_residuals
+    from diffprune.unet_depth import depth_units
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                   layers_per_block=2, down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+                                   up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'), cross_attention_dim=24,
+                                   attention_head_dim=8, norm_num_groups=8).eval()
+    unit = next(u for u in depth_units(teacher) if u.kind == 'pair' and u.name.startswith('down_blocks.0'))
+    pruned = prune_model(magnitude(teacher), remove_units=[unit.name]).denoiser
+    x = example_inputs(teacher, 1)
+    controlnet = ControlNetModel.from_unet(teacher)
+    with torch.no_grad():
+        down, mid = controlnet(x['sample'], x['timestep'], x['encoder_hidden_states'],
+                               controlnet_cond=torch.randn(1, 3, 128, 128), return_dict=False)
+    down = [torch.randn_like(d) for d in down]  # a trained ControlNet's (a new one's are zero: its convs start at 0)
+    mapped = unet_residuals(down, pruned, teacher_layers_per_block=2)
+    gone = int(unit.name.split('+')[0].split('.')[-1])  # the ResNet of level 0 removed
+    assert [id(t) for t in mapped] == [id(t) for i, t in enumerate(down) if i != 1 + gone]
+    with torch.no_grad():
+        out = pruned(**x, down_block_additional_residuals=tuple(mapped), mid_block_additional_residual=mid).sample
+        plain = pruned(**x).sample
+    assert out.shape == plain.shape and not torch.equal(out, plain)
+    with pytest.raises(InputError, match='are not a teacher ControlNet'):
+        unet_residuals(list(down)[:-1], pruned, teacher_layers_per_block=2)
