@@ -28,6 +28,7 @@ extras = {'dev': dev_requirements,
           'datasets': shlex.split(cfg.get('datasets_requirements', '')),
           'latent': shlex.split(cfg.get('latent_requirements', '')),
           'adapters': shlex.split(cfg.get('adapters_requirements', '')),  # peft: LoRAs applied to a model
+          'quantize': shlex.split(cfg.get('quantize_requirements', '')),  # torchao
           # what a notebook imports beside diffprune (nbdev's showdoc and fastcore's tests): its install cell's extra
           'notebooks': shlex.split(cfg.get('notebooks_requirements', ''))}
 

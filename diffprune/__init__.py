@@ -7,7 +7,7 @@ __version__ = "0.6.0"
 __all__ = ['quiet_loading']
 
 # %% ../nbs/index.ipynb #5e55c969
-import contextlib, importlib, os, sys
+import contextlib, importlib, logging, os, sys
 
 _API = {  # `dp.NAME`: the one call per step, and what a notebook needs around them
     'load_model': 'models', 'save_model': 'models', 'ddim_sample': 'diffusion', 'tiny_unet': 'models',
@@ -26,6 +26,11 @@ _DIFFUSERS_BASES = ('ModelMixin',)
 # entry points of the `diffprune.families` group
 _FAMILIES = {'unet': 'unet_depth:UNET', 'transformer': 'transformer:TRANSFORMER', 'sd3': 'mmdit:SD3',
              'flux': 'mmdit:FLUX', 'sana': 'sana:SANA'}
+# where torchao is installed (`diffprune[quantize]`), diffusers imports it with every model class, and the import
+# reports the CUDA kernels a CPU-only torch cannot load, a deprecation inside torch, and diffusers' doubt about
+# checkpoints another torchao wrote: none of it concerns diffprune's use, and it would bury the CLI's one-line messages
+for _name in ('torchao', 'torch.utils._pytree', 'diffusers.quantizers.torchao.torchao_quantizer'):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 def __getattr__(name):
     "`import diffprune as dp; dp.score_model(...)`: imports the module on first use, so importing diffprune is free."

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['teacher_layers', 'AdapterMap', 'load_adapter', 'remap_adapter', 'block_residuals', 'unet_residuals']
 
-# %% ../nbs/08a_adapters.ipynb #3d6859c9
-import math, re
+# %% ../nbs/08a_adapters.ipynb #f9358d7c
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -17,7 +17,7 @@ from .files import read_json
 from .family import family_named, inner_model
 from .models import denoiser_folder, KEPT_LAYERS, TEACHER_LAYERS, BLOCK_MAP, BLOCK_NAMES
 
-# %% ../nbs/08a_adapters.ipynb #c4dca8f0
+# %% ../nbs/08a_adapters.ipynb #f8717bb8
 def _folder_records(model) -> tuple:
     "`(config.json, diffprune.json)` of a pruned model's denoiser folder (a pipeline folder, or the folder itself)."
     folder = denoiser_folder(Path(str(model)).expanduser())
@@ -56,7 +56,7 @@ def teacher_layers(config:dict):
         return name
     return to_pruned
 
-# %% ../nbs/08a_adapters.ipynb #5de83ae4
+# %% ../nbs/08a_adapters.ipynb #7dcc0bc4
 _KEY = re.compile(r'^(?P<prefix>(?:unet|transformer)\.)?(?P<layer>.+)'  # a pipeline's prefix, or none
                   r'\.(?P<part>lora_A|lora_B)\.(?P<what>weight|bias)$')
 
@@ -85,7 +85,7 @@ def load_adapter(adapter) -> dict:
                          "pytorch_lora_weights.safetensors), a folder holding one, or a state dict")
     return load_file(path)
 
-# %% ../nbs/08a_adapters.ipynb #c3924efe
+# %% ../nbs/08a_adapters.ipynb #780eff30
 def _cut(t:torch.Tensor, dim:int, kept, size:int, key:str, why:str) -> torch.Tensor:
     "`t` with only positions `kept` of `dim` (None: all), which must leave the pruned layer's `size`."
     if kept is not None and max(kept) < t.shape[dim]: t = t.index_select(dim, torch.tensor(kept))
@@ -127,40 +127,37 @@ def remap_adapter(adapter, # a teacher's LoRA: a state dict, a .safetensors file
         out.state_dict[f"{m['prefix'] or ''}{layer}.{m['part']}.{m['what']}"] = t.contiguous()
     return out
 
-# %% ../nbs/08a_adapters.ipynb #d159d910
+# %% ../nbs/08a_adapters.ipynb #d1b19408
 def _config_of(model) -> dict:
     "The config of a model (its class named as `_class_name`), of a model folder, or a config given as a dict."
     if isinstance(model, dict): return model
     if isinstance(model, (str, Path)): return _folder_records(model)[1]
     return dict(inner_model(model).config, _class_name=type(inner_model(model)).__name__)
 
-def _fed(cls:str, t:int, blocks:int, n:int):
-    "The residual (of `n`) a `cls` model with `blocks` blocks in the list adds after its block `t` (None: none)."
-    if 'Flux' in cls: return t // math.ceil(blocks / n)
-    if 'SD3' in cls: return int(t / (blocks / n))
-    if 'Sana' in cls: return t - 1 if 0 < t <= n else None
-    raise InputError(f"block_residuals knows how Flux, SD3 and Sana transformers read a ControlNet's residuals, "
-                     f"not a {cls}")
-
 def block_residuals(samples:list, # a teacher's ControlNet residuals for list `blocks`, as its pipeline passes them
                     model, # the pruned transformer, its folder or its config
                     teacher_blocks:int, # how many blocks the teacher had in that list (FLUX.1: 19 and 38)
-                    blocks:str='transformer_blocks', # the list they feed (Flux: also 'single_transformer_blocks')
+                    blocks:str=None, # the list they feed (default: the family's first; Flux's second is the single)
                    ) -> list:
     """The residuals to give the pruned model instead, so that each kept block adds its teacher block's: pass them
     where the pipeline passes the ControlNet's (`controlnet_block_samples`, `block_controlnet_hidden_states`)."""
     config = _config_of(model)
-    cls, to_pruned = config.get('_class_name', ''), teacher_layers(config)
+    found = family_named(config.get('_class_name'), config)
+    if found is None: raise ModelError(f"{config.get('_class_name')!r} is no denoiser diffprune knows")
+    family, to_pruned = found[0], teacher_layers(config)
+    blocks = blocks or family.block_lists()[0]
     kept = [t for t in range(teacher_blocks) if to_pruned(f'{blocks}.{t}') is not None]  # the teacher's, in order
-    got = [_fed(cls, t, teacher_blocks, len(samples)) for t in kept]
-    if 'Sana' in cls:  # Sana's first block takes none; its block i takes residual i - 1
-        if got and got[0] is not None:
-            raise InputError(f"the pruned model's first block is the teacher's block {kept[0]}, which its ControlNet "
-                             "feeds, and a Sana transformer feeds none to its first block: keep the teacher's block 0")
-        return [samples[j] if j is not None else torch.zeros_like(samples[0]) for j in got[1:]]
-    return [samples[j] for j in got]  # pruned block k reads entry k: N / n = 1
+    out = [torch.zeros_like(samples[0]) for _ in kept]  # one entry per pruned block: the family reads entry k or none
+    for k, t in enumerate(kept):
+        mine, theirs = (family.controlnet_residual(blocks, k, len(kept), len(kept)),
+                        family.controlnet_residual(blocks, t, teacher_blocks, len(samples)))
+        if mine is None and theirs is not None:
+            raise InputError(f"the pruned model's block {k} is the teacher's block {t}, which its ControlNet feeds, "
+                             f"and a {family.name} model feeds none to its block {k}: keep the teacher's block {k} too")
+        if mine is not None and theirs is not None: out[mine] = samples[theirs]
+    return out
 
-# %% ../nbs/08a_adapters.ipynb #3e7b2d8a
+# %% ../nbs/08a_adapters.ipynb #168bc9e5
 def unet_residuals(residuals:list, # a teacher ControlNet's `down_block_res_samples` (conv_in, ResNets, downsamplers)
                    model, # the depth-pruned UNet, its folder or its config
                    teacher_layers_per_block, # the teacher's ResNets per down level: a number, or one per level

@@ -201,6 +201,11 @@ def complete(self:Family, model):
     "`model` with what diffusers' pipelines read of its config filled in where it was left to a default (default: as is)."
     return model
 
+@patch
+def controlnet_residual(self:Family, blocks:str, t:int, count:int, n:int) -> int:
+    "Which of `n` ControlNet residuals the model adds after block `t` of its `count` in list `blocks` (None: none)."
+    raise InputError(f"a {self.name} model takes no ControlNet residuals by block")
+
 # %% ../nbs/00c_family.ipynb #19cad3a9
 _REGISTERED = []
 

@@ -134,6 +134,7 @@ class SD3Family(TransformerFamily):
     def num_classes(self, model) -> int: return int(model.config.get('num_classes') or 0)  # the class MMDiT's
     def block_units(self, block) -> dict: return joint_block_units(block)
     def complete(self, model): return model
+    def controlnet_residual(self, blocks:str, t:int, count:int, n:int) -> int: return int(t / (count / n))  # SD3's
     def shows(self, name:str, module) -> bool: return name.endswith(('attn.to_q', 'attn2.to_q', 'net.0.proj'))
 
     def kept_blocks(self, model) -> dict:
@@ -204,6 +205,7 @@ class FluxFamily(TransformerFamily):
     def class_named(self, name:str, config:dict) -> type: return Family.class_named(self, name, config)  # no remap
     def kept_blocks(self, model) -> dict: return {}
     def shows(self, name:str, module) -> bool: return name.endswith(('attn.to_q', 'net.0.proj', 'proj_mlp'))
+    def controlnet_residual(self, blocks:str, t:int, count:int, n:int) -> int: return t // -(-count // n)  # ceil
 
     def complete(self, model):
         "Single blocks whose `proj_out` was rebuilt (a reloaded pruned folder) say again how its input splits."

@@ -62,6 +62,7 @@ class SanaFamily(TransformerFamily):
     def class_named(self, name:str, config:dict) -> type: return Family.class_named(self, name, config)  # no remap
     def kept_blocks(self, model) -> dict: return {}
     def complete(self, model): return model
+    def controlnet_residual(self, blocks:str, t:int, count:int, n:int) -> int: return t - 1 if 0 < t <= n else None
     def block_units(self, block) -> dict: return sana_block_units(block)
     def shows(self, name:str, module) -> bool: return name.endswith(('attn1.to_q', 'attn2.to_q', 'ff.conv_inverted'))
 
