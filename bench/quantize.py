@@ -119,7 +119,8 @@ if __name__ == '__main__':
     a = seeded_args(p, 'quantize_gpu' if gpu else 'quantize', seeds=2, finetune_steps=500)
     a.batches = [1] if a.quick else [1, 16] if not gpu else [1, 64]
     if a.gpu:
-        rows = speed(a, a.device, SCHEMES + ('fp8',))
+        fp8 = a.device == 'cuda' and torch.cuda.get_device_capability() >= (8, 9)  # fp8 units: L4, 4090, H100, H200
+        rows = speed(a, a.device, SCHEMES + (('fp8',) if fp8 else ()))
         print(table(rows, ['model', 'arm', 'batch', 'mb', 'ms', 'speedup']))
         write(a.out, a.name + ('' if a.device == 'cpu' else f'_{a.device}'), dict(speed=rows, args=vars(a)))
         raise SystemExit(0)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['teacher_layers', 'AdapterMap', 'load_adapter', 'remap_adapter', 'block_residuals', 'unet_residuals']
 
-# %% ../nbs/08a_adapters.ipynb #f9358d7c
+# %% ../nbs/08a_adapters.ipynb #b03dc23d
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from .files import read_json
 from .family import family_named, inner_model
 from .models import denoiser_folder, KEPT_LAYERS, TEACHER_LAYERS, BLOCK_MAP, BLOCK_NAMES
 
-# %% ../nbs/08a_adapters.ipynb #f8717bb8
+# %% ../nbs/08a_adapters.ipynb #4d740122
 def _folder_records(model) -> tuple:
     "`(config.json, diffprune.json)` of a pruned model's denoiser folder (a pipeline folder, or the folder itself)."
     folder = denoiser_folder(Path(str(model)).expanduser())
@@ -32,33 +32,45 @@ def _numbered(name:str, path:str):
     idx, _, rest = name[len(path) + 1:].partition('.')
     return (int(idx), rest) if idx.isdigit() else None
 
-def teacher_layers(config:dict):
-    "A function from a teacher's layer name to the pruned model's (None: its block or layer was removed)."
-    family = family_named(config.get('_class_name'), config)
-    lists = family[0].block_lists() if family else ()
-    if (kept := config.get(KEPT_LAYERS) or config.get(TEACHER_LAYERS)) is not None:  # a UNet's layers
-        renumber = kept
-    elif (names := config.get(BLOCK_NAMES)) is not None or (config.get(BLOCK_MAP) is not None and len(lists) == 1):
-        names = [n.rpartition('.') for n in names or [f'{lists[0]}.{t}' for t in config[BLOCK_MAP]]]  # one list
-        renumber = {path: [int(i) for p, _, i in names if p == path] for path in lists}
-    elif config.get(BLOCK_MAP) is not None:
-        raise ModelError("the folder records its teacher's blocks by number only (pruned before diffprune 0.7), and "
-                         "they lie in two lists: prune the teacher again to record them by name")
-    else: renumber = {}  # no layers removed
-
-    def to_pruned(name:str):
-        for path, idx in renumber.items():
+def _renumbered(kept:dict):
+    "A function from a layer's name before the cut `kept` records (`KEPT_LAYERS`' form) to its name after, or None."
+    def to(name:str):
+        for path, idx in kept.items():
             if idx is None and (name == path or name.startswith(path + '.')): return None  # a mid-block gone
             if idx is not None and (at := _numbered(name, path)) is not None:
                 t, rest = at
                 if t not in idx: return None
                 return f"{path}.{idx.index(t)}" + (f'.{rest}' if rest else '')
         return name
+    return to
+
+def teacher_layers(config:dict):
+    "A function from a teacher's layer name to the pruned model's (None: its block or layer was removed)."
+    family = family_named(config.get('_class_name'), config)
+    lists = family[0].block_lists() if family else ()
+    # a UNet's layers: a diffusers-layout cut (its config counts it), then a free-form one on the model it builds
+    cuts = [config[k] for k in (TEACHER_LAYERS, KEPT_LAYERS) if config.get(k) is not None]
+    if (names := config.get(BLOCK_NAMES)) is not None or (config.get(BLOCK_MAP) is not None and len(lists) == 1):
+        names = [n.rpartition('.') for n in names or [f'{lists[0]}.{t}' for t in config[BLOCK_MAP]]]  # one list
+        cuts.append({path: [int(i) for p, _, i in names if p == path] for path in lists})
+    elif config.get(BLOCK_MAP) is not None:
+        raise ModelError("the folder records its teacher's blocks by number only (pruned before diffprune 0.7), and "
+                         "they lie in two lists: prune the teacher again to record them by name")
+    steps = [_renumbered(c) for c in cuts]
+
+    def to_pruned(name:str):
+        for step in steps:
+            if name is None: break
+            name = step(name)
+        return name
     return to_pruned
 
-# %% ../nbs/08a_adapters.ipynb #7dcc0bc4
-_KEY = re.compile(r'^(?P<prefix>(?:unet|transformer)\.)?(?P<layer>.+)'  # a pipeline's prefix, or none
-                  r'\.(?P<part>lora_A|lora_B)\.(?P<what>weight|bias)$')
+# %% ../nbs/08a_adapters.ipynb #85b0351d
+_KEY = re.compile(r'^(?P<prefix>(?:unet|transformer|base_model\.model)\.)?(?P<layer>.+)'  # a pipeline's or peft's
+                  r'\.(?:(?P<part>lora_A)\.(?P<what>weight)|(?P<partb>lora_B)\.(?P<whatb>weight|bias))$')
+_OTHER = re.compile(r'^text_encoder(?:_\d)?\.')  # a pipeline LoRA's text encoders: not the denoiser's, left alone
+
+def _parts(m) -> tuple: return m['part'] or m['partb'], m['what'] or m['whatb']
 
 @dataclass
 class AdapterMap:
@@ -70,7 +82,7 @@ class AdapterMap:
 
     def summary(self) -> str:
         "One line: the layers the LoRA kept, renumbered, cut and dropped."
-        kept = len({_KEY.match(k)['layer'] for k in self.state_dict})
+        kept = len({m['layer'] for k in self.state_dict if (m := _KEY.match(k))})
         gone = f" ({', '.join(self.dropped[:4])}{', ...' if len(self.dropped) > 4 else ''})" if self.dropped else ''
         return (f"{kept} layers kept, {len(self.renamed)} renumbered, {len(self.sliced)} cut to the kept channels, "
                 f"{len(self.dropped)} dropped with their blocks{gone}")
@@ -79,16 +91,21 @@ def load_adapter(adapter) -> dict:
     "A LoRA state dict: given as one, or read from a `.safetensors` file or a folder holding one (no pickle)."
     if isinstance(adapter, dict): return dict(adapter)
     path = Path(str(adapter)).expanduser()
-    if path.is_dir(): path = next(iter(sorted(path.glob('*.safetensors'))), path/'pytorch_lora_weights.safetensors')
+    if path.is_dir():  # diffusers' own name first, else the one safetensors file a folder holds
+        found = [path/'pytorch_lora_weights.safetensors'] + sorted(path.glob('*.safetensors'))
+        path = next((p for p in found if p.exists()), found[0])
     if path.suffix != '.safetensors' or not path.exists():
         raise InputError(f"no LoRA at {str(adapter)!r}: give a .safetensors file (diffusers' save_lora_weights writes "
                          "pytorch_lora_weights.safetensors), a folder holding one, or a state dict")
     return load_file(path)
 
-# %% ../nbs/08a_adapters.ipynb #780eff30
+# %% ../nbs/08a_adapters.ipynb #6c6047c9
 def _cut(t:torch.Tensor, dim:int, kept, size:int, key:str, why:str) -> torch.Tensor:
     "`t` with only positions `kept` of `dim` (None: all), which must leave the pruned layer's `size`."
-    if kept is not None and max(kept) < t.shape[dim]: t = t.index_select(dim, torch.tensor(kept))
+    if kept is not None and max(kept) >= t.shape[dim]:  # narrower than the teacher's layer: not the teacher's LoRA
+        raise InputError(f"{key} has {t.shape[dim]} {'rows' if dim == 0 else 'columns'}, fewer than the teacher's "
+                         f"layer: it was remapped already, or {why}")
+    if kept is not None: t = t.index_select(dim, torch.tensor(kept))
     if t.shape[dim] != size:
         raise InputError(f"{key} does not fit the pruned model ({t.shape[dim]} {'rows' if dim == 0 else 'columns'} "
                          f"where its layer has {size}): {why}")
@@ -100,7 +117,8 @@ def remap_adapter(adapter, # a teacher's LoRA: a state dict, a .safetensors file
     """The LoRA for the pruned model: layers renumbered by the depth records, rows and columns cut to the channels
     each layer kept (`B[R] @ A[:, C]`, the teacher's delta `(B @ A)[R][:, C]`), removed blocks' layers dropped."""
     sd, (folder, config, run) = load_adapter(adapter), _folder_records(model)
-    if bad := [k for k in sd if not _KEY.match(k)]:
+    if not sd: raise InputError("the LoRA holds no layers")
+    if bad := [k for k in sd if not (_KEY.match(k) or _OTHER.match(k))]:
         raise InputError(f"{bad[0]!r} is not a LoRA key diffusers or peft writes (layer.lora_A.weight, "
                          "layer.lora_B.weight): convert the LoRA with diffusers' load_lora_weights, then "
                          "save_lora_weights (DoRA's magnitudes cannot follow a pruning)")
@@ -109,10 +127,11 @@ def remap_adapter(adapter, # a teacher's LoRA: a state dict, a .safetensors file
         shapes = {k[:-len('.weight')]: f.get_slice(k).get_shape() for k in f.keys() if k.endswith('.weight')}
     why = 'the LoRA was made for another model' + ('' if channels else ', or the folder was pruned before diffprune '
                                                    'recorded the channels layers keep: prune the teacher again')
-    out = AdapterMap({})
+    out = AdapterMap({k: t for k, t in sd.items() if _OTHER.match(k)})  # the text encoders' layers, as they are
     for key, t in sd.items():
+        if _OTHER.match(key): continue
         m = _KEY.match(key)
-        layer = to_pruned(m['layer'])
+        (part, what), layer = _parts(m), to_pruned(m['layer'])
         if layer is None:
             if m['layer'] not in out.dropped: out.dropped.append(m['layer'])
             continue
@@ -121,13 +140,13 @@ def remap_adapter(adapter, # a teacher's LoRA: a state dict, a .safetensors file
                              "another model, or the folder records no map of the layers it kept")
         if layer != m['layer']: out.renamed[m['layer']] = layer
         kept, (rows, cols) = channels.get(layer, {}), shapes[layer][:2]
-        if m['part'] == 'lora_A': t = _cut(t, 1, kept.get('in'), cols, key, why)
+        if part == 'lora_A': t = _cut(t, 1, kept.get('in'), cols, key, why)
         else: t = _cut(t, 0, kept.get('out'), rows, key, why)  # B's rows, and its bias
         if kept and layer not in out.sliced: out.sliced.append(layer)
-        out.state_dict[f"{m['prefix'] or ''}{layer}.{m['part']}.{m['what']}"] = t.contiguous()
+        out.state_dict[f"{m['prefix'] or ''}{layer}.{part}.{what}"] = t.contiguous()
     return out
 
-# %% ../nbs/08a_adapters.ipynb #d1b19408
+# %% ../nbs/08a_adapters.ipynb #ffff1558
 def _config_of(model) -> dict:
     "The config of a model (its class named as `_class_name`), of a model folder, or a config given as a dict."
     if isinstance(model, dict): return model
@@ -138,9 +157,11 @@ def block_residuals(samples:list, # a teacher's ControlNet residuals for list `b
                     model, # the pruned transformer, its folder or its config
                     teacher_blocks:int, # how many blocks the teacher had in that list (FLUX.1: 19 and 38)
                     blocks:str=None, # the list they feed (default: the family's first; Flux's second is the single)
+                    repeat:bool=False, # Flux's `controlnet_blocks_repeat` (XLabs' ControlNets): block t reads t % n
                    ) -> list:
     """The residuals to give the pruned model instead, so that each kept block adds its teacher block's: pass them
     where the pipeline passes the ControlNet's (`controlnet_block_samples`, `block_controlnet_hidden_states`)."""
+    if not samples: raise InputError("no residuals given: pass the ControlNet's list for the teacher's blocks")
     config = _config_of(model)
     found = family_named(config.get('_class_name'), config)
     if found is None: raise ModelError(f"{config.get('_class_name')!r} is no denoiser diffprune knows")
@@ -149,15 +170,15 @@ def block_residuals(samples:list, # a teacher's ControlNet residuals for list `b
     kept = [t for t in range(teacher_blocks) if to_pruned(f'{blocks}.{t}') is not None]  # the teacher's, in order
     out = [torch.zeros_like(samples[0]) for _ in kept]  # one entry per pruned block: the family reads entry k or none
     for k, t in enumerate(kept):
-        mine, theirs = (family.controlnet_residual(blocks, k, len(kept), len(kept)),
-                        family.controlnet_residual(blocks, t, teacher_blocks, len(samples)))
+        mine = family.controlnet_residual(blocks, k, len(kept), len(kept))  # with `repeat` too: k % len(kept) = k
+        theirs = t % len(samples) if repeat else family.controlnet_residual(blocks, t, teacher_blocks, len(samples))
         if mine is None and theirs is not None:
             raise InputError(f"the pruned model's block {k} is the teacher's block {t}, which its ControlNet feeds, "
-                             f"and a {family.name} model feeds none to its block {k}: keep the teacher's block {k} too")
+                             f"and a {family.name} model feeds none to its block {k}: keep teacher block {k} too")
         if mine is not None and theirs is not None: out[mine] = samples[theirs]
     return out
 
-# %% ../nbs/08a_adapters.ipynb #168bc9e5
+# %% ../nbs/08a_adapters.ipynb #6f3d0bcd
 def unet_residuals(residuals:list, # a teacher ControlNet's `down_block_res_samples` (conv_in, ResNets, downsamplers)
                    model, # the depth-pruned UNet, its folder or its config
                    teacher_layers_per_block, # the teacher's ResNets per down level: a number, or one per level

@@ -163,6 +163,8 @@ class PrunedModelMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder:str=None, torch_dtype=None, **kwargs):
         "Load a pruned model folder (local, or a hub repository with `subfolder`) strictly, as `load_denoiser` does."
         device = kwargs.pop('device_map', None) if isinstance(kwargs.get('device_map'), (str, torch.device)) else None
+        if device in ('auto', 'balanced', 'balanced_low_0', 'sequential'):
+            raise InputError(f"a pruned model loads whole on one device: device_map='cuda' or 'cpu', not {device!r}")
         if bad := [k for k in _UNSUPPORTED if kwargs.get(k) not in (None, False)]:
             raise InputError(f"a pruned model loads without {', '.join(bad)}: load it whole, then move or quantize it")
         model = load_denoiser(_local_folder(pretrained_model_name_or_path, subfolder, kwargs))
@@ -303,7 +305,13 @@ def save_denoiser(model, folder, meta:dict=None,
     model, folder = inner_model(model), Path(folder)
     if is_fused(model): model = unfuse_projections(copy.deepcopy(model))  # the separate layers its config builds
     family, pruned = family_of(model), is_pruned(model)
+    sd = model.state_dict()
+    if any(type(v) not in (torch.Tensor, nn.Parameter) for v in sd.values()):  # torchao's quantized tensors, say
+        raise ModelError("a quantized model saves as the model it was quantized from: save it before quantize(), "
+                         "and quantize it again after loading")
     folder.mkdir(parents=True, exist_ok=True)
+    # the weights first, so that no config names weights that are not there
+    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, folder/'diffusion_pytorch_model.safetensors')
     cfg, cls = json.loads(model.to_json_string()), _saved_class(family, model, pruned)
     cfg['_class_name'] = cls.__name__
     record = dict(format=2, structure=layer_structure(model))
@@ -316,8 +324,6 @@ def save_denoiser(model, folder, meta:dict=None,
     write_json(cfg, folder/'config.json')
     if remote: shutil.copyfile(REMOTE_CODE, folder/'diffprune.py')  # the name model_index.json gives the library
     elif (folder/'diffprune.py').exists(): (folder/'diffprune.py').unlink()  # a folder saved over: no stale class
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, folder/'diffusion_pytorch_model.safetensors')
     channels = {'kept_channels': c} if (c := kept_channels(model)) else {}  # for adapters; loading needs none
     write_json(dict(record, **channels, **(meta or {})), folder/'diffprune.json')  # the record again, and the run's
     return cls

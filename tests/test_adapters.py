@@ -13,6 +13,7 @@ from diffprune.latent import tiny_latent_pipeline
 from diffprune.models import load_model, save_model, kept_channels, BLOCK_MAP, BLOCK_NAMES
 from diffprune.prune import prune_model
 from diffprune.sizes import example_inputs
+from diffprune.unet_depth import depth_units
 
 R = 4
 SCHED = DDPMScheduler(num_train_timesteps=1000)
@@ -128,6 +129,56 @@ def test_bad_adapters_and_folders_get_one_line(tmp_path):
         remap_adapter(sd, tmp_path)
     with pytest.raises(InputError, match='no LoRA at'):
         remap_adapter(tmp_path/'lora.bin', tmp_path/'t')
+    with pytest.raises(InputError, match='is not a LoRA key'):  # a bias of A is no LoRA diffusers writes
+        remap_adapter({**sd, 'unet.conv_in.lora_A.bias': torch.zeros(4)}, tmp_path/'t')
+    with pytest.raises(InputError, match='holds no layers'):
+        remap_adapter({}, tmp_path/'t')
+    # a pipeline's LoRA with its text encoder's layers: those pass as they are; peft's own prefix is kept too
+    text = {'text_encoder.text_model.encoder.layers.0.q_proj.lora_A.weight': torch.zeros(4, 8)}
+    assert remap_adapter({**sd, **text}, tmp_path/'t').state_dict.keys() == {**sd, **text}.keys()
+    peft_keys = {k.replace('unet.', 'base_model.model.', 1): v for k, v in sd.items()}
+    assert remap_adapter(peft_keys, tmp_path/'t').state_dict.keys() == peft_keys.keys()
+
+def test_a_lora_remapped_twice_is_refused_and_a_folder_prefers_diffusers_file_name(tmp_path):
+    teacher, sched = load_model('digits')
+    save_model(prune_model(magnitude(teacher), target_macs=0.5).denoiser, sched, tmp_path/'p')
+    once = remap_adapter(adapter_for(teacher, 'unet.'), tmp_path/'p').state_dict
+    with pytest.raises(InputError, match='remapped already'):
+        remap_adapter(once, tmp_path/'p')
+    from safetensors.torch import save_file
+    (tmp_path/'lora').mkdir()
+    save_file(adapter_for(teacher, 'unet.'), tmp_path/'lora'/'pytorch_lora_weights.safetensors')
+    save_file({'x': torch.zeros(1)}, tmp_path/'lora'/'a_first_by_name.safetensors')
+    assert remap_adapter(tmp_path/'lora', tmp_path/'p').state_dict.keys() == once.keys()
+
+def test_a_diffusers_layout_cut_then_a_free_form_one_compose(tmp_path):
+    "Depth in the diffusers layout (its config counts it), then free-form depth on the model that config builds."
+    teacher, sched = load_model('digits')
+    save_model(prune_model(magnitude(teacher), remove_units=['mid_block'], layout='diffusers').denoiser, sched,
+               tmp_path/'a')
+    first, _ = load_model(tmp_path/'a')
+    pair = next(u for u in depth_units(first) if u.kind == 'pair')
+    save_model(prune_model(magnitude(first), remove_units=[pair.name]).denoiser, sched, tmp_path/'b')
+    pruned, _ = load_model(tmp_path/'b')
+    f = teacher_layers(_folder_records(tmp_path/'b')[1])
+    assert f('mid_block.resnets.0.conv1') is None and f(pair.layers[0] + '.conv1') is None, pair.layers
+    sd = adapter_for(teacher, 'unet.')
+    x = example_inputs(pruned, 2)
+    torch.testing.assert_close(outputs(cut_like(teacher, pruned, tmp_path/'b'), x), outputs(pruned, x), rtol=0, atol=0)
+    got = outputs(with_lora(pruned, remap_adapter(sd, tmp_path/'b').state_dict, 'unet.'), x)
+    torch.testing.assert_close(got, outputs(cut_like(merged(teacher, sd, 'unet.'), pruned, tmp_path/'b'), x),
+                               rtol=1e-4, atol=1e-4)
+
+def test_flux_residual_rules_with_and_without_repeat():
+    "FLUX.1 reads block t's residual at t // ceil(N / n), or with XLabs' `controlnet_blocks_repeat` at t % n."
+    cfg = {'_class_name': 'FluxTransformer2DModel', BLOCK_NAMES: ['transformer_blocks.1', 'transformer_blocks.3']}
+    samples = [torch.tensor(float(j)) for j in range(3)]
+    assert [float(r) for r in block_residuals(samples, cfg, 4)] == [0., 1.]  # 1 // 2, 3 // 2
+    assert [float(r) for r in block_residuals(samples, cfg, 4, repeat=True)] == [1., 0.]  # 1 % 3, 3 % 3
+    with pytest.raises(InputError, match='no residuals given'):
+        block_residuals([], cfg, 4)
+    with pytest.raises(InputError, match='takes no ControlNet residuals by block'):
+        block_residuals(samples, {'_class_name': 'DiTTransformer2DModel', BLOCK_MAP: [0, 1]}, 4)
 
 class Recorder(nn.Module):
     "A block that passes its input through unchanged and logs it: what the model added since the last block shows."
@@ -176,7 +227,6 @@ def test_each_kept_block_gets_its_teacher_blocks_controlnet_residual(kind, tok):
 def test_a_depth_pruned_unet_takes_the_teacher_controlnets_residuals_of_its_kept_resnets(tmp_path):
     from diffusers import UNet2DConditionModel, ControlNetModel
     from diffprune.adapters import unet_residuals
-    from diffprune.unet_depth import depth_units
     torch.manual_seed(0)
     teacher = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
                                    layers_per_block=2, down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),

@@ -28,6 +28,8 @@ def test_gpu_script_runs_quick_on_cpu(tmp_path):
     flux = json.loads((tmp_path/'flux_speed_quick.json').read_text())
     assert {x['prune'] for x in flux['rows']} == {'teacher', 'width', 'depth'}
     assert all(x['macs_reduction'] > 1.5 for x in flux['rows'] if x['prune'] != 'teacher')
+    quant = json.loads((tmp_path/'quantize_gpu_quick.json').read_text())  # pruned and quantized (#31)
+    assert {x['arm'] for x in quant['speed']} >= {'teacher', 'pruned', 'pruned+int8-weight', 'teacher+int8-dynamic'}
 
 def test_gpu_script_refuses_an_unknown_argument_in_one_line():
     r = subprocess.run(['bash', str(ROOT/'bench'/'gpu.sh'), '--fast'], capture_output=True, text=True, timeout=60)
@@ -73,3 +75,13 @@ def test_unet_depth_bench_runs_quick_and_pairs_depth_with_width_at_its_macs(tmp_
     for deep, wide in (('depth', 'width@depth'), ('both', 'width')):
         assert abs(runs[deep]['macs_fraction'] - runs[wide]['macs_fraction']) < 0.01
     assert {(x['model'], x['arm']) for x in res['speed']} >= {('cifar10', 'bk-sdm-small'), ('cifar10', 'width')}
+
+@pytest.mark.slow  # a benchmark's harness on tiny settings (a minute of CPU): the slow tier
+def test_quantize_bench_runs_quick_with_every_arm_of_both_models(tmp_path):
+    "bench/quantize.py --quick: teacher and pruned, plain and quantized both ways, for the digits UNet and DiT."
+    res = quick_run('quantize.py', tmp_path)
+    arms = {'teacher', 'pruned', *(f'{m}+{s}' for m in ('teacher', 'pruned') for s in ('int8-weight', 'int8-dynamic'))}
+    assert {(x['model'], x['arm']) for x in res['runs']} == {(m, a) for m in ('digits', 'digits-dit') for a in arms}
+    mb = {(x['model'], x['arm']): x['bytes'] for x in res['runs']}
+    assert all(mb[m, 'pruned+int8-weight'] < mb[m, 'pruned'] < mb[m, 'teacher'] for m in ('digits', 'digits-dit'))
+    assert len(res['verdicts']) == 8 + 10 * len(res['args']['batches'])

@@ -130,6 +130,8 @@ def test_from_pretrained_takes_a_dtype_by_name_and_refuses_what_it_cannot_do(pru
     assert next(u.parameters()).dtype == torch.float64
     with pytest.raises(ValueError, match='loads without quantization_config'):
         diffprune.PrunedUNet2DModel.from_pretrained(pruned, subfolder='unet', quantization_config=object())
+    with pytest.raises(ValueError, match="loads whole on one device: device_map='cuda' or 'cpu', not 'auto'"):
+        diffprune.PrunedUNet2DModel.from_pretrained(pruned, subfolder='unet', device_map='auto')
 
 def test_an_unpruned_unet_is_not_taken_for_a_pruned_one():
     from diffusers import UNet2DConditionModel

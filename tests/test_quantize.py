@@ -24,12 +24,17 @@ def test_a_pruned_transformer_quantizes_to_a_quarter_of_its_linear_bytes_and_sta
     x = example_inputs(pruned, 4)
     with torch.no_grad(): assert rel_error(pruned(**x)[0], q(**x)[0]) < 0.05
 
-def test_bad_quantization_gets_one_line(monkeypatch):
+def test_bad_quantization_gets_one_line(monkeypatch, tmp_path):
     unet, _ = load_model('digits')
+    unet = prune_model(ScoredModel(unet, _, 'magnitude', importance_criterion('magnitude')), target_macs=0.6).denoiser
     with pytest.raises(InputError, match='fp8 needs a CUDA GPU of compute capability 8.9'):
         quantize(unet, 'fp8')
     with pytest.raises(InputError, match='scheme must be one of int8-weight, int8-dynamic, fp8'):
         quantize(unet, 'int4')
+    q = quantize(copy.deepcopy(unet), 'int8-weight')
+    with pytest.raises(InputError, match='a quantized model saves as the model it was quantized from'):
+        q.save_pretrained(tmp_path/'q')
+    assert not (tmp_path/'q').exists()  # nothing half-written
     monkeypatch.setitem(sys.modules, 'torchao.quantization', None)  # as where torchao is not installed
     with pytest.raises(InputError, match=r"pip install 'diffprune\[quantize\]'"):
         quantize(unet, 'int8-weight')

@@ -74,6 +74,7 @@ for name, folder, part in {jobs!r}:
     models = [AutoModel.from_pretrained(folder + '/' + part, trust_remote_code=True),
               getattr(DiffusionPipeline.from_pretrained(folder, trust_remote_code=True), part)]
     with torch.no_grad(): outs = [m(**x)[0].contiguous() for m in models]
+    models[0].save_pretrained({str(tmp_path)!r} + f'/{{name}}-again')  # saved again by the folder's own class
     save_file({{str(i): o for i, o in enumerate(outs)}}, {str(tmp_path)!r} + f'/{{name}}-out.safetensors')
     print(name, *[type(m).__name__ for m in models])
 """, tmp_path)
@@ -81,6 +82,13 @@ for name, folder, part in {jobs!r}:
         got = load_file(tmp_path/f'{name}-out.safetensors')
         assert len(got) == 2 and all(torch.equal(o, expected[name]) for o in got.values()), name
     assert sum(l.startswith(tuple(folders)) for l in lines) == len(folders), lines
+    for name, folder in folders.items():  # what adapters read survives a save by the folder's own class
+        first, again = denoiser_folder(folder), tmp_path/f'{name}-again'
+        records = lambda f: {k: v for k, v in json.loads((f/'config.json').read_text()).items()  # noqa: E731
+                             if k.startswith('_diffprune')}
+        assert records(again) == records(first), name
+        assert json.loads((again/'diffprune.json').read_text()) == json.loads((first/'diffprune.json').read_text())
+    assert '_diffprune_kept_layers' in records(tmp_path/'unet-depth-again')  # a depth record among them
 
 def test_a_hub_repository_loads_with_diffusers_alone_and_saves_again(folders, tmp_path):
     "From a Hub repository (a local stand-in: the Hub cache, offline), then saved by diffusers and loaded again."

@@ -85,12 +85,18 @@ class PrunedModelMixin:
         model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith('_') and k != 'auto_map'})
         kept = cfg.get(KEPT_LAYERS) or {}
         cut_and_reshape(model, record, kept)
-        if kept: model.register_to_config(**{KEPT_LAYERS: kept})
+        # the records of which teacher layers and blocks these are (for adapters), kept for a later save
+        model.register_to_config(**{k: v for k, v in cfg.items() if k.startswith('_diffprune_')})
         if model.config.get('out_channels', 0) is None and hasattr(model, 'out_channels'):
             model.register_to_config(out_channels=model.out_channels)  # a DiT's default: DiTPipeline reads it
         model.load_state_dict(load_file(folder/'diffusion_pytorch_model.safetensors'), strict=True)
         model._diffprune_saved = {RECORD: record, **{k: saved[k] for k in record.get('config', {})}}  # to save
-        device = kwargs.get('device_map') if isinstance(kwargs.get('device_map'), (str, torch.device)) else None
+        run = folder/'diffprune.json'  # the channels each layer kept, and the run's settings
+        model._diffprune_run = run.read_text() if run.exists() else None
+        device = kwargs.get('device_map')
+        if isinstance(device, str) and device in ('auto', 'balanced', 'balanced_low_0', 'sequential'):
+            raise ValueError(f"a pruned model loads whole on one device: device_map='cuda' or 'cpu', not {device!r}")
+        device = device if isinstance(device, (str, torch.device)) else None
         if isinstance(torch_dtype, str): torch_dtype = getattr(torch, torch_dtype)
         return (model if device is None and torch_dtype is None else model.to(device=device, dtype=torch_dtype)).eval()
 
@@ -100,12 +106,17 @@ class PrunedModelMixin:
             raise ValueError('a pruned model saves without push_to_hub or variant: save it, then upload the folder')
         if not is_main_process: return
         folder = Path(save_directory)
+        weights = self.state_dict()
+        if any(type(v) not in (torch.Tensor, nn.Parameter) for v in weights.values()):  # torchao's quantized ones
+            raise ValueError('a quantized model saves as the model it was quantized from: save it before quantizing')
         folder.mkdir(parents=True, exist_ok=True)
-        cfg = {**json.loads(self.to_json_string()), **self._diffprune_saved, '_class_name': type(self).__name__,
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                  folder/'diffusion_pytorch_model.safetensors')
+        cfg = {**json.loads(self.to_json_string()), **getattr(self, '_diffprune_saved', {}),
+               '_class_name': type(self).__name__,
                'auto_map': {'AutoModel': f'diffprune.{type(self).__name__}'}}
         (folder/'config.json').write_text(json.dumps(cfg, indent=2, sort_keys=True) + '\n')
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  folder/'diffusion_pytorch_model.safetensors')
+        if getattr(self, '_diffprune_run', None): (folder/'diffprune.json').write_text(self._diffprune_run)
         shutil.copyfile(__file__, folder/'diffprune.py')
 
 class PrunedUNet2DModel(PrunedModelMixin, diffusers.UNet2DModel): pass
