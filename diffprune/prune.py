@@ -20,7 +20,8 @@ from .checks import InputError, REMOVES, LAYOUTS, OldName, old_names, old_keywor
 from .data import save_fig
 from .files import atomic_folder, write_json
 from .family import family_of, families, inner_model
-from .models import write_model, match_attention_scale, is_pruned, as_pruned, unfuse_projections, BLOCK_MAP, BLOCK_NAMES
+from .models import (write_model, match_attention_scale, is_pruned, as_pruned, unfuse_projections,
+                              BLOCK_MAP, BLOCK_NAMES)
 from .sizes import measure
 from .importance import ScoredModel
 

@@ -11,6 +11,7 @@ __all__ = ['TRANSFORMER', 'attentions', 'head_rows', 'mlp_rows', 'linear_parts',
 
 # %% ../nbs/04b_transformer.ipynb #8e29fa24
 import functools, inspect, math, warnings
+from pathlib import Path
 import torch, torch.nn as nn, numpy as np
 from fastcore.basics import patch
 import torch_pruning as tp
@@ -19,7 +20,7 @@ from diffusers.models.activations import GEGLU, SwiGLU
 from .checks import (InputError, REMOVES, LAYOUTS, check_choice, check_pruning_ratio, check_target_macs,
                               check_target, old_names, old_keywords)
 from .family import Family, Units, family_of
-from .models import PrunedModelMixin, is_pruned, set_config, note_cut
+from .models import PrunedModelMixin, is_pruned, set_config, note_cut, load_denoiser
 from .diffusion import eps_loss, eval_mode, sample_shape
 from .sizes import layer_macs
 from .importance import ScoredModel, weight_terms, reduce_terms, channel_scores
@@ -364,6 +365,13 @@ class ClassPixelPipeline(DiffusionPipeline):
     def __init__(self, transformer, scheduler):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        "diffusers' loading; a local folder's transformer loaded by diffprune itself, so no code of the folder runs."
+        part = Path(str(pretrained_model_name_or_path)).expanduser()/'transformer'
+        if 'transformer' not in kwargs and (part/'config.json').exists(): kwargs['transformer'] = load_denoiser(part)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @torch.no_grad()
     def __call__(self, class_labels, # one label per image
