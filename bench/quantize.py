@@ -9,14 +9,16 @@ Weight bytes as stored (`weight_bytes`: int8 values and scales for quantized lay
 on the CPU, the six arms' runs interleaved (paired speedup over the teacher); FID of `--samples` DDIM-50 samples from
 the same noise (digits features, against all digits), paired by seed against the arm without quantization.
 
-Peak memory is not reported at these sizes: a process that imports torch and diffusers holds some 500 MB, the digits
-models 3-5 MB of weights, so the weights' bytes are the memory that scales and the column to read.
+Peak memory: the peak resident memory of a fresh process that loads each arm (quantizing it there) and runs one forward
+pass at the largest batch, and how much the forward pass added. At these sizes a process that imports torch and
+diffusers holds some hundreds of MB and the digits models 3-5 MB of weights, so the weight bytes are the memory that
+scales with a model, and the peak shows how little of the process the model is.
 
     python bench/quantize.py            # 2 seeds, 500 finetune steps, 512 samples: about 25 minutes on 2 cores
     python bench/quantize.py --quick    # seconds: tiny settings that check the plumbing, not the result
     python bench/quantize.py --gpu --device cuda   # fp8 and int8 on CUDA: latency and bytes only (bench/gpu.sh)
 """
-import copy, statistics, time
+import copy, json, statistics, time
 from pathlib import Path
 import torch
 from common import parser, write, table, ci95, seeded_args, seeded_runs, paired
@@ -96,6 +98,44 @@ def speed(a, device='cpu', schemes=SCHEMES) -> list:
                 print(rows[-1], flush=True)
     return rows
 
+CHILD = """
+import json, resource, sys, torch
+import diffprune
+from diffprune.models import load_model
+from diffprune.quantize import quantize
+from diffprune.sizes import example_inputs
+folder, scheme, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model, _ = load_model(folder)
+if scheme != 'none': quantize(model, scheme)
+torch.manual_seed(0)
+x = example_inputs(model, batch)
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad(): model(**x)
+print(json.dumps(dict(loaded_kb=loaded, peak_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+"""
+
+def memory(a) -> list:
+    "Peak resident memory of a fresh process that loads each arm and runs one forward pass at the largest batch."
+    import subprocess, sys, tempfile
+    from diffprune.models import save_model
+    rows, tmp = [], Path(tempfile.mkdtemp())
+    for name in MODELS:
+        teacher = load_model(name)
+        scored = score_model(teacher, 'digits', calibration_size=a.calibration_size, stride=a.stride, seed=a.seed,
+                             progress=False)
+        save_model(prune_model(scored, target_macs=a.target).denoiser, teacher[1], tmp/name)
+        for arm in ('teacher', 'pruned', *(f'{m}+{s}' for m in ('teacher', 'pruned') for s in SCHEMES)):
+            folder = name if arm.startswith('teacher') else str(tmp/name)
+            scheme = arm.split('+')[1] if '+' in arm else 'none'
+            r = subprocess.run([sys.executable, '-c', CHILD, folder, scheme, str(max(a.batches))], capture_output=True,
+                               text=True, timeout=600)
+            if r.returncode: raise SystemExit(r.stderr[-2000:])
+            kb = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append(dict(model=name, arm=arm, batch=max(a.batches), peak_mb=kb['peak_kb'] / 1024,
+                             forward_mb=(kb['peak_kb'] - kb['loaded_kb']) / 1024))
+            print(rows[-1], flush=True)
+    return rows
+
 def verdicts(summary:list, speeds:list) -> list:
     lines = []
     for r in summary:
@@ -115,6 +155,7 @@ if __name__ == '__main__':
     p = parser(__doc__.split('\n')[0])
     p.add_argument('--gpu', action='store_true', help="latency and bytes on `--device` with fp8 too, no FID")
     p.add_argument('--device', default='cpu')
+    p.add_argument('--memory-only', action='store_true', help="add peak memory to the results of a full run")
     gpu = p.parse_known_args()[0].gpu
     a = seeded_args(p, 'quantize_gpu' if gpu else 'quantize', seeds=2, finetune_steps=500)
     a.batches = [1] if a.quick else [1, 16] if not gpu else [1, 64]
@@ -124,6 +165,12 @@ if __name__ == '__main__':
         print(table(rows, ['model', 'arm', 'batch', 'mb', 'ms', 'speedup']))
         write(a.out, a.name + ('' if a.device == 'cpu' else f'_{a.device}'), dict(speed=rows, args=vars(a)))
         raise SystemExit(0)
+    if a.memory_only:  # added to the results of a full run (its FID and speed kept)
+        res = json.loads((Path(a.out)/f'{a.name}.json').read_text())
+        res['memory'] = memory(a)
+        print(table(res['memory'], ['model', 'arm', 'batch', 'peak_mb', 'forward_mb']))
+        write(a.out, a.name, {k: v for k, v in res.items() if k not in ('machine', 'date')})
+        raise SystemExit(0)
     runs = seeded_runs(a, lambda seed: run(seed, a))
     summary = summarise(runs)
     print(table(summary, ['model', 'arm', 'n', 'fid_mean', 'fid_ci95', 'minus_plain_mean', 'minus_plain_ci95', 'mb']))
@@ -131,5 +178,7 @@ if __name__ == '__main__':
     print(table(speeds, ['model', 'arm', 'batch', 'mb', 'ms', 'speedup', 'speedup_low', 'speedup_high']))
     lines = verdicts(summary, speeds)
     print('\n'.join(lines))
-    write(a.out, a.name, dict(summary=summary, runs=runs, speed=speeds, verdicts=lines, args=vars(a)))
+    mem = memory(a)
+    print(table(mem, ['model', 'arm', 'batch', 'peak_mb', 'forward_mb']))
+    write(a.out, a.name, dict(summary=summary, runs=runs, speed=speeds, memory=mem, verdicts=lines, args=vars(a)))
     (Path(a.out)/f'{a.name}.partial.json').unlink(missing_ok=True)
