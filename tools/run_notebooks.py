@@ -3,11 +3,14 @@
 The cells that run are the ones `nbdev_test` runs: none flagged with a `tst_flags` word of settings.ini (`slow`,
 `colab`, `retrain`) unless `--flags` names it, none with `#| eval: false`, and not the closing `nbdev_export()` cell. With `--write` each notebook is saved with the outputs of that run, so GitHub, Colab
 and the docs show the lesson without running it: figures at display size (execnb's retina default would store them
-at twice that), each PNG stored with at most 256 colours. Run `nbdev_clean` afterwards, as before any commit.
+at twice that), each PNG stored with at most 32 colours, a figure's or a table's plain-text twin left out (the
+image or the HTML is what every viewer shows), a table's HTML without pandas' style block and indentation. Run `nbdev_clean` afterwards, as before any commit. `--stored` applies
+the same to the outputs a notebook already holds, without running it.
 
     python tools/run_notebooks.py nbs/05_finetuning.ipynb            # time each cell, change nothing
     python tools/run_notebooks.py --write nbs/[0-9]*.ipynb         # refresh the committed outputs
     python tools/run_notebooks.py --write --flags slow nbs/05_finetuning.ipynb  # and those of the slow tier
+    python tools/run_notebooks.py --stored nbs/*.ipynb                 # store the committed outputs that way
 
 A `#| slow` cell that this run skips keeps its committed output: the slow tier's result stays visible in the lesson.
 """
@@ -41,6 +44,9 @@ def run(path:Path, flags:set, write:bool) -> list:
     for i, cell in enumerate(nb.cells):  # a slow cell keeps the output of the last run that ran it (`--flags slow`)
         if cell.cell_type == 'code' and skipped(cell, flags) and not slow_tier(cell): cell.outputs = []
     with working_directory(path.parent):
+        # diffprune first, as a user's session that imported it has it: it keeps torchao's import-time reports (where
+        # torchao is installed, diffusers imports it) out of cells that import diffusers before diffprune
+        shell.run('import diffprune')
         for i, cell in enumerate(nb.cells):
             if skipped(cell, flags): continue
             t0 = time.time()
@@ -48,18 +54,23 @@ def run(path:Path, flags:set, write:bool) -> list:
             times.append((time.time() - t0, i, cell.source.splitlines()[0] if cell.source else ''))
             if shell.exc: raise RuntimeError(shell.prettytb(fname=path))
     if write:
-        for i, cell in enumerate(nb.cells):
-            if cell.cell_type != 'code': continue
-            cell.outputs = [o for o in map(clean, cell.outputs) if o is not None]
-            for out in cell.outputs: shrink_png(out)
-            if (where := local_path(cell.outputs)):
-                raise RuntimeError(f"{path.name} cell {i} shows a local path ({where}): print paths relative to a "
-                                   "folder the lesson names, or keep the warning that carries it out of the output")
-        write_nb(nb, path)
+        store(nb, path)
     return times
+
+def store(nb, path:Path):
+    "Write `nb` to `path` with its outputs as a lesson shows them (`clean`, `shrink_png`); refuse a local path."
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != 'code': continue
+        cell.outputs = [o for o in map(clean, cell.outputs) if o is not None]
+        for out in cell.outputs: shrink_png(out)
+        if (where := local_path(cell.outputs)):
+            raise RuntimeError(f"{path.name} cell {i} shows a local path ({where}): print paths relative to a "
+                               "folder the lesson names, or keep the warning that carries it out of the output")
+    write_nb(nb, path)
 
 ANSI = re.compile(r'\x1b\[[0-9;?]*[A-Za-z]')
 BAR = re.compile(r'\d+%\|.*\||\d+/\d+ \[\d\d:\d\d<|it/s\]|s/it\]')  # a tqdm line: `40%|####  | 2/5 [00:01<...`
+STYLE, SPACE = re.compile(r'<style scoped>.*?</style>\s*', re.S), re.compile(r'>\s+<')
 TMP = re.compile(re.escape(tempfile.gettempdir()) + r'/tmp[^/\s\'",)]*')
 
 def clean(out):
@@ -77,6 +88,9 @@ def clean(out):
     if 'application/vnd.jupyter.widget-view+json' in data and BAR.search(plain): return None  # a tqdm widget
     for k in ('text/plain', 'text/html', 'text/markdown'):
         if k in data: data[k] = TMP.sub('<tmp>', ANSI.sub('', ''.join(data[k])))
+    if 'text/plain' in data and ('image/png' in data or 'text/html' in data): del data['text/plain']  # the twin
+    if 'text/html' in data:  # a table's HTML without pandas' per-table style block and the indentation between tags
+        data['text/html'] = SPACE.sub('><', STYLE.sub('', data['text/html'])).strip()
     return out
 
 def local_path(outputs) -> str:
@@ -88,13 +102,13 @@ def local_path(outputs) -> str:
 
 
 def shrink_png(out):
-    "Store an output's PNG with at most 256 colours, optimised (a plot's look, at a third of the bytes)."
+    "Store an output's PNG with at most 32 colours, optimised (a plot's and a grey sample grid's look, in few bytes)."
     from PIL import Image
     data = out.get('data', {})
     if 'image/png' not in data: return
     raw = base64.b64decode(data['image/png'])
     im, buf = Image.open(io.BytesIO(raw)), io.BytesIO()
-    im.convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(buf, 'PNG', optimize=True)
+    im.convert('RGB').quantize(32, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(buf, 'PNG', optimize=True)
     if buf.tell() < len(raw): data['image/png'] = base64.b64encode(buf.getvalue()).decode()
 
 def main(argv=None):
@@ -103,8 +117,12 @@ def main(argv=None):
     p.add_argument('--write', action='store_true', help="save each notebook with this run's outputs")
     p.add_argument('--flags', default='', help="space-separated flags to run too, e.g. 'slow'")
     p.add_argument('--top', type=int, default=5, help="slowest cells to list per notebook")
+    p.add_argument('--stored', action='store_true', help="store the outputs a notebook holds as --write would, no run")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    if a.stored:
+        for nb in a.notebooks: store(read_nb(nb), nb)
+        return
     total = 0.
     for nb in a.notebooks:
         t0 = time.time(); times = run(nb.resolve(), set(a.flags.split()), a.write); secs = time.time() - t0; total += secs
