@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['teacher_layers', 'AdapterMap', 'load_adapter', 'remap_adapter', 'block_residuals', 'unet_residuals']
 
-# %% ../nbs/08a_adapters.ipynb #b78a56d8
+# %% ../nbs/08a_adapters.ipynb #7d98063e
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from .files import read_json
 from .family import family_named, inner_model
 from .models import denoiser_folder, KEPT_LAYERS, TEACHER_LAYERS, BLOCK_MAP, BLOCK_NAMES
 
-# %% ../nbs/08a_adapters.ipynb #8da79b6c
+# %% ../nbs/08a_adapters.ipynb #0b16a7d5
 def _folder_records(model) -> tuple:
     "`(folder, config.json, diffprune.json)` of a model's denoiser folder (in a pipeline folder, or itself)."
     folder = denoiser_folder(Path(str(model)).expanduser())
@@ -65,7 +65,7 @@ def teacher_layers(config:dict):
         return name
     return to_pruned
 
-# %% ../nbs/08a_adapters.ipynb #645fa6b7
+# %% ../nbs/08a_adapters.ipynb #539df505
 _KEY = re.compile(r'^(?P<prefix>(?:unet|transformer|base_model\.model)\.)?(?P<layer>.+)'  # a pipeline's or peft's
                   r'\.(?:(?P<part>lora_A)\.(?P<what>weight)|(?P<partb>lora_B)\.(?P<whatb>weight|bias))$')
 _OTHER = re.compile(r'^text_encoder(?:_\d)?\.')  # a pipeline LoRA's text encoders: not the denoiser's, left alone
@@ -99,7 +99,7 @@ def load_adapter(adapter) -> dict:
                          "pytorch_lora_weights.safetensors), a folder holding one, or a state dict")
     return load_file(path)
 
-# %% ../nbs/08a_adapters.ipynb #4e8e050b
+# %% ../nbs/08a_adapters.ipynb #b02ecc99
 def _cut(t:torch.Tensor, dim:int, kept, size:int, key:str, why:str) -> torch.Tensor:
     "`t` with only positions `kept` of `dim` (None: all), which must leave the pruned layer's `size`."
     if kept is not None and max(kept) >= t.shape[dim]:  # narrower than the teacher's layer: not the teacher's LoRA
@@ -146,7 +146,7 @@ def remap_adapter(adapter, # a teacher's LoRA: a state dict, a .safetensors file
         out.state_dict[f"{m['prefix'] or ''}{layer}.{part}.{what}"] = t.contiguous()
     return out
 
-# %% ../nbs/08a_adapters.ipynb #4b3056c8
+# %% ../nbs/08a_adapters.ipynb #449258ef
 def _config_of(model) -> dict:
     "The config of a model (its class named as `_class_name`), of a model folder, or a config given as a dict."
     if isinstance(model, dict): return model
@@ -178,7 +178,7 @@ def block_residuals(samples:list, # a teacher's ControlNet residuals for list `b
         if mine is not None and theirs is not None: out[mine] = samples[theirs]
     return out
 
-# %% ../nbs/08a_adapters.ipynb #2c72b192
+# %% ../nbs/08a_adapters.ipynb #c51d738a
 def unet_residuals(residuals:list, # a teacher ControlNet's `down_block_res_samples` (conv_in, ResNets, downsamplers)
                    model, # the depth-pruned UNet, its folder or its config
                    teacher_layers_per_block, # the teacher's ResNets per down level: a number, or one per level
@@ -188,12 +188,12 @@ def unet_residuals(residuals:list, # a teacher ControlNet's `down_block_res_samp
     levels, to_pruned = len(config['down_block_types']), teacher_layers(config)
     per = teacher_layers_per_block
     per = [per] * levels if isinstance(per, int) else list(per)
-    if len(per) != levels or len(residuals) != (n := 1 + sum(per) + levels - 1):
+    if len(per) != levels or len(residuals) != (want := 1 + sum(per) + levels - 1):
         raise InputError(f"{len(residuals)} residuals are not a teacher ControlNet's for this UNet ({levels} levels "
-                         f"of {per} ResNets give {n}): give the teacher's layers_per_block")
-    out, j = [residuals[0]], 1
-    for i, n in enumerate(per):
-        for r in range(n):
+                         f"of {per} ResNets give {want}): give the teacher's layers_per_block")
+    out, j = [residuals[0]], 1  # conv_in's, then level by level
+    for i, resnets in enumerate(per):
+        for r in range(resnets):
             if to_pruned(f'down_blocks.{i}.resnets.{r}') is not None: out.append(residuals[j])
             j += 1
         if i < levels - 1: out.append(residuals[j]); j += 1  # the level's downsampler
