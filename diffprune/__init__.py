@@ -7,7 +7,7 @@ __version__ = "0.6.0"
 __all__ = ['quiet_loading']
 
 # %% ../nbs/index.ipynb #5e55c969
-import contextlib, importlib, logging, os, sys
+import contextlib, importlib, importlib.abc, importlib.util, logging, os, sys
 
 _API = {  # `dp.NAME`: the one call per step, and what a notebook needs around them
     'load_model': 'models', 'save_model': 'models', 'ddim_sample': 'diffusion', 'tiny_unet': 'models',
@@ -66,3 +66,25 @@ def quiet_loading():
         for k, v in saved_env.items():
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
+
+# %% ../nbs/index.ipynb #e46bcaab
+def _register_in_diffusers():
+    """Name this package in `diffusers.pipelines`, so that diffusers loads a pruned folder's components
+    (`["diffprune", "Pruned..."]` in `model_index.json`) with diffprune's classes, as it loads its own pipelines'
+    components, before it looks for the folder's `diffprune.py`: no `trust_remote_code` once diffprune is imported."""
+    pipelines = sys.modules.get('diffusers.pipelines')  # the module diffusers put there (a lazy one)
+    if pipelines is not None: setattr(pipelines, 'diffprune', sys.modules[__name__])
+
+class _RegisterWhenImported(importlib.abc.MetaPathFinder):
+    "Calls `_register_in_diffusers` once `diffusers.pipelines` is imported, when diffusers is imported after diffprune."
+    def find_spec(self, name, path, target=None):
+        if name != 'diffusers.pipelines': return None
+        sys.meta_path.remove(self)  # once, and the real finders find the module
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module): run(module), _register_in_diffusers()
+        spec.loader.exec_module = exec_module
+        return spec
+
+if 'diffusers.pipelines' in sys.modules: _register_in_diffusers()
+else: sys.meta_path.insert(0, _RegisterWhenImported())

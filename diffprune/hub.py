@@ -55,8 +55,8 @@ def hub_card(meta:dict, pruned:bool, pipeline_tag:str='unconditional-image-gener
             f"`pip install diffprune`; `diffprune.load_model('{repo}')` loads it too.\n" if pipeline else
             f"\nThe {part}'s widths are free-form: `{part}/config.json` records them and `{part}/diffprune.py`, a "
             f"short class on torch and diffusers, rebuilds them. `trust_remote_code=True` lets diffusers run that "
-            f"file from this repository: read it first. With diffprune installed, `diffprune.load_model('{repo}')` "
-            f"loads the model without running it.\n")
+            f"file from this repository: read it first. With diffprune installed, `import diffprune` first: then the "
+            f"same call needs no flag and runs nothing from the repository (or `diffprune.load_model('{repo}')`).\n")
     return f"""---
 {data.to_yaml()}
 ---

@@ -15,16 +15,28 @@ def same_output(a, b, **cond) -> bool:
     with torch.no_grad(): return torch.equal(a(x, t, **cond).sample, b(x, t, **cond).sample)
 
 def test_a_pruned_pixel_folder_loads_through_every_diffusers_entry_point(pruned):
-    "With `trust_remote_code=True` (the folder's own class, #31); without it, through diffprune's class and loaders."
+    "diffprune is imported here: diffusers takes its class, flag or not; without diffprune, see test_remote_code.py."
     ref, _ = load_model(pruned)
     assert is_pruned(ref) and json.loads((pruned/'model_index.json').read_text())['unet'] == ['diffprune', 'PrunedUNet2DModel']
     for cls in (DiffusionPipeline, DDPMPipeline, DDIMPipeline):
-        with quiet_loading(): pipe = cls.from_pretrained(pruned, trust_remote_code=True)
-        assert type(pipe.unet).__name__ == 'PrunedUNet2DModel' and same_output(pipe.unet, ref), cls.__name__
-        with pytest.raises(ValueError, match='trust_remote_code=True'), quiet_loading(): cls.from_pretrained(pruned)
+        for flag in ({}, dict(trust_remote_code=True)):
+            with quiet_loading(): pipe = cls.from_pretrained(pruned, **flag)
+            assert type(pipe.unet) is diffprune.PrunedUNet2DModel and same_output(pipe.unet, ref), (cls.__name__, flag)
     assert same_output(diffprune.PrunedUNet2DModel.from_pretrained(pruned, subfolder='unet'), ref)
     with quiet_loading(): pipe = DDPMPipeline.from_pretrained(pruned, unet=load_model(pruned)[0])  # code not run
     assert same_output(pipe.unet, ref) and same_output(load_pipeline(pruned).unet, ref)
+
+@pytest.mark.parametrize('first', ['diffprune', 'diffusers'])
+def test_after_import_diffprune_diffusers_loads_a_pruned_folder_without_running_its_file(pruned, first):
+    "In either import order, as before #31: diffusers finds `diffusers.pipelines.diffprune` before the folder's file."
+    imports = ['import diffprune', 'from diffusers import DiffusionPipeline']
+    code = '\n'.join(imports if first == 'diffprune' else imports[::-1]) + f"""
+import sys
+pipe = DiffusionPipeline.from_pretrained({str(pruned)!r})
+print(type(pipe.unet).__name__, sorted(m for m in sys.modules if m.startswith('diffusers_modules')))"""
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split('\n')[-2] == 'PrunedUNet2DModel []'  # diffprune's class; the folder's file not imported
 
 def test_an_unpruned_folder_stays_a_plain_diffusers_folder(tmp_path):
     from diffusers import DDPMScheduler, UNet2DModel
