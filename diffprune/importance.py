@@ -19,7 +19,8 @@ from .checks import InputError, METHODS, THRESHOLD, OldName, old_keywords, check
 from .family import ANY, family_of, inner_model
 from .files import atomic_folder, read_json, write_json
 from .models import load_model, is_fused, unfuse_projections
-from .diffusion import eps_loss, cond_to, prediction_type, eval_mode
+from .diffusion import eps_loss, cond_to, index_cond, prediction_type, eval_mode
+from .distributed import processes, share, mean_over_processes, sum_over_processes
 from .timesteps import (analysis_from_dict, analyze_timesteps, calibration_batch, TimestepAnalysis,
                                  stacked_losses, first_rejected)
 
@@ -118,7 +119,7 @@ def taylor_gradients(model, scheduler, x0:torch.Tensor, # calibration batch in [
     for i in range(0, len(ts), per):
         tb = ts[i:i + per]
         l = stacked_losses(model, scheduler, x0, noise, tb, cond)
-        vals = l.detach().cpu().tolist()
+        vals = mean_over_processes(l.detach()).cpu().tolist()  # the whole batch's L_t, where processes share it
         stop, run_max = first_rejected(vals, threshold, run_max)  # index in this pass, or None
         kept = len(tb) if stop is None else stop
         seen_t += tb[:kept + 1]  # the rejected timestep too: it fixes T'
@@ -283,8 +284,9 @@ def _accumulate(model, sched, x0, noise, method:str, threshold:float, k:int, str
         kept = list(range(ana.t_prime + 1)) if k else ana.kept_timesteps  # fast mode draws from all of [0, T']
     else: kept = list(range(0, T, stride))
     ts, w = stratified_timesteps(kept, k, seed) if k else (kept, None)
-    passes = accumulate_gradients(model, sched, x0, noise, ts, w, max(1, images_per_pass // len(x0)), cond, progress,
-                                  into)
+    rank, world = processes()  # processes share the timesteps; `score_model` sums their gradients
+    passes = accumulate_gradients(model, sched, x0, noise, ts[rank::world], w and w[rank::world],
+                                  max(1, images_per_pass // len(x0)), cond, progress, into)
     return ana, ts, passes
 
 # %% ../nbs/03_importance.ipynb #902f4c2c
@@ -304,6 +306,8 @@ def score_model(model, # 'digits', a folder, a hub id or a `(denoiser, scheduler
     crit = importance_criterion(method)
     if method == 'diff-pruning': check_threshold(threshold)  # the others keep every timestep
     check_count(calibration_size, name='calibration_size')
+    exact = method == 'diff-pruning' and not sampled_timesteps and analysis is None  # one sweep over [0, T']
+    if exact: share(calibration_size)  # processes share the batch: refused before any work if they cannot
     if sampled_timesteps is not None: check_count(sampled_timesteps, name='sampled_timesteps')
     denoiser, sched = load_model(model, device)
     if family_of(denoiser) is ANY: raise ANY._missing(inner_model(denoiser))  # no family could prune it: one line
@@ -322,12 +326,17 @@ def score_model(model, # 'digits', a folder, a hub id or a `(denoiser, scheduler
     unfuse_projections(work)
     x0, cond = calibration_batch(data, work, calibration_size, seed, cond)
     noise, grads = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)), {}
+    if exact:  # each process sweeps its share of the batch (the processes' L_t are averaged before the rule)
+        part = share(len(x0))
+        x0, noise, cond = x0[part], noise[part], index_cond(cond, part)
     try:
         with eval_mode(work):  # deterministic: no dropout, no DiT class dropout
             ana, ts, passes = _accumulate(work, sched, x0, noise, method, threshold, sampled_timesteps, stride,
                                           analysis, seed, images_per_pass or default_images_per_pass(work), cond,
                                           progress, grads)
     finally: work.zero_grad(set_to_none=True)  # an error or Ctrl-C half way leaves no gradients on the caller's model
+    grads = sum_over_processes(grads, dict(work.named_parameters()))  # every process: the same sums, the same cuts
+    if exact: grads = {n: g / processes()[1] for n, g in grads.items()}  # the mean of the shares' mean losses
     return ScoredModel(denoiser, sched, method, crit, gradients=grads, analysis=ana, timesteps=ts, passes=passes,
                        seconds=time.time() - t0)
 
