@@ -146,6 +146,8 @@ def cmd_prune(a):
     out = check_out(a.out, a.overwrite)
     import torch
     from diffprune.latent import latent_folder
+    from diffprune.distributed import processes
+    a.writes = processes()[0] == 0  # under torchrun every process prunes the same channels (03); the first writes
     torch.manual_seed(a.seed)
     if (folder := latent_folder(a.model)) is not None: return _prune_latent(a, out, folder)
     _prune_pixel(a, out)
@@ -170,6 +172,7 @@ def _prune_pixel(a, out):
                       sampled_timesteps=a.sampled_timesteps, stride=a.stride, seed=a.seed, device=a.device)
     res = prune_model(imp, pruning_ratio=a.pruning_ratio, target_macs=a.target_macs, round_to=a.round_to,
                       layout=a.layout, removes=a.removes, keep_blocks=a.keep_blocks, remove_units=a.remove_units)
+    if not a.writes: return
     res.save(out, extra=dict(source=str(a.model), data=a.data, seed=a.seed))
     _say(res, 'model', out)
 
@@ -190,6 +193,7 @@ def _prune_latent(a, out, folder):
                                     layout=a.layout, removes=a.removes, keep_blocks=a.keep_blocks,
                                     remove_units=a.remove_units)
     macs = {'teacher': pipeline_macs(pipe), 'pruned': pipeline_macs(pruned)}
+    if not a.writes: return
     save_pipeline(pruned, out, dict(source=str(a.model), seed=a.seed, prune=res.summary()), result=res,
                   record=dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data, prompt=a.prompt,
                               class_labels=a.class_labels, seed=a.seed, pipeline_macs=macs))
@@ -236,7 +240,8 @@ def _finetune_pixel(a, out, ck, teacher, ckpt_every):
     from diffprune.models import folder_record
     r = finetune(a.model, a.data, a.steps, a.batch_size, a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                  teacher=teacher, alpha=a.alpha if a.distill else 0., checkpoint_dir=ck, checkpoint_every=ckpt_every,
-                 resume=a.resume, seed=a.seed, mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout)
+                 resume=a.resume, seed=a.seed, mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout,
+                 fsdp=a.fsdp)
     if not PartialState().is_main_process: return
     record = folder_record(a.model)
     meta = dict(source=record.get('source') or str(a.model), **{k: record[k] for k in ('prune',) if k in record})
@@ -250,8 +255,7 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
     from diffprune.latent import (finetune_pipeline, latent_images, latent_folder, load_pipeline, save_pipeline,
                                   denoiser_name)
     from diffprune.models import folder_record
-    pipe = load_pipeline(folder, a.device)
-    source = folder_record(a.model).get('source')
+    pipe, source = load_pipeline(folder, a.device), folder_record(a.model).get('source')
     src = latent_folder(teacher or source or '')  # the pipeline it was pruned from makes latents and teaches
     images = latent_images(pipe, a.data, a.num_latents, a.seed)
     tuned, r, z = finetune_pipeline(pipe, load_pipeline(src, a.device) if src is not None else None, images,
@@ -259,7 +263,7 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
                                     alpha=a.alpha if a.distill else 0., steps=a.steps, batch_size=a.batch_size,
                                     lr=a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                                     checkpoint_dir=ck, checkpoint_every=ckpt_every, resume=a.resume,
-                                    mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout)
+                                    mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout, fsdp=a.fsdp)
     save_pipeline(tuned, out, dict(finetune=r.summary(), source=source or str(a.model)), result=r, merge=True,
                   record=dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data,
                               latents='encoded images' if images is not None else 'teacher samples',
@@ -421,11 +425,10 @@ def _prune_args(p):
                    help="a UNet's depth units to remove, by name or a preset (bk-sdm-base, bk-sdm-small), in place of "
                         "a target; with either, --removes both and a target then prune the width that stays")
     p.add_argument('--round-to', type=_round_to, default='auto', metavar='N',
-                   help="keep pruned widths multiples of N; 'auto' (the default): 8 with --target-macs where the "
-                        "model allows, else any width; 16 is faster on CPUs but cost FID; 1: any width")
+                   help="widths multiples of N; 'auto' (the default): 8 with --target-macs where the model allows, "
+                        "else any width; 16 is faster on CPUs but cost FID; 1: any width")
     _conditioning(p)
-    p.add_argument('--calibration-steps', type=_count('--calibration-steps'), default=20,
-                   help="DDIM steps of the teacher's calibration latents (latent pipelines without --data)")
+    p.add_argument('--calibration-steps', type=_count('--calibration-steps'), default=20, help="teacher's DDIM steps")
     _common(p)
     p.set_defaults(cmd=cmd_prune)
 
@@ -433,27 +436,24 @@ def _prune_args(p):
 @subcommand('finetune', 'finetune a pruned model (EMA, checkpoints, optional distillation)')
 def _finetune_args(p):
     p.add_argument('--model', required=True, help="a pruned model folder (or any model)")
-    p.add_argument('--data',
-                   help="training images: 'digits' (the default for pixel models), a folder or a hub dataset")
+    p.add_argument('--data', help="training images: 'digits' (pixel models' default), a folder or a hub dataset")
     p.add_argument('--steps', type=_count('--steps'), default=500)
     p.add_argument('--batch-size', type=_count('--batch-size'), default=64)
     p.add_argument('--lr', type=_positive('--lr'), default=2e-4)
     p.add_argument('--ema', type=_fraction('--ema'), default=0.999, help="long-run EMA decay (warmed up)")
     p.add_argument('--grad-accum', type=_count('--grad-accum'), default=1)
     p.add_argument('--mixed-precision', choices=['no', 'fp16', 'bf16'], default='no')
+    p.add_argument('--fsdp', action='store_true', help="shard over the processes `accelerate launch` starts (FSDP2)")
     p.add_argument('--distill', action='store_true', help="distil from the teacher")
     p.add_argument('--alpha', type=_fraction('--alpha'), default=0.5)
     p.add_argument('--teacher', help="teacher for --distill (default: the model the folder was pruned from)")
-    p.add_argument('--checkpoint-every', type=_count('--checkpoint-every'),
-                   help="steps between checkpoints (default: steps / 10)")
+    p.add_argument('--checkpoint-every', type=_count('--checkpoint-every'), help="steps between checkpoints [a tenth]")
     p.add_argument('--resume', action='store_true', help="continue from the latest checkpoint in --out")
     p.add_argument('--raw', action='store_true', help="write the raw weights instead of the EMA")
     p.add_argument('--dropout', type=_fraction('--dropout'), help="dropout while training (default: the model's own)")
     _conditioning(p)
-    p.add_argument('--num-latents', type=_count('--num-latents'), default=256,
-                   help="latent pipelines: images to encode, or teacher latents to sample")
-    p.add_argument('--calibration-steps', type=_count('--calibration-steps'), default=20,
-                   help="latent pipelines without --data: DDIM steps of the teacher's latents")
+    p.add_argument('--num-latents', type=_count('--num-latents'), default=256, help="latent pipelines: latents to use")
+    p.add_argument('--calibration-steps', type=_count('--calibration-steps'), default=20, help="teacher's DDIM steps")
     _common(p)
     p.set_defaults(cmd=cmd_finetune)
 

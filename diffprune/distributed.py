@@ -6,7 +6,7 @@
 __all__ = ['processes', 'share', 'mean_over_processes', 'sum_over_processes', 'fully_shard_fn', 'shard_model', 'is_sharded',
            'full_state_dict', 'local', 'save_shards', 'load_shards']
 
-# %% ../nbs/00d_distributed.ipynb #a770fe23
+# %% ../nbs/00d_distributed.ipynb #48b94ee2
 import os
 from pathlib import Path
 import torch, torch.nn as nn
@@ -15,7 +15,7 @@ from safetensors.torch import save_file, load_file
 from .checks import InputError
 from .files import read_json, write_json
 
-# %% ../nbs/00d_distributed.ipynb #c89a9847
+# %% ../nbs/00d_distributed.ipynb #33bc79fb
 def processes() -> tuple:
     """`(rank, world size)` of this process: the running process group's; under `torchrun` or `accelerate launch`
     (which set `WORLD_SIZE`) the group is started first, through Accelerate (gloo on CPUs, nccl on GPUs); alone `(0, 1)`."""
@@ -33,7 +33,7 @@ def share(n:int, # items to divide (the images of a batch)
         raise InputError(f"the {what} of {n} does not divide over {world} processes: make it a multiple of {world}")
     return slice(rank * n // world, (rank + 1) * n // world)
 
-# %% ../nbs/00d_distributed.ipynb #27edc1ee
+# %% ../nbs/00d_distributed.ipynb #4c284372
 def mean_over_processes(t:torch.Tensor) -> torch.Tensor:
     "The mean of `t` over the processes (all-reduced, a new tensor); `t` itself alone."
     if processes()[1] == 1: return t
@@ -54,7 +54,7 @@ def sum_over_processes(tensors:dict, # `{name: float tensor}` of this process, s
         dist.all_reduce(t)
     return tensors
 
-# %% ../nbs/00d_distributed.ipynb #ece965d0
+# %% ../nbs/00d_distributed.ipynb #a634f35e
 def fully_shard_fn():
     "PyTorch's FSDP2 `fully_shard`, or one line saying which torch has it."
     try: from torch.distributed.fsdp import fully_shard
@@ -75,8 +75,8 @@ def shard_model(model:nn.Module, device, # the device type of every process's sh
     kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
     if cpu_offload: kw['offload_policy'] = CPUOffloadPolicy()
     for child in model.children():
-        if isinstance(child, nn.ModuleList):
-            for block in child: fully_shard(block, **kw)
+        if isinstance(child, nn.ModuleList):  # the first block stays in the root's unit: a forward may read its layers
+            for block in child[1:]: fully_shard(block, **kw)  # outside it (DiT takes its last adaLN from block 0's)
     return fully_shard(model, **kw)
 
 def is_sharded(model:nn.Module) -> bool:
@@ -89,7 +89,7 @@ def full_state_dict(model:nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-# %% ../nbs/00d_distributed.ipynb #463051b6
+# %% ../nbs/00d_distributed.ipynb #b39a34f5
 def local(t:torch.Tensor) -> torch.Tensor:
     "This process's part of `t`: a `DTensor`'s local slice, any other tensor itself."
     return t.to_local() if hasattr(t, 'to_local') else t

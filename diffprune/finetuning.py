@@ -26,6 +26,7 @@ from .diffusion import (denoising_loss, regression_target, prediction_type, add_
                                  index_cond, cond_to, stack_cond, sample_shape, ddim_sample, num_classes, check_cond)
 from .metrics import fid_score
 from .family import family_of
+from .distributed import shard_model, is_sharded, full_state_dict, local, save_shards, load_shards, fully_shard_fn
 
 # %% ../nbs/05_finetuning.ipynb #869db4cb
 TIMESTEP_DENSITIES = ('uniform', 'logit_normal')
@@ -103,8 +104,12 @@ def save_checkpoint(folder, step:int, model, ema, scheduler, opt, state:dict, ke
         tensors, groups = _opt_tensors(opt)
         save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp/'optimizer.safetensors')
         write_json(dict(step=step, param_groups=groups, **state), tmp/'state.json')
-    for old in sorted(folder.glob('step_*'))[:-keep]: shutil.rmtree(old, ignore_errors=True)
+    _keep_newest(folder, keep)
     return path
+
+def _keep_newest(folder, keep:int=2):
+    "Delete all but the `keep` newest checkpoints in `folder`."
+    for old in sorted(Path(folder).glob('step_*'))[:-keep]: shutil.rmtree(old, ignore_errors=True)
 
 # %% ../nbs/05_finetuning.ipynb #0b0ffe83
 def latest_checkpoint(folder) -> Path:
@@ -117,10 +122,49 @@ def _resume(checkpoint_dir, model, ema_net, opt) -> tuple:
     "Load the newest checkpoint in `checkpoint_dir` into `model`, `ema_net` and `opt`; its `(step, history)`."
     ck = latest_checkpoint(checkpoint_dir)
     st = read_json(ck/'state.json')
+    sharded = 'processes' in st  # `save_shards` records how many processes wrote it
+    if sharded != is_sharded(model):
+        raise InputError(f"the checkpoint {str(ck)!r} was written by a{' sharded' if sharded else 'n unsharded'} run: "
+                         f"resume it {'with' if sharded else 'without'} fsdp (--fsdp)")
+    if sharded: return _resume_shards(ck, model, ema_net, opt)
     model.load_state_dict(load_model(ck/'model')[0].state_dict())
     ema_net.load_state_dict(load_file(ck/'ema.safetensors'))
     _load_opt(opt, load_file(ck/'optimizer.safetensors'), st['param_groups'])
     return st['step'], st['history']
+
+# %% ../nbs/05_finetuning.ipynb #f3462e19
+def _shard_tensors(model, ema_net, opt) -> dict:
+    "A sharded run's checkpoint tensors, `{'model.'|'ema.'|'opt.' + name: tensor}` (`save_shards` keeps local slices)."
+    moments, _ = _opt_tensors(opt)
+    return {**{f'model.{n}': p for n, p in model.named_parameters()},
+            **{f'ema.{n}': p for n, p in ema_net.named_parameters()}, **{f'opt.{k}': v for k, v in moments.items()}}
+
+@torch.no_grad()
+def _resume_shards(ck, model, ema_net, opt) -> tuple:
+    "Load this process's shards of checkpoint `ck` into the sharded `model`, `ema_net` and `opt`; `(step, history)`."
+    from torch.distributed.tensor import DTensor
+    tensors, st = load_shards(ck)
+    for prefix, m in (('model.', model), ('ema.', ema_net)):
+        for n, p in m.named_parameters(): local(p).copy_(tensors[prefix + n])
+    params = [p for g in opt.param_groups for p in g['params']]
+    for k, v in tensors.items():
+        if not k.startswith('opt.'): continue
+        i, _, name = k[4:].partition('.')
+        p = params[int(i)]  # a moment is laid out like its parameter; AdamW's `step` is a plain scalar
+        opt.state[p][name] = v if v.dim() == 0 else DTensor.from_local(
+            v.to(local(p).device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    for g, saved in zip(opt.param_groups, st['param_groups']):
+        g.update({k: tuple(v) if k == 'betas' else v for k, v in saved.items() if k != 'params'})
+    return st['step'], st['history']
+
+def _checkpoint(acc, folder, step:int, model, ema_net, scheduler, opt, state:dict):
+    "Checkpoint `step`: the whole model from the main process, or every process's shards of a sharded run."
+    if is_sharded(model):
+        save_shards(Path(folder)/f'step_{step:08d}', _shard_tensors(model, ema_net, opt),
+                    dict(step=step, param_groups=_opt_tensors(opt)[1], **state))
+        if acc.is_main_process: _keep_newest(folder)
+    elif acc.is_main_process: save_checkpoint(folder, step, acc.unwrap_model(model), ema_net, scheduler, opt, state)
+    acc.wait_for_everyone()
 
 # %% ../nbs/05_finetuning.ipynb #57db6a0b
 def ema_decay(step:int, decay:float=0.999) -> float:
@@ -224,10 +268,37 @@ def _train_step(acc, model, opt, sched, ds, step:int, batch_size:int, seed:int, 
             loss = finetune_loss(model, sched, x0, noise, t, tnet, alpha, cond) / grad_accum
         acc.backward(loss)
         total += loss.detach()
-    if grad_clip: acc.clip_grad_norm_(model.parameters(), grad_clip)
+    if grad_clip:  # FSDP2's gradients are `DTensor`s: torch clips them by their global norm
+        (torch.nn.utils.clip_grad_norm_ if is_sharded(model) else acc.clip_grad_norm_)(model.parameters(), grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return acc.reduce(total, 'mean').item()
+
+# %% ../nbs/05_finetuning.ipynb #5f5a8ba2
+def _sharding(acc, fsdp:bool, mixed_precision:str) -> dict:
+    "`shard_model`'s options when the run is sharded (`fsdp`, or Accelerate's config chose FSDP), else None."
+    from accelerate.utils import DistributedType
+    plugin = acc.state.fsdp_plugin if acc.distributed_type == DistributedType.FSDP else None
+    if not fsdp and plugin is None: return None
+    fully_shard_fn()  # one line where this torch has no FSDP2
+    if plugin is not None and getattr(plugin, 'fsdp_version', 1) != 2:
+        raise InputError("diffprune shards with FSDP2: set `fsdp_version: 2` in the accelerate config")
+    if mixed_precision == 'fp16':
+        raise InputError("a sharded run trains in bf16 or fp32 (fp16's loss scaler is not sharded): "
+                         "use mixed precision 'bf16'")
+    if acc.num_processes == 1:
+        raise InputError("fsdp shards over several processes and this is one: launch with `accelerate launch` or "
+                         "`torchrun --nproc_per_node N`")
+    offload = getattr(plugin, 'cpu_offload', False)
+    return dict(cpu_offload=offload is True or type(offload).__name__ == 'CPUOffloadPolicy')
+
+def _gathered(model, ema_net, whole) -> tuple:
+    "The whole raw and EMA models of a sharded run, loaded into `whole` and a copy (on the main process; None elsewhere)."
+    raw, ema = full_state_dict(model), full_state_dict(ema_net)  # every process takes part; the main one gets them
+    if whole is None: return None, None
+    ema_net = copy.deepcopy(whole)
+    whole.load_state_dict(raw), ema_net.load_state_dict(ema)
+    return whole.eval(), ema_net.eval().requires_grad_(False)
 
 # %% ../nbs/05_finetuning.ipynb #31361731
 def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `(denoiser, scheduler)` pair (copied)
@@ -239,6 +310,8 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
              teacher=None, alpha:float=0., # distillation: teacher model and its weight in the loss
              checkpoint_dir=None, checkpoint_every:int=0, resume:bool=False,
              seed:int=0, mixed_precision:str='no',
+             fsdp:bool=False, # shard weights, gradients, optimizer and EMA over the processes (FSDP2; also where
+                              # Accelerate's config chooses FSDP); the result is whole on the main process's CPU
              timestep_density:str=None, # `sample_timesteps`' density; None: logit-normal for flow models, else uniform
              device=None, # where to train (None: Accelerate's choice, a GPU where there is one); the result comes
                           # back there, or where the caller's model was when it is given as a `(denoiser, scheduler)`
@@ -249,6 +322,7 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     from accelerate import Accelerator
     _check_finetune_args(steps, lr, alpha, teacher, resume, checkpoint_dir)
     acc = Accelerator(mixed_precision=mixed_precision, cpu=(device == 'cpu'))
+    sharding = _sharding(acc, fsdp, mixed_precision)
     if batch_size % acc.num_processes:
         raise InputError(f"batch size {batch_size} is not divisible by the {acc.num_processes} processes")
     net, sched = load_model(model)
@@ -274,11 +348,15 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
                          f"{type(first[1]).__name__}): wrap labelled images in diffprune.data.LabelledImages")
     check_cond(net, stack_cond([first[1]]) if isinstance(first, tuple) else None, 1)
     tnet = _frozen_teacher(teacher, objective, acc.device) if alpha > 0 else None
-    ema_net = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=weight_decay)
+    ema_net, whole = copy.deepcopy(net).eval().requires_grad_(False), None
+    if sharding is not None:  # 1/N of everything per process; the main one keeps a CPU copy to gather the result into
+        whole = copy.deepcopy(net).cpu() if acc.is_main_process else None
+        net, ema_net = (shard_model(m, acc.device, **sharding) for m in (net, ema_net))
+        if tnet is not None: tnet = shard_model(tnet, acc.device, **sharding)
+    opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=weight_decay)  # over the shards, where sharded
     start, history = 0, []
     if resume: start, history = _resume(checkpoint_dir, net, ema_net, opt)
-    net, opt = acc.prepare(net, opt)
+    if sharding is None: net, opt = acc.prepare(net, opt)
     t0 = time.time()
     pbar = tqdm(range(start + 1, steps + 1), desc='finetune', disable=not (progress and acc.is_main_process),
                 initial=start, total=steps)
@@ -297,12 +375,11 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
         history.append(total)
         if step % 10 == 0: pbar.set_postfix(loss=f'{sum(history[-10:]) / 10:.4f}')
         if checkpoint_dir and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
-            if acc.is_main_process:
-                save_checkpoint(checkpoint_dir, step, acc.unwrap_model(net), ema_net, sched, opt,
-                                dict(seed=seed, history=history, batch_size=batch_size, lr=lr))
-            acc.wait_for_everyone()
+            _checkpoint(acc, checkpoint_dir, step, net, ema_net, sched, opt,
+                        dict(seed=seed, history=history, batch_size=batch_size, lr=lr))
         if callback and acc.is_main_process and step % callback_every == 0: callback(step, history)
-    raw, ema_net = acc.unwrap_model(net).eval().to(home), ema_net.to(home)
+    if sharding is not None: raw, ema_net = _gathered(net, ema_net, whole)
+    else: raw, ema_net = acc.unwrap_model(net).eval().to(home), ema_net.to(home)
     return FinetuneResult(denoiser=ema_net if use_ema else raw, scheduler=sched, raw=raw, ema=ema_net, history=history,
                           steps=steps, seconds=time.time() - t0)
 
