@@ -20,7 +20,7 @@ from .family import ANY, family_of, inner_model
 from .files import atomic_folder, read_json, write_json
 from .models import load_model, is_fused, unfuse_projections
 from .diffusion import eps_loss, cond_to, index_cond, prediction_type, eval_mode
-from .distributed import processes, share, mean_over_processes, sum_over_processes
+from .distributed import processes, share, mean_over_processes, sum_over_processes, shard_model, is_sharded
 from .timesteps import (analysis_from_dict, analyze_timesteps, calibration_batch, TimestepAnalysis,
                                  stacked_losses, first_rejected)
 
@@ -270,24 +270,42 @@ def gradients_on(self:ScoredModel, model=None):
 
 # %% ../nbs/03_importance.ipynb #68cddbd7
 def _accumulate(model, sched, x0, noise, method:str, threshold:float, k:int, stride:int, analysis, seed:int,
-                images_per_pass:int, cond, progress:bool, into:dict) -> tuple:
-    "`(analysis, timesteps, backward passes)` of the gradients `score_model` asks for, summed in float32 in `into`."
-    T = sched.config.num_train_timesteps
+                images_per_pass:int, cond, progress:bool, into:dict, batch_shared:bool) -> tuple:
+    """`(analysis, timesteps, backward passes)` of the gradients `score_model` asks for, summed in float32 in `into`.
+    Several processes differentiate their shares of the batch (`batch_shared`), or else their shares of the timesteps."""
+    T, (rank, world) = sched.config.num_train_timesteps, processes()
+    part = share(len(x0)) if batch_shared else slice(None)
+    mine, cond_part = slice(None) if batch_shared else slice(rank, None, world), index_cond(cond, part)
     if method == 'diff-pruning' and not k and analysis is None:  # exact: analysis and gradients in one sweep
-        ana, passes = taylor_gradients(model, sched, x0, noise, threshold, range(0, T, stride), images_per_pass,
-                                       cond, progress, into)
+        ana, passes = taylor_gradients(model, sched, x0[part], noise[part], threshold, range(0, T, stride),
+                                       images_per_pass, cond_part, progress, into)
         return ana, ana.kept_timesteps, passes
     ana = None
-    if method == 'diff-pruning':
+    if method == 'diff-pruning':  # the analysis on the whole batch (forward only), so every process finds one T'
         ana = analysis or analyze_timesteps((model, sched), x0, threshold, stride=stride, until_threshold=True,
                                             cond=cond, seed=seed, progress=progress)
         kept = list(range(ana.t_prime + 1)) if k else ana.kept_timesteps  # fast mode draws from all of [0, T']
     else: kept = list(range(0, T, stride))
     ts, w = stratified_timesteps(kept, k, seed) if k else (kept, None)
-    rank, world = processes()  # processes share the timesteps; `score_model` sums their gradients
-    passes = accumulate_gradients(model, sched, x0, noise, ts[rank::world], w and w[rank::world],
-                                  max(1, images_per_pass // len(x0)), cond, progress, into)
+    passes = accumulate_gradients(model, sched, x0[part], noise[part], ts[mine], w and w[mine],
+                                  max(1, images_per_pass // len(x0[part])), cond_part, progress, into)
     return ana, ts, passes
+
+def _scoring_model(net, device, fsdp:bool):
+    """What is scored: `net` itself, or a copy where `net` is frozen or fused (see `score_model`), or with `fsdp` a copy
+    sharded over the processes onto `device` (`net` stays whole on the CPU, to be pruned)."""
+    frozen = any(not p.requires_grad for p in net.parameters())
+    work = copy.deepcopy(net).requires_grad_(True) if frozen or is_fused(net) or fsdp else net
+    unfuse_projections(work)
+    return shard_model(work, device) if fsdp else work
+
+def _whole_gradients(grads:dict, work, batch_shared:bool) -> dict:
+    """The gradients every process prunes by: summed over the processes' timesteps, or averaged over their shares of
+    the batch (the mean of their mean losses); a sharded model's, which FSDP averaged in backward, gathered whole."""
+    world = processes()[1]
+    if is_sharded(work): return {n: g.full_tensor().cpu() for n, g in grads.items()}  # every process, in one order
+    grads = sum_over_processes(grads, dict(work.named_parameters()))
+    return {n: g / world for n, g in grads.items()} if batch_shared else grads
 
 # %% ../nbs/03_importance.ipynb #902f4c2c
 def score_model(model, # 'digits', a folder, a hub id or a `(denoiser, scheduler)` pair
@@ -301,15 +319,20 @@ def score_model(model, # 'digits', a folder, a hub id or a `(denoiser, scheduler
                 seed:int=0, device='cpu', progress:bool=True,
                 images_per_pass:int=None, # images per forward/backward pass (default: `default_images_per_pass`)
                 cond=None, # conditioning of the calibration batch (None: a class model's labels come with `data`)
+                fsdp:bool=False, # shard the scored copy over the processes (FSDP2); the model stays whole on the CPU
                ) -> ScoredModel:
     "`model` with what `method` scores its units by: Diff-Pruning's gradients (Sec. 3.3) summed over [0, T']."
     crit = importance_criterion(method)
     if method == 'diff-pruning': check_threshold(threshold)  # the others keep every timestep
     check_count(calibration_size, name='calibration_size')
-    exact = method == 'diff-pruning' and not sampled_timesteps and analysis is None  # one sweep over [0, T']
-    if exact: share(calibration_size)  # processes share the batch: refused before any work if they cannot
+    # processes share the batch in exact mode's one sweep over [0, T'] and when sharded (FSDP needs every process in
+    # every pass), else the timesteps; a batch they cannot share is refused before any work
+    batch_shared = fsdp or (method == 'diff-pruning' and not sampled_timesteps and analysis is None)
+    if batch_shared: share(calibration_size)
+    if fsdp and processes()[1] == 1:
+        raise InputError("fsdp shards over several processes and this is one: launch with `torchrun --nproc_per_node N`")
     if sampled_timesteps is not None: check_count(sampled_timesteps, name='sampled_timesteps')
-    denoiser, sched = load_model(model, device)
+    denoiser, sched = load_model(model, 'cpu' if fsdp else device)
     if family_of(denoiser) is ANY: raise ANY._missing(inner_model(denoiser))  # no family could prune it: one line
     prediction_type(sched)  # an objective diffprune cannot compute the loss of is refused before any work
     if stride is None: stride = max(1, sched.config.num_train_timesteps // 50) if sampled_timesteps else 1
@@ -320,23 +343,16 @@ def score_model(model, # 'digits', a folder, a hub id or a `(denoiser, scheduler
     # its own parameter names); a frozen one (training scripts often leave one) on an unfrozen copy, and a fused one
     # (diffusers' `fuse_qkv_projections`) on an unfused copy; a trainable one in place, as a second copy of an
     # SD-sized UNet would cost gigabytes. Either way no `.grad` is left on it.
-    net = inner_model(denoiser)
-    frozen = any(not p.requires_grad for p in net.parameters())
-    work = copy.deepcopy(net).requires_grad_(True) if frozen or is_fused(net) else net
-    unfuse_projections(work)
+    work = _scoring_model(inner_model(denoiser), device, fsdp)
     x0, cond = calibration_batch(data, work, calibration_size, seed, cond)
     noise, grads = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)), {}
-    if exact:  # each process sweeps its share of the batch (the processes' L_t are averaged before the rule)
-        part = share(len(x0))
-        x0, noise, cond = x0[part], noise[part], index_cond(cond, part)
     try:
         with eval_mode(work):  # deterministic: no dropout, no DiT class dropout
             ana, ts, passes = _accumulate(work, sched, x0, noise, method, threshold, sampled_timesteps, stride,
                                           analysis, seed, images_per_pass or default_images_per_pass(work), cond,
-                                          progress, grads)
+                                          progress, grads, batch_shared)
     finally: work.zero_grad(set_to_none=True)  # an error or Ctrl-C half way leaves no gradients on the caller's model
-    grads = sum_over_processes(grads, dict(work.named_parameters()))  # every process: the same sums, the same cuts
-    if exact: grads = {n: g / processes()[1] for n, g in grads.items()}  # the mean of the shares' mean losses
+    grads = _whole_gradients(grads, work, batch_shared)  # every process: the same gradients, so the same cuts
     return ScoredModel(denoiser, sched, method, crit, gradients=grads, analysis=ana, timesteps=ts, passes=passes,
                        seconds=time.time() - t0)
 

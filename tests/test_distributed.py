@@ -1,5 +1,6 @@
 """Issue #32: several processes do one job. Scoring under torchrun splits its work (exact mode the calibration batch,
-fast mode the sampled timesteps), and every process prunes what one process prunes; FSDP finetuning equals DDP's."""
+fast mode the sampled timesteps; sharded, the batch), and every process prunes what one process prunes; FSDP
+finetuning equals DDP's and resumes exactly."""
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest, torch
@@ -9,18 +10,30 @@ HERE = Path(__file__).parent
 TORCHRUN = str(Path(sys.executable).parent/'torchrun')
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
 
-def launch(script, n:int, *args, cwd) -> subprocess.CompletedProcess:
-    "`script` on `n` CPU processes under torchrun (gloo), or alone for `n=1`."
+def launch(script, n:int, *args, cwd, **env) -> subprocess.CompletedProcess:
+    "`script` on `n` CPU processes under torchrun (gloo), or alone for `n=1`, with `env` added to the environment."
     cmd = ([TORCHRUN, '--standalone', '--nproc_per_node', str(n)] if n > 1 else [sys.executable]) + [str(script)]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=ENV, timeout=900, cwd=cwd)
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env={**ENV, **env}, timeout=900,
+                          cwd=cwd)
+
+@pytest.fixture(scope='module')
+def one_process(tmp_path_factory) -> Path:
+    "Exact and fast scoring in one process: the reference."
+    d = tmp_path_factory.mktemp('one')
+    for mode in ('exact', 'fast'):
+        (d/mode).mkdir()
+        r = launch(HERE/'score_worker.py', 1, d/mode, mode, cwd=d)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return d
 
 @pytest.mark.parametrize('mode', ['exact', 'fast'])
-def test_two_scoring_processes_share_the_work_and_prune_what_one_process_prunes(tmp_path, mode):
-    for n in (1, 2):
-        (tmp_path/str(n)).mkdir()
-        r = launch(HERE/'score_worker.py', n, tmp_path/str(n), mode, cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-    one, cut = load_file(tmp_path/'1'/'grads0.safetensors'), json.loads((tmp_path/'1'/'cut0.json').read_text())
+@pytest.mark.parametrize('fsdp', [False, True])
+def test_two_scoring_processes_share_the_work_and_prune_what_one_process_prunes(one_process, tmp_path, mode, fsdp):
+    "Unsharded, or sharded by FSDP2 (then the whole model stays on the CPU to be pruned, the gradients gathered)."
+    (tmp_path/'2').mkdir()
+    r = launch(HERE/'score_worker.py', 2, tmp_path/'2', mode, *(['fsdp'] if fsdp else []), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, cut = load_file(one_process/mode/'grads0.safetensors'), json.loads((one_process/mode/'cut0.json').read_text())
     scale = max(g.abs().max().item() for g in one.values())  # float sums in another order: off by rounding alone
     cuts = [json.loads((tmp_path/'2'/f'cut{r}.json').read_text()) for r in (0, 1)]
     for rank in (0, 1):
@@ -29,7 +42,7 @@ def test_two_scoring_processes_share_the_work_and_prune_what_one_process_prunes(
         for n in one: torch.testing.assert_close(two[n], one[n], rtol=1e-3, atol=1e-5 * scale)
         assert cuts[rank]['kept'] == cut['kept'] and cuts[rank]['t_prime'] == cut['t_prime']
         assert cuts[rank]['timesteps'] == cut['timesteps']  # the record: every timestep the gradients cover
-        # each process does half the work: half the images in each pass (exact), half the timesteps (fast)
+        # each process does half the work: half the images in each pass (exact, sharded), half the timesteps (fast)
         assert cuts[rank]['passes'] == (cut['passes'] + 1) // 2 and cut['passes'] > 2
 
 def test_a_batch_the_processes_cannot_share_is_refused_in_one_line(tmp_path):
@@ -43,20 +56,15 @@ def test_fsdp_finetune_equals_ddp_and_resumes_exactly_after_sigkill(tmp_path):
     runs = {'ddp': ('ddp', {}), 'fsdp': ('fsdp', {}), 'killed': ('fsdp', dict(KILL_AT='5'))}
     for name, (mode, env) in runs.items():
         (tmp_path/name).mkdir()
-        ENV.update(env)
-        try: r = launch(HERE/'fsdp_worker.py', 2, tmp_path/name, mode, 6, cwd=tmp_path)
-        finally: [ENV.pop(k) for k in env]
+        r = launch(HERE/'fsdp_worker.py', 2, tmp_path/name, mode, 6, cwd=tmp_path, **env)
         assert (r.returncode == 0) == (name != 'killed'), r.stderr[-3000:]
     ck = sorted(p.name for p in (tmp_path/'killed'/'ck').iterdir())
     assert ck == ['step_00000002', 'step_00000004'], ck  # killed at step 5: two complete checkpoints, no half one
     assert sorted(p.name for p in (tmp_path/'killed'/'ck'/ck[-1]).iterdir()) == [
         'shard_0.safetensors', 'shard_1.safetensors', 'state.json']
-    ENV['RESUME'] = '1'
-    try:
-        r = launch(HERE/'fsdp_worker.py', 2, tmp_path/'killed', 'fsdp', 6, cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        bad = launch(HERE/'fsdp_worker.py', 2, tmp_path/'ddp', 'fsdp', 8, cwd=tmp_path)  # a DDP run's checkpoints
-    finally: ENV.pop('RESUME')
+    r = launch(HERE/'fsdp_worker.py', 2, tmp_path/'killed', 'fsdp', 6, cwd=tmp_path, RESUME='1')
+    assert r.returncode == 0, r.stderr[-3000:]
+    bad = launch(HERE/'fsdp_worker.py', 2, tmp_path/'ddp', 'fsdp', 8, cwd=tmp_path, RESUME='1')  # a DDP run's checkpoints
     assert bad.returncode != 0 and "was written by an unsharded run: resume it without fsdp" in bad.stderr
     ddp, fsdp, resumed = (finals(tmp_path/n) for n in ('ddp', 'fsdp', 'killed'))
     assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)  # the kill changed nothing
