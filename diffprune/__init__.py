@@ -76,7 +76,7 @@ def _register_in_diffusers():
     if pipelines is not None: setattr(pipelines, 'diffprune', sys.modules[__name__])
 
 class _RegisterWhenImported(importlib.abc.MetaPathFinder):
-    "Calls `_register_in_diffusers` once `diffusers.pipelines` is imported, when diffusers is imported after diffprune."
+    "Calls `_register_in_diffusers` once `diffusers.pipelines` is imported (diffusers imported after diffprune)."
     def find_spec(self, name, path, target=None):
         if name != 'diffusers.pipelines': return None
         sys.meta_path.remove(self)  # once, and the real finders find the module

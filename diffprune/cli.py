@@ -169,7 +169,8 @@ def _prune_pixel(a, out):
     model = load_model(a.model, a.device)
     check_prune(model[0], a.removes, a.layout, a.keep_blocks, a.remove_units)  # before minutes of scoring
     imp = score_model(model, a.data, a.method, a.threshold, calibration_size=a.calibration_size,
-                      sampled_timesteps=a.sampled_timesteps, stride=a.stride, seed=a.seed, device=a.device)
+                      sampled_timesteps=a.sampled_timesteps, stride=a.stride, seed=a.seed, device=a.device,
+                      fsdp=a.fsdp)
     res = prune_model(imp, pruning_ratio=a.pruning_ratio, target_macs=a.target_macs, round_to=a.round_to,
                       layout=a.layout, removes=a.removes, keep_blocks=a.keep_blocks, remove_units=a.remove_units)
     if not a.writes: return
@@ -191,7 +192,7 @@ def _prune_latent(a, out, folder):
                                     target_macs=a.target_macs, pruning_ratio=a.pruning_ratio,
                                     calibration_steps=a.calibration_steps, seed=a.seed, round_to=a.round_to,
                                     layout=a.layout, removes=a.removes, keep_blocks=a.keep_blocks,
-                                    remove_units=a.remove_units)
+                                    remove_units=a.remove_units, fsdp=a.fsdp)
     macs = {'teacher': pipeline_macs(pipe), 'pruned': pipeline_macs(pruned)}
     if not a.writes: return
     save_pipeline(pruned, out, dict(source=str(a.model), seed=a.seed, prune=res.summary()), result=res,
@@ -319,8 +320,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _common(p, out=True):
     p.add_argument('--device', default='cpu', help="torch device, e.g. cpu or cuda")
-    p.add_argument('--debug', action='store_true',
-                   help="show the whole traceback of an error (also DIFFPRUNE_DEBUG=1)")
+    p.add_argument('--debug', action='store_true', help="show an error's whole traceback (also DIFFPRUNE_DEBUG=1)")
     p.add_argument('--seed', type=int, default=0, help="seed of every random choice")
     if out:
         p.add_argument('--out', required=True, help="output folder (written atomically)")
@@ -379,8 +379,7 @@ def _model_data(p, calibration_size=64):
                                   "latent pipelines calibrate on the teacher's own latents without it")
     p.add_argument('--threshold', type=arg(check_threshold, name='--threshold'), default=THRESHOLD,
                    help="Diff-Pruning's thr in [0, 1] (0 keeps all timesteps)")
-    p.add_argument('--calibration-size', type=_count('--calibration-size'), default=calibration_size,
-                   help="calibration images")
+    p.add_argument('--calibration-size', type=_count('--calibration-size'), default=calibration_size, help="images")
     p.add_argument('--stride', type=_count('--stride'),
                    help="analyse every stride-th timestep (default: 1; T/50 with --sampled-timesteps)")
 
@@ -427,6 +426,7 @@ def _prune_args(p):
     p.add_argument('--round-to', type=_round_to, default='auto', metavar='N',
                    help="widths multiples of N; 'auto' (the default): 8 with --target-macs where the model allows, "
                         "else any width; 16 is faster on CPUs but cost FID; 1: any width")
+    p.add_argument('--fsdp', action='store_true', help="score a copy sharded over the processes of torchrun (FSDP2)")
     _conditioning(p)
     p.add_argument('--calibration-steps', type=_count('--calibration-steps'), default=20, help="teacher's DDIM steps")
     _common(p)

@@ -26,7 +26,8 @@ from .diffusion import (denoising_loss, regression_target, prediction_type, add_
                                  index_cond, cond_to, stack_cond, sample_shape, ddim_sample, num_classes, check_cond)
 from .metrics import fid_score
 from .family import family_of
-from .distributed import shard_model, is_sharded, full_state_dict, local, save_shards, load_shards, fully_shard_fn
+from .distributed import (shard_model, is_sharded, full_state_dict, local, save_shards, load_shards,
+                                   fully_shard_fn, fsdp_requested)
 
 # %% ../nbs/05_finetuning.ipynb #869db4cb
 TIMESTEP_DENSITIES = ('uniform', 'logit_normal')
@@ -279,7 +280,7 @@ def _sharding(acc, fsdp:bool, mixed_precision:str) -> dict:
     "`shard_model`'s options when the run is sharded (`fsdp`, or Accelerate's config chose FSDP), else None."
     from accelerate.utils import DistributedType
     plugin = acc.state.fsdp_plugin if acc.distributed_type == DistributedType.FSDP else None
-    if not fsdp and plugin is None: return None
+    if not (fsdp or plugin is not None or fsdp_requested()): return None  # the flag, a config on GPUs, or on CPUs
     fully_shard_fn()  # one line where this torch has no FSDP2
     if plugin is not None and getattr(plugin, 'fsdp_version', 1) != 2:
         raise InputError("diffprune shards with FSDP2: set `fsdp_version: 2` in the accelerate config")
@@ -293,7 +294,7 @@ def _sharding(acc, fsdp:bool, mixed_precision:str) -> dict:
     return dict(cpu_offload=offload is True or type(offload).__name__ == 'CPUOffloadPolicy')
 
 def _gathered(model, ema_net, whole) -> tuple:
-    "The whole raw and EMA models of a sharded run, loaded into `whole` and a copy (on the main process; None elsewhere)."
+    "A sharded run's whole raw and EMA models, loaded into `whole` and a copy (on the main process; None elsewhere)."
     raw, ema = full_state_dict(model), full_state_dict(ema_net)  # every process takes part; the main one gets them
     if whole is None: return None, None
     ema_net = copy.deepcopy(whole)

@@ -20,7 +20,8 @@ from .family import ANY, family_of, inner_model
 from .files import atomic_folder, read_json, write_json
 from .models import load_model, is_fused, unfuse_projections
 from .diffusion import eps_loss, cond_to, index_cond, prediction_type, eval_mode
-from .distributed import processes, share, mean_over_processes, sum_over_processes, shard_model, is_sharded
+from .distributed import (processes, share, mean_over_processes, sum_over_processes, shard_model,
+                                   is_sharded, fsdp_requested)
 from .timesteps import (analysis_from_dict, analyze_timesteps, calibration_batch, TimestepAnalysis,
                                  stacked_losses, first_rejected)
 
@@ -272,7 +273,8 @@ def gradients_on(self:ScoredModel, model=None):
 def _accumulate(model, sched, x0, noise, method:str, threshold:float, k:int, stride:int, analysis, seed:int,
                 images_per_pass:int, cond, progress:bool, into:dict, batch_shared:bool) -> tuple:
     """`(analysis, timesteps, backward passes)` of the gradients `score_model` asks for, summed in float32 in `into`.
-    Several processes differentiate their shares of the batch (`batch_shared`), or else their shares of the timesteps."""
+    Several processes differentiate their shares of the batch (`batch_shared`), or else their shares of the
+    timesteps."""
     T, (rank, world) = sched.config.num_train_timesteps, processes()
     part = share(len(x0)) if batch_shared else slice(None)
     mine, cond_part = slice(None) if batch_shared else slice(rank, None, world), index_cond(cond, part)
@@ -292,8 +294,8 @@ def _accumulate(model, sched, x0, noise, method:str, threshold:float, k:int, str
     return ana, ts, passes
 
 def _scoring_model(net, device, fsdp:bool):
-    """What is scored: `net` itself, or a copy where `net` is frozen or fused (see `score_model`), or with `fsdp` a copy
-    sharded over the processes onto `device` (`net` stays whole on the CPU, to be pruned)."""
+    """What is scored: `net` itself, or a copy where `net` is frozen or fused (see `score_model`), or with `fsdp` a
+    copy sharded over the processes onto `device` (`net` stays whole on the CPU, to be pruned)."""
     frozen = any(not p.requires_grad for p in net.parameters())
     work = copy.deepcopy(net).requires_grad_(True) if frozen or is_fused(net) or fsdp else net
     unfuse_projections(work)
@@ -322,7 +324,7 @@ def score_model(model, # 'digits', a folder, a hub id or a `(denoiser, scheduler
                 fsdp:bool=False, # shard the scored copy over the processes (FSDP2); the model stays whole on the CPU
                ) -> ScoredModel:
     "`model` with what `method` scores its units by: Diff-Pruning's gradients (Sec. 3.3) summed over [0, T']."
-    crit = importance_criterion(method)
+    crit, fsdp = importance_criterion(method), fsdp or fsdp_requested()
     if method == 'diff-pruning': check_threshold(threshold)  # the others keep every timestep
     check_count(calibration_size, name='calibration_size')
     # processes share the batch in exact mode's one sweep over [0, T'] and when sharded (FSDP needs every process in
@@ -330,7 +332,8 @@ def score_model(model, # 'digits', a folder, a hub id or a `(denoiser, scheduler
     batch_shared = fsdp or (method == 'diff-pruning' and not sampled_timesteps and analysis is None)
     if batch_shared: share(calibration_size)
     if fsdp and processes()[1] == 1:
-        raise InputError("fsdp shards over several processes and this is one: launch with `torchrun --nproc_per_node N`")
+        raise InputError("fsdp shards over several processes and this is one: launch with `torchrun --nproc_per_node "
+                         "N`")
     if sampled_timesteps is not None: check_count(sampled_timesteps, name='sampled_timesteps')
     denoiser, sched = load_model(model, 'cpu' if fsdp else device)
     if family_of(denoiser) is ANY: raise ANY._missing(inner_model(denoiser))  # no family could prune it: one line

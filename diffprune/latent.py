@@ -337,6 +337,7 @@ def prune_pipeline(pipe, # a latent diffusers pipeline (its denoiser is pruned)
                    removes:str='width', # 'width', 'depth' or 'both' (see `prune_model`)
                    keep_blocks:list=None, # or: the transformer blocks to keep, by index (see `prune_model`)
                    remove_units:list=None, # or: a UNet's depth units to remove, by name or a preset (04e)
+                   fsdp:bool=False, # score a copy sharded over the processes (see `score_model`)
                   ) -> tuple:
     "Diff-Pruning on the denoiser of a latent pipeline: `(pruned pipeline, PruneResult, (latents, cond))`."
     pipeline_objective(pipe)  # before the teacher generates any latents: an objective the pipeline can sample,
@@ -345,7 +346,7 @@ def prune_pipeline(pipe, # a latent diffusers pipeline (its denoiser is pruned)
     z, cond = pipeline_latents(pipe, images, calibration_size, prompts, class_labels, calibration_steps, seed,
                                progress)
     scored = score_model((denoiser(pipe), pipe.scheduler), z, method, threshold, sampled_timesteps=sampled_timesteps,
-                         stride=stride, cond=cond, seed=seed, progress=progress)
+                         stride=stride, cond=cond, seed=seed, progress=progress, fsdp=fsdp)
     res = prune_model(scored, pruning_ratio=pruning_ratio, target_macs=target_macs, round_to=round_to,
                       layout=layout, removes=removes, keep_blocks=keep_blocks, remove_units=remove_units)
     return with_denoiser(pipe, res.denoiser), res, (z, cond)

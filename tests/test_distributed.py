@@ -88,3 +88,14 @@ def test_a_shard_checkpoint_resumes_only_on_as_many_processes(tmp_path):
     (tmp_path/'step_00000002'/'state.json').write_text(json.dumps(dict(step=2, processes=4)))  # as four wrote it
     with pytest.raises(InputError, match='written by 4 processes: resume it on 4 \\(this run has 1\\)'):
         load_shards(tmp_path/'step_00000002')
+
+def test_prune_under_torchrun_with_fsdp_writes_once_what_one_process_writes(cli, tmp_path):
+    "The console script under torchrun: every process scores its share of a sharded copy; the first writes the folder."
+    args = ['prune', '--calibration-size', '8', '--stride', '50', '--target-macs', '0.6']
+    r = launch(Path(sys.executable).parent/'diffprune', 2, *args, '--fsdp', '--out', tmp_path/'two', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('wrote the pruned model') == 1  # one process wrote
+    assert cli(*args, '--out', tmp_path/'one').returncode == 0
+    one, two = (load_file(tmp_path/d/'unet'/'diffusion_pytorch_model.safetensors') for d in ('one', 'two'))
+    assert one.keys() == two.keys() and all(one[k].shape == two[k].shape for k in one)  # the same channels cut
+    assert all(torch.equal(one[k], two[k]) for k in one)  # and the same weights kept
