@@ -30,6 +30,8 @@ def test_gpu_script_runs_quick_on_cpu(tmp_path):
     assert all(x['macs_reduction'] > 1.5 for x in flux['rows'] if x['prune'] != 'teacher')
     quant = json.loads((tmp_path/'quantize_gpu_quick.json').read_text())  # pruned and quantized (#31)
     assert {x['arm'] for x in quant['speed']} >= {'teacher', 'pruned', 'pruned+int8-weight', 'teacher+int8-dynamic'}
+    shards = json.loads((tmp_path/'fsdp_memory_quick.json').read_text())  # sharded state (#32): half on two processes
+    assert all(abs(x['2 process'] / x['1 process'] - 0.5) < 0.01 for x in shards['measured'])
 
 def test_gpu_script_refuses_an_unknown_argument_in_one_line():
     r = subprocess.run(['bash', str(ROOT/'bench'/'gpu.sh'), '--fast'], capture_output=True, text=True, timeout=60)
