@@ -166,7 +166,7 @@ def _prune_pixel(a, out):
     from diffprune.models import load_model
     _no_conditioning(a, 'prune')
     if a.method in ('diff-pruning', 'taylor'): a.data = str(a.data or 'digits')  # recorded only where it is used
-    model = load_model(a.model, a.device)
+    model = load_model(a.model, 'cpu' if a.fsdp else a.device)  # sharded: whole on the CPU, 1/N on each GPU
     check_prune(model[0], a.removes, a.layout, a.keep_blocks, a.remove_units)  # before minutes of scoring
     imp = score_model(model, a.data, a.method, a.threshold, calibration_size=a.calibration_size,
                       sampled_timesteps=a.sampled_timesteps, stride=a.stride, seed=a.seed, device=a.device,

@@ -28,6 +28,7 @@ from diffusers.models.downsampling import Downsample2D
 import diffprune
 from .checks import InputError, ModelError, is_hub_id, old_names, old_keywords
 from .files import write_json, read_json, atomic_folder, hub_snapshot
+from .distributed import process_device
 from .hub import hub_card
 from .family import family_of, family_named, families, covered, inner_model
 
