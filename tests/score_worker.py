@@ -1,4 +1,5 @@
-"Run by tests under torchrun (or alone): score the digits teacher, prune it, save this process's gradients and cut."
+"""Run by tests under torchrun (or imported): score the digits teacher as each `MODE[:fsdp]` argument says, prune it,
+and save this process's gradients and cut as `grads{rank}-{config}.safetensors` and `cut{rank}-{config}.json`."""
 import json, os, sys, time, torch
 from pathlib import Path
 from safetensors.torch import save_file
@@ -6,15 +7,19 @@ from diffprune.importance import score_model
 from diffprune.prune import prune_model
 from diffprune.models import kept_channels
 
-out, mode, fsdp = Path(sys.argv[1]), sys.argv[2], sys.argv[3:] == ['fsdp']  # mode: 'exact' or 'fast'
-torch.set_num_threads(1)
-t0 = time.perf_counter()
-s = score_model('digits', calibration_size=8, sampled_timesteps=8 if mode == 'fast' else None, progress=False,
-                stride=None if mode == 'fast' else 20, images_per_pass=8,  # 8 images a pass: one timestep alone
-                fsdp=fsdp)
-seconds = time.perf_counter() - t0
-res = prune_model(s, target_macs=0.6)
-rank = int(os.environ.get('RANK', 0))
-save_file({n: g.contiguous() for n, g in s.gradients.items()}, out/f'grads{rank}.safetensors')
-(out/f'cut{rank}.json').write_text(json.dumps(dict(kept=kept_channels(res.denoiser), t_prime=s.analysis.t_prime,
-                                                   timesteps=list(s.timesteps), passes=s.passes, seconds=seconds)))
+def score(out:Path, config:str):
+    "`config`: 'exact' or 'fast', with ':fsdp' to score a sharded copy."
+    mode, fsdp = config.split(':')[0], config.endswith(':fsdp')
+    t0 = time.perf_counter()
+    s = score_model('digits', calibration_size=8, sampled_timesteps=8 if mode == 'fast' else None, progress=False,
+                    stride=None if mode == 'fast' else 20, images_per_pass=8,  # 8 images a pass: one timestep alone
+                    fsdp=fsdp)
+    seconds, res = time.perf_counter() - t0, prune_model(s, target_macs=0.6)
+    rank, name = int(os.environ.get('RANK', 0)), config.replace(':', '-')
+    save_file({n: g.contiguous() for n, g in s.gradients.items()}, out/f'grads{rank}-{name}.safetensors')
+    (out/f'cut{rank}-{name}.json').write_text(json.dumps(dict(kept=kept_channels(res.denoiser), timesteps=list(s.timesteps),
+                                                             t_prime=s.analysis.t_prime, passes=s.passes, seconds=seconds)))
+
+if __name__ == '__main__':
+    torch.set_num_threads(1)
+    for config in sys.argv[2:]: score(Path(sys.argv[1]), config)

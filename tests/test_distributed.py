@@ -16,59 +16,63 @@ def launch(script, n:int, *args, cwd, **env) -> subprocess.CompletedProcess:
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env={**ENV, **env}, timeout=900,
                           cwd=cwd)
 
+CONFIGS = ['exact', 'fast', 'fast:fsdp']  # exact mode sharded is the CLI's run below
+
 @pytest.fixture(scope='module')
 def one_process(tmp_path_factory) -> Path:
-    "Exact and fast scoring in one process: the reference."
-    d = tmp_path_factory.mktemp('one')
-    for mode in ('exact', 'fast'):
-        (d/mode).mkdir()
-        r = launch(HERE/'score_worker.py', 1, d/mode, mode, cwd=d)
-        assert r.returncode == 0, r.stderr[-3000:]
+    "Exact and fast scoring in this process: the reference."
+    import runpy
+    d, score = tmp_path_factory.mktemp('one'), runpy.run_path(str(HERE/'score_worker.py'))['score']
+    for mode in ('exact', 'fast'): score(d, mode)
     return d
 
-@pytest.mark.parametrize('mode', ['exact', 'fast'])
-@pytest.mark.parametrize('fsdp', [False, True])
-def test_two_scoring_processes_share_the_work_and_prune_what_one_process_prunes(one_process, tmp_path, mode, fsdp):
-    "Unsharded, or sharded by FSDP2 (then the whole model stays on the CPU to be pruned, the gradients gathered)."
-    (tmp_path/'2').mkdir()
-    r = launch(HERE/'score_worker.py', 2, tmp_path/'2', mode, *(['fsdp'] if fsdp else []), cwd=tmp_path)
+def test_two_scoring_processes_share_the_work_and_prune_what_one_process_prunes(one_process, tmp_path):
+    """Unsharded (exact mode shares the batch, fast mode the timesteps), or sharded by FSDP2 (the whole model stays on
+    the CPU to be pruned, each process takes a share of the batch, the gradients are gathered)."""
+    r = launch(HERE/'score_worker.py', 2, tmp_path, *CONFIGS, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    one, cut = load_file(one_process/mode/'grads0.safetensors'), json.loads((one_process/mode/'cut0.json').read_text())
-    scale = max(g.abs().max().item() for g in one.values())  # float sums in another order: off by rounding alone
-    cuts = [json.loads((tmp_path/'2'/f'cut{r}.json').read_text()) for r in (0, 1)]
-    for rank in (0, 1):
-        two = load_file(tmp_path/'2'/f'grads{rank}.safetensors')
-        assert two.keys() == one.keys()
-        for n in one: torch.testing.assert_close(two[n], one[n], rtol=1e-3, atol=1e-5 * scale)
-        assert cuts[rank]['kept'] == cut['kept'] and cuts[rank]['t_prime'] == cut['t_prime']
-        assert cuts[rank]['timesteps'] == cut['timesteps']  # the record: every timestep the gradients cover
-        # each process does half the work: half the images in each pass (exact, sharded), half the timesteps (fast)
-        assert cuts[rank]['passes'] == (cut['passes'] + 1) // 2 and cut['passes'] > 2
+    for config in CONFIGS:
+        name, mode = config.replace(':', '-'), config.split(':')[0]
+        one = load_file(one_process/f'grads0-{mode}.safetensors')
+        cut = json.loads((one_process/f'cut0-{mode}.json').read_text())
+        scale = max(g.abs().max().item() for g in one.values())  # float sums in another order: off by rounding alone
+        for rank in (0, 1):
+            two = load_file(tmp_path/f'grads{rank}-{name}.safetensors')
+            mine = json.loads((tmp_path/f'cut{rank}-{name}.json').read_text())
+            assert two.keys() == one.keys(), config
+            for n in one: torch.testing.assert_close(two[n], one[n], rtol=1e-3, atol=1e-5 * scale)
+            assert mine['kept'] == cut['kept'] and mine['t_prime'] == cut['t_prime'], config
+            assert mine['timesteps'] == cut['timesteps']  # the record: every timestep the gradients cover
+            # each does half the work: half the images in each pass (exact, sharded), half the timesteps (fast)
+            assert mine['passes'] == (cut['passes'] + 1) // 2 and cut['passes'] > 2, config
 
-def test_a_batch_the_processes_cannot_share_is_refused_in_one_line(tmp_path):
-    r = launch(HERE/'score_worker.py', 3, tmp_path, 'exact', cwd=tmp_path)
-    assert r.returncode != 0 and 'the calibration batch of 8 does not divide over 3 processes' in r.stderr
+def test_a_batch_the_processes_cannot_share_is_refused_before_any_work(monkeypatch):
+    import diffprune.distributed as dd
+    from diffprune.checks import InputError
+    from diffprune.importance import score_model
+    monkeypatch.setattr(dd, 'processes', lambda: (0, 3))  # as the first of three processes
+    with pytest.raises(InputError, match='the calibration batch of 8 does not divide over 3 processes'):
+        score_model('digits', calibration_size=8, progress=False)
+    with pytest.raises(InputError, match='batch of 8 does not divide'):  # sharded fast mode shares the batch too
+        score_model('digits', calibration_size=8, sampled_timesteps=4, fsdp=True, progress=False)
 
 def finals(folder) -> dict: return load_file(folder/'final.safetensors')
 
 def test_fsdp_finetune_equals_ddp_and_resumes_exactly_after_sigkill(tmp_path):
     "A tiny DiT, 6 steps with distillation, EMA, clipping and checkpoints every 2 steps, on two CPU processes."
-    runs = {'ddp': ('ddp', {}), 'fsdp': ('fsdp', {}), 'killed': ('fsdp', dict(KILL_AT='5'))}
-    for name, (mode, env) in runs.items():
-        (tmp_path/name).mkdir()
-        r = launch(HERE/'fsdp_worker.py', 2, tmp_path/name, mode, 6, cwd=tmp_path, **env)
-        assert (r.returncode == 0) == (name != 'killed'), r.stderr[-3000:]
-    ck = sorted(p.name for p in (tmp_path/'killed'/'ck').iterdir())
+    r = launch(HERE/'fsdp_worker.py', 2, tmp_path/'full', 'ddp,fsdp', 6, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(HERE/'fsdp_worker.py', 2, tmp_path/'killed', 'fsdp', 6, cwd=tmp_path, KILL_AT='5')
+    assert r.returncode != 0
+    ck = sorted(p.name for p in (tmp_path/'killed'/'fsdp'/'ck').iterdir())
     assert ck == ['step_00000002', 'step_00000004'], ck  # killed at step 5: two complete checkpoints, no half one
-    assert sorted(p.name for p in (tmp_path/'killed'/'ck'/ck[-1]).iterdir()) == [
+    assert sorted(p.name for p in (tmp_path/'killed'/'fsdp'/'ck'/ck[-1]).iterdir()) == [
         'shard_0.safetensors', 'shard_1.safetensors', 'state.json']
     r = launch(HERE/'fsdp_worker.py', 2, tmp_path/'killed', 'fsdp', 6, cwd=tmp_path, RESUME='1')
     assert r.returncode == 0, r.stderr[-3000:]
-    bad = launch(HERE/'fsdp_worker.py', 2, tmp_path/'ddp', 'fsdp', 8, cwd=tmp_path, RESUME='1')  # a DDP run's checkpoints
-    assert bad.returncode != 0 and "was written by an unsharded run: resume it without fsdp" in bad.stderr
-    ddp, fsdp, resumed = (finals(tmp_path/n) for n in ('ddp', 'fsdp', 'killed'))
+    ddp, fsdp, resumed = (finals(tmp_path/d/m) for d, m in (('full', 'ddp'), ('full', 'fsdp'), ('killed', 'fsdp')))
     assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)  # the kill changed nothing
-    assert (tmp_path/'killed'/'history.txt').read_text() == (tmp_path/'fsdp'/'history.txt').read_text()
+    assert (tmp_path/'killed'/'fsdp'/'history.txt').read_text() == (tmp_path/'full'/'fsdp'/'history.txt').read_text()
     # sharded and data-parallel runs differ only in the order of float reductions (measured 7e-6 of weights up to 3.8)
     assert max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp) < 1e-4
     assert any(not torch.equal(ddp[k], fsdp[k]) for k in ddp)  # really another code path
@@ -80,6 +84,14 @@ def test_sharding_one_process_or_in_fp16_is_refused_in_one_line(cli, console, pr
     # in a process of its own: Accelerate keeps its first mixed precision for the life of a process
     r = console('finetune', '--model', pruned, '--out', tmp_path/'o', '--steps', '2', '--fsdp', '--mixed-precision', 'fp16')
     assert r.returncode == 2 and "trains in bf16 or fp32 (fp16's loss scaler is not sharded)" in r.stderr, r.stderr
+
+def test_a_sharded_checkpoint_is_not_resumed_unsharded(pruned, tmp_path):
+    from diffprune.checks import InputError
+    from diffprune.distributed import save_shards
+    from diffprune.finetuning import finetune
+    save_shards(tmp_path/'step_00000002', {'model.w': torch.ones(2)}, dict(step=2, history=[1., 1.]))
+    with pytest.raises(InputError, match='written by a sharded run: resume it with fsdp'):
+        finetune(pruned, steps=4, batch_size=4, checkpoint_dir=tmp_path, resume=True, progress=False)
 
 def test_a_shard_checkpoint_resumes_only_on_as_many_processes(tmp_path):
     from diffprune.checks import InputError
