@@ -265,6 +265,7 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
                                     lr=a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                                     checkpoint_dir=ck, checkpoint_every=ckpt_every, resume=a.resume,
                                     mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout, fsdp=a.fsdp)
+    if tuned is None: return  # not the main process, which saves
     save_pipeline(tuned, out, dict(finetune=r.summary(), source=source or str(a.model)), result=r, merge=True,
                   record=dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data,
                               latents='encoded images' if images is not None else 'teacher samples',
@@ -380,8 +381,7 @@ def _model_data(p, calibration_size=64):
     p.add_argument('--threshold', type=arg(check_threshold, name='--threshold'), default=THRESHOLD,
                    help="Diff-Pruning's thr in [0, 1] (0 keeps all timesteps)")
     p.add_argument('--calibration-size', type=_count('--calibration-size'), default=calibration_size, help="images")
-    p.add_argument('--stride', type=_count('--stride'),
-                   help="analyse every stride-th timestep (default: 1; T/50 with --sampled-timesteps)")
+    p.add_argument('--stride', type=_count('--stride'), help="analyse every stride-th timestep [1; T/50 in fast mode]")
 
 @subcommand('analyze', 'per-timestep loss and the timesteps Diff-Pruning keeps')
 def _analyze_args(p):

@@ -27,7 +27,7 @@ from .diffusion import (denoising_loss, regression_target, prediction_type, add_
 from .metrics import fid_score
 from .family import family_of
 from .distributed import (shard_model, is_sharded, full_state_dict, local, save_shards, load_shards,
-                                   fully_shard_fn, fsdp_requested)
+                                   fully_shard_fn, fsdp_requested, cpu_copy)
 
 # %% ../nbs/05_finetuning.ipynb #869db4cb
 TIMESTEP_DENSITIES = ('uniform', 'logit_normal')
@@ -254,7 +254,8 @@ def _frozen_teacher(teacher, objective:str, device):
         raise InputError(f"the teacher predicts {prediction_type(tsched)} and the student {objective}: "
                          "distil between models of one objective")
     # a copy: the caller's teacher keeps its requires_grad and mode (a shared teacher is scored again after this)
-    return copy.deepcopy(tnet).to(device).eval().requires_grad_(False)
+    copied = copy.deepcopy(tnet).to(device) if torch.device(device).type != 'cpu' else cpu_copy(tnet)
+    return copied.eval().requires_grad_(False)
 
 def _train_step(acc, model, opt, sched, ds, step:int, batch_size:int, seed:int, grad_accum:int, grad_clip:float,
                 tnet, alpha:float, density:str='uniform') -> float:
@@ -312,7 +313,8 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
              checkpoint_dir=None, checkpoint_every:int=0, resume:bool=False,
              seed:int=0, mixed_precision:str='no',
              fsdp:bool=False, # shard weights, gradients, optimizer and EMA over the processes (FSDP2; also where
-                              # Accelerate's config chooses FSDP); the result is whole on the main process's CPU
+                              # Accelerate's config chooses FSDP); the result's models are whole on the main
+                              # process's CPU, None on the others
              timestep_density:str=None, # `sample_timesteps`' density; None: logit-normal for flow models, else uniform
              device=None, # where to train (None: Accelerate's choice, a GPU where there is one); the result comes
                           # back there, or where the caller's model was when it is given as a `(denoiser, scheduler)`
@@ -335,7 +337,9 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
     density = timestep_density or default_density(sched)
     check_choice(density, TIMESTEP_DENSITIES, 'timestep density')
     # a copy: a frozen net trains like any other
-    net = copy.deepcopy(net).to(acc.device).train().requires_grad_(True)
+    # sharded: on the CPU until `shard_model` moves each process's 1/N to its device, unit by unit (FSDP2 does)
+    on = acc.device if sharding is None else torch.device('cpu')
+    net = (copy.deepcopy(net).to(on) if sharding is None else cpu_copy(net)).train().requires_grad_(True)
     if dropout is not None:
         check_range(dropout, 0, 1, name='dropout')
         for m in net.modules():
@@ -348,10 +352,10 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
         raise InputError(f"a dataset's items are images or (image, {{'class_labels': y}}), not (image, "
                          f"{type(first[1]).__name__}): wrap labelled images in diffprune.data.LabelledImages")
     check_cond(net, stack_cond([first[1]]) if isinstance(first, tuple) else None, 1)
-    tnet = _frozen_teacher(teacher, objective, acc.device) if alpha > 0 else None
+    tnet = _frozen_teacher(teacher, objective, on) if alpha > 0 else None
     ema_net, whole = copy.deepcopy(net).eval().requires_grad_(False), None
     if sharding is not None:  # 1/N of everything per process; the main one keeps a CPU copy to gather the result into
-        whole = copy.deepcopy(net).cpu() if acc.is_main_process else None
+        whole = copy.deepcopy(net) if acc.is_main_process else None
         net, ema_net = (shard_model(m, acc.device, **sharding) for m in (net, ema_net))
         if tnet is not None: tnet = shard_model(tnet, acc.device, **sharding)
     opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=weight_decay)  # over the shards, where sharded

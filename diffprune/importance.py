@@ -20,8 +20,8 @@ from .family import ANY, family_of, inner_model
 from .files import atomic_folder, read_json, write_json
 from .models import load_model, is_fused, unfuse_projections
 from .diffusion import eps_loss, cond_to, index_cond, prediction_type, eval_mode
-from .distributed import (processes, share, mean_over_processes, sum_over_processes, shard_model,
-                                   is_sharded, fsdp_requested)
+from .distributed import (processes, share, mean_over_processes, sum_over_processes, min_over_processes,
+                                   shard_model, cpu_copy, is_sharded, fsdp_requested)
 from .timesteps import (analysis_from_dict, analyze_timesteps, calibration_batch, TimestepAnalysis,
                                  stacked_losses, first_rejected)
 
@@ -286,7 +286,8 @@ def _accumulate(model, sched, x0, noise, method:str, threshold:float, k:int, str
     if method == 'diff-pruning':  # the analysis on the whole batch (forward only), so every process finds one T'
         ana = analysis or analyze_timesteps((model, sched), x0, threshold, stride=stride, until_threshold=True,
                                             cond=cond, seed=seed, progress=progress)
-        kept = list(range(ana.t_prime + 1)) if k else ana.kept_timesteps  # fast mode draws from all of [0, T']
+        # fast mode draws from all of [0, T'], one T' for all processes (each found it on the whole batch)
+        kept = list(range(min_over_processes(ana.t_prime) + 1)) if k else ana.kept_timesteps
     else: kept = list(range(0, T, stride))
     ts, w = stratified_timesteps(kept, k, seed) if k else (kept, None)
     passes = accumulate_gradients(model, sched, x0[part], noise[part], ts[mine], w and w[mine],
@@ -295,9 +296,10 @@ def _accumulate(model, sched, x0, noise, method:str, threshold:float, k:int, str
 
 def _scoring_model(net, device, fsdp:bool):
     """What is scored: `net` itself, or a copy where `net` is frozen or fused (see `score_model`), or with `fsdp` a
-    copy sharded over the processes onto `device` (`net` stays whole on the CPU, to be pruned)."""
+    copy sharded over the processes onto `device` (`net` stays whole where it is, to be pruned)."""
     frozen = any(not p.requires_grad for p in net.parameters())
-    work = copy.deepcopy(net).requires_grad_(True) if frozen or is_fused(net) or fsdp else net
+    if fsdp: work = cpu_copy(net).requires_grad_(True)  # sharded from the CPU onto the devices
+    else: work = copy.deepcopy(net).requires_grad_(True) if frozen or is_fused(net) else net
     unfuse_projections(work)
     return shard_model(work, device) if fsdp else work
 
@@ -330,7 +332,7 @@ def score_model(model, # 'digits', a folder, a hub id or a `(denoiser, scheduler
     # processes share the batch in exact mode's one sweep over [0, T'] and when sharded (FSDP needs every process in
     # every pass), else the timesteps; a batch they cannot share is refused before any work
     batch_shared = fsdp or (method == 'diff-pruning' and not sampled_timesteps and analysis is None)
-    if batch_shared: share(calibration_size)
+    if batch_shared: share(len(data) if torch.is_tensor(data) else calibration_size)  # a tensor is used whole
     if fsdp and processes()[1] == 1:
         raise InputError("fsdp shards over several processes and this is one: launch with `torchrun --nproc_per_node "
                          "N`")
@@ -349,10 +351,11 @@ def score_model(model, # 'digits', a folder, a hub id or a `(denoiser, scheduler
     work = _scoring_model(inner_model(denoiser), device, fsdp)
     x0, cond = calibration_batch(data, work, calibration_size, seed, cond)
     noise, grads = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)), {}
+    ipp = min_over_processes(images_per_pass or default_images_per_pass(work))  # one pass size: the same passes
     try:
         with eval_mode(work):  # deterministic: no dropout, no DiT class dropout
             ana, ts, passes = _accumulate(work, sched, x0, noise, method, threshold, sampled_timesteps, stride,
-                                          analysis, seed, images_per_pass or default_images_per_pass(work), cond,
+                                          analysis, seed, ipp, cond,
                                           progress, grads, batch_shared)
     finally: work.zero_grad(set_to_none=True)  # an error or Ctrl-C half way leaves no gradients on the caller's model
     grads = _whole_gradients(grads, work, batch_shared)  # every process: the same gradients, so the same cuts

@@ -22,6 +22,7 @@ from . import quiet_loading
 from .checks import InputError, ModelError, THRESHOLD, is_hub_id, old_names, old_keywords
 from .data import get_dataset, take
 from .files import atomic_folder, hub_snapshot
+from .distributed import processes
 from .family import family_of, families, inner_model
 from .hub import hub_card
 from .models import save_denoiser, block_widths, load_denoiser, check_pipeline, SHIPPED, denoiser_folder
@@ -372,12 +373,14 @@ def finetune_pipeline(pipe,
                       num_latents:int=256, prompts=None, class_labels=None, calibration_steps:int=20, seed:int=0,
                       alpha:float=0., # distillation weight (05)
                       **kw) -> tuple: # `finetune`'s settings: steps, batch_size, lr, checkpoint_dir, ...
-    "Finetune the denoiser of a (pruned) latent pipeline on its latents: `(tuned pipeline, FinetuneResult, latents)`."
+    """Finetune the denoiser of a (pruned) latent pipeline on its latents: `(tuned pipeline, FinetuneResult, latents)`;
+    under several processes the tuned pipeline is the main process's, None elsewhere (the main one saves it)."""
     pipeline_objective(pipe)  # before the teacher samples latents: a scheduler the pipeline samples with
     maker = teacher or pipe
     z, cond = pipeline_latents(maker, images, num_latents, prompts, class_labels, calibration_steps, seed)
     r = finetune((denoiser(pipe), pipe.scheduler), LatentData(z, cond),
                  teacher=(denoiser(maker), maker.scheduler) if alpha else None, alpha=alpha, seed=seed, **kw)
+    if r.denoiser is None or processes()[0]: return None, r, z  # several processes: the main one has the pipeline
     return with_denoiser(pipe, r.denoiser), r, z
 
 # %% ../nbs/07_latent.ipynb #a311578c

@@ -475,7 +475,7 @@ def load_model(model, device='cpu') -> tuple:
     if not (folder/'config.json').exists():
         raise ModelError(f"{model!r} is not a diffusion model folder: "
                          "no unet/config.json, transformer/config.json or config.json in it")
-    return check_objective(load_denoiser(folder).to(device), _scheduler(path))
+    return check_objective(load_denoiser(folder).to(process_device(device)), _scheduler(path))  # a GPU per process
 
 # %% ../nbs/01_models.ipynb #a0742f3b
 def folder_record(model) -> dict:

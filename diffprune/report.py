@@ -15,6 +15,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .checks import THRESHOLD, SAMPLERS, InputError, OldName, check_choice, old_keywords
 from .files import atomic_folder, read_json, write_json
+from .distributed import processes
 from .family import family_of
 from .models import load_model, write_model
 from .data import save_fig
@@ -165,6 +166,9 @@ def run_recipe(s:RecipeSettings=None, progress:bool=True,
                **kw) -> RecipeResult:
     "Diff-Pruning end to end: analyse, score, prune, finetune, evaluate against the teacher; resumable in `out`."
     s = s or recipe_settings(recipe, **kw)
+    if processes()[1] > 1:  # it evaluates and writes each step as one process; split work is the steps' own (00d)
+        raise InputError("the recipe runs in one process: launch `diffprune prune` and `diffprune finetune` under "
+                         "torchrun or accelerate launch to share them out")
     teacher = load_model(s.model, s.device)
     check_prune(teacher[0], s.removes, s.layout)  # before minutes of analysis and scoring
     check_spacing(teacher[1], s.spacing)  # and of finetuning

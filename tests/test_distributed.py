@@ -16,7 +16,7 @@ def launch(script, n:int, *args, cwd, **env) -> subprocess.CompletedProcess:
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env={**ENV, **env}, timeout=900,
                           cwd=cwd)
 
-CONFIGS = ['exact', 'fast', 'fast:fsdp']  # exact mode sharded is the CLI's run below
+CONFIGS = ['exact', 'fast', 'fast:fsdp', 'exact:skew']  # exact mode sharded is the CLI's run below
 
 @pytest.fixture(scope='module')
 def one_process(tmp_path_factory) -> Path:
@@ -28,7 +28,8 @@ def one_process(tmp_path_factory) -> Path:
 
 def test_two_scoring_processes_share_the_work_and_prune_what_one_process_prunes(one_process, tmp_path):
     """Unsharded (exact mode shares the batch, fast mode the timesteps), or sharded by FSDP2 (the whole model stays on
-    the CPU to be pruned, each process takes a share of the batch, the gradients are gathered)."""
+    the CPU to be pruned, each process takes a share of the batch, the gradients are gathered); and with processes
+    that would choose different pass sizes (they take the least, so that they run the same passes)."""
     r = launch(HERE/'score_worker.py', 2, tmp_path, *CONFIGS, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     for config in CONFIGS:
@@ -55,6 +56,12 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_any_work(monkeypat
         score_model('digits', calibration_size=8, progress=False)
     with pytest.raises(InputError, match='batch of 8 does not divide'):  # sharded fast mode shares the batch too
         score_model('digits', calibration_size=8, sampled_timesteps=4, fsdp=True, progress=False)
+    with pytest.raises(InputError, match='batch of 4 does not divide'):  # a tensor is used whole: its own length
+        score_model('digits', torch.zeros(4, 1, 16, 16), calibration_size=6, progress=False)
+    import diffprune.report as report
+    monkeypatch.setattr(report, 'processes', lambda: (0, 3))  # its own name for it
+    with pytest.raises(InputError, match='the recipe runs in one process'):
+        report.run_recipe(recipe='digits-cpu')
 
 def finals(folder) -> dict: return load_file(folder/'final.safetensors')
 
@@ -96,7 +103,9 @@ def test_a_sharded_checkpoint_is_not_resumed_unsharded(pruned, tmp_path):
 def test_a_shard_checkpoint_resumes_only_on_as_many_processes(tmp_path):
     from diffprune.checks import InputError
     from diffprune.distributed import save_shards, load_shards
-    save_shards(tmp_path/'step_00000002', {'w': torch.ones(2)}, dict(step=2))
+    save_shards(tmp_path/'step_00000002', {'w': torch.zeros(2)}, dict(step=2))
+    save_shards(tmp_path/'step_00000002', {'w': torch.ones(2)}, dict(step=2))  # a run started again: replaced
+    assert load_shards(tmp_path/'step_00000002')[0]['w'].tolist() == [1., 1.]
     (tmp_path/'step_00000002'/'state.json').write_text(json.dumps(dict(step=2, processes=4)))  # as four wrote it
     with pytest.raises(InputError, match='written by 4 processes: resume it on 4 \\(this run has 1\\)'):
         load_shards(tmp_path/'step_00000002')
