@@ -3,10 +3,12 @@ the EMA weights and a distillation teacher, counted on a transformer alone (unsh
 (FSDP2 through diffprune's `shard_model`), then scaled by parameter count to the largest denoisers on 1, 2 and 8 GPUs.
 
 Counted: every tensor's local storage (a shard's `to_local()`), each storage once, as bytes per parameter of the whole
-model. Not counted, and on top: activations (they depend on resolution and batch, not on sharding: bench/memory.py
-measures them per image), and the unit being computed, gathered whole for its forward and backward (one block, or
+model. Not in the table, and on top: activations (they depend on resolution and batch, not on sharding: counted below
+per image on this transformer, and bench/memory.py measures the peak of a UNet's), and the unit being computed, gathered whole for its forward and backward (one block, or
 the root's unit with the embeddings and each list's first block). On CUDA (bench/gpu.sh) a FLUX.1-wide transformer of
-three blocks is counted in one process and the count is checked against `torch.cuda.memory_allocated`.
+three blocks is counted in one process and the count is checked against `torch.cuda.memory_allocated`. Activations
+are counted once, alone, per image, with and without diffusers' gradient checkpointing (`finetune(...,
+gradient_checkpointing=True)`): the bytes autograd keeps for backward.
 
     python bench/fsdp_memory.py                 # about a minute on two CPU cores
     python bench/fsdp_memory.py --quick         # a tinier transformer, seconds
@@ -43,6 +45,21 @@ def model(quick:bool, device):
     from diffprune.models import dit_config
     return DiTTransformer2DModel(**dit_config(heads=4, head_dim=16 if quick else 48, layers=2 if quick else 6))
 
+def saved_bytes(net, x:dict, checkpointing:bool) -> int:
+    "Bytes autograd keeps for backward through one forward of `x`: the activations (distinct storages, weights not)."
+    (net.enable_gradient_checkpointing if checkpointing else net.disable_gradient_checkpointing)()
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    kept = {}
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights: kept[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = net.train()(**x)[0].float().pow(2).mean()
+    loss.backward()
+    net.zero_grad(set_to_none=True)
+    return sum(kept.values())
+
 def measure(quick:bool, device) -> dict:
     "Bytes per parameter this process holds at each stage (its shards where several processes run)."
     from diffprune.distributed import processes, shard_model
@@ -50,10 +67,15 @@ def measure(quick:bool, device) -> dict:
     rank, world = processes()
     net = model(quick, 'cpu' if world > 1 else device)
     n = sum(p.numel() for p in net.parameters())
+    batch = 4
+    x = {k: v.to(device) if torch.is_tensor(v) else v for k, v in example_inputs(net, batch).items()}
+    acts = {} if world > 1 else {  # activations do not shard: counted alone, per image
+        f'activations per image{" (checkpointed)" if c else ""}': saved_bytes(net.to(device), x, c) / batch
+        for c in (False, True)}
+    net.disable_gradient_checkpointing()
     place = (lambda m: shard_model(m, device)) if world > 1 else (lambda m: m.to(device))
     work, ema, teacher = place(copy.deepcopy(net)), place(copy.deepcopy(net)), place(copy.deepcopy(net))
     teacher.requires_grad_(False)
-    x = {k: v.to(device) if torch.is_tensor(v) else v for k, v in example_inputs(net, 2).items()}
     work(**x)[0].float().pow(2).mean().backward()  # the gradients are what any loss leaves: one per parameter
     params, grads = list(work.parameters()), [p.grad for p in work.parameters()]
     opt = torch.optim.AdamW(work.parameters(), 1e-4)
@@ -63,7 +85,7 @@ def measure(quick:bool, device) -> dict:
               'finetuning (+ AdamW, EMA)': held(params + grads + moments + list(ema.parameters())),
               'finetuning + distillation': held(params + grads + moments + list(ema.parameters())
                                                 + list(teacher.parameters()))}
-    out = dict(params=n, processes=world, bytes_per_param={k: v / n for k, v in stages.items()})
+    out = dict(params=n, processes=world, bytes_per_param={k: v / n for k, v in stages.items()}, activation_bytes=acts)
     if torch.device(device).type == 'cuda':  # the count against the allocator's (less what is not ours)
         out['allocated_per_param'] = torch.cuda.memory_allocated() / n
     return out
@@ -103,6 +125,7 @@ def main():
     rows = [dict(stage=k, **{f'{n} process': round(runs[n]['bytes_per_param'][k], 2) for n in counts}) for k in bpp]
     print(f"bytes per parameter held by each process ({runs[1]['params']:,} parameters, fp32):")
     print(table(rows, ['stage', *[f'{n} process' for n in counts]]))
+    for k, v in runs[1]['activation_bytes'].items(): print(f"{k}: {v / 2**20:.2f} MiB")
     if 'allocated_per_param' in runs[1]:
         print(f"CUDA allocator: {runs[1]['allocated_per_param']:.2f} bytes per parameter")
     print(f"\nstate per GPU of {GPU_GB} GB, activations on top ('no': does not fit):")

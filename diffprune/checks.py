@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['METHODS', 'THRESHOLD', 'LAYOUTS', 'REMOVES', 'SPACINGS', 'SAMPLERS', 'COMPILE_MODES', 'InputError', 'ModelError',
            'check_range', 'check_positive', 'check_threshold', 'check_pruning_ratio', 'check_target_macs',
-           'check_target', 'check_count', 'check_choice', 'is_hub_id', 'arg', 'old_names', 'OldName', 'old_keywords']
+           'check_target', 'check_count', 'check_choice', 'is_hub_id', 'arg', 'old_names', 'OldName', 'old_keywords',
+           'OldFlag']
 
 # %% ../nbs/00_checks.ipynb #2e80f1dc
-import argparse, functools, importlib, numbers, warnings
+import argparse, functools, importlib, numbers, sys, warnings
 from pathlib import Path
 
 # %% ../nbs/00_checks.ipynb #bc119409
@@ -155,3 +156,10 @@ def old_keywords(since:str='0.6.0', **renamed):
             return f(*args, **kwargs)
         return called
     return decorate
+
+class OldFlag(argparse.Action):
+    "A command-line flag's old name (argparse `action=`): stores as the new one does, and says so on stderr."
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"diffprune: {option_string} is now {self.metavar} (since 0.6.0); the old flag goes in the next minor "
+              "version", file=sys.stderr)
+        setattr(namespace, self.dest, values)

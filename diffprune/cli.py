@@ -12,7 +12,7 @@ from pathlib import Path
 from . import quiet_loading
 from .checks import (InputError, METHODS, LAYOUTS, REMOVES, COMPILE_MODES, SPACINGS, SAMPLERS, THRESHOLD,
                              arg, check_threshold, check_pruning_ratio, check_target_macs, check_target, check_count,
-                             check_range, check_positive)
+                             check_range, check_positive, OldFlag)
 
 # %% ../nbs/09_cli.ipynb #04dbc2be
 class UsageError(ValueError):
@@ -242,7 +242,7 @@ def _finetune_pixel(a, out, ck, teacher, ckpt_every):
     r = finetune(a.model, a.data, a.steps, a.batch_size, a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                  teacher=teacher, alpha=a.alpha if a.distill else 0., checkpoint_dir=ck, checkpoint_every=ckpt_every,
                  resume=a.resume, seed=a.seed, mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout,
-                 fsdp=a.fsdp)
+                 fsdp=a.fsdp, gradient_checkpointing=a.gradient_checkpointing)
     if not PartialState().is_main_process: return
     record = folder_record(a.model)
     meta = dict(source=record.get('source') or str(a.model), **{k: record[k] for k in ('prune',) if k in record})
@@ -264,7 +264,8 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
                                     alpha=a.alpha if a.distill else 0., steps=a.steps, batch_size=a.batch_size,
                                     lr=a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                                     checkpoint_dir=ck, checkpoint_every=ckpt_every, resume=a.resume,
-                                    mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout, fsdp=a.fsdp)
+                                    mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout, fsdp=a.fsdp,
+                                    gradient_checkpointing=a.gradient_checkpointing)
     if tuned is None: return  # not the main process, which saves
     save_pipeline(tuned, out, dict(finetune=r.summary(), source=source or str(a.model)), result=r, merge=True,
                   record=dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data,
@@ -390,13 +391,6 @@ def _analyze_args(p):
     p.set_defaults(cmd=cmd_analyze)
 
 # %% ../nbs/09_cli.ipynb #385e994c
-class _OldFlag(argparse.Action):
-    "A flag's old name: stores as the new one does, and says on stderr that the name changed."
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"diffprune: {option_string} is now {self.metavar} (since 0.6.0); the old flag goes in the next minor "
-              "version", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
 def _targets(p, target_macs=None):
     p.add_argument('--pruning-ratio', type=arg(check_pruning_ratio, name='--pruning-ratio'),
                    help="fraction of channels to remove per group, in [0, 1)")
@@ -410,7 +404,7 @@ def _targets(p, target_macs=None):
     p.add_argument('--removes', choices=REMOVES, default='width',
                    help="what goes: width (channels, heads, MLP units: the default), depth (transformer blocks, a "
                         "UNet's ResNet pairs and mid-block) or both (about half the MACs reduction each, in the log)")
-    p.add_argument('--prune', dest='removes', choices=REMOVES, action=_OldFlag, metavar='--removes',
+    p.add_argument('--prune', dest='removes', choices=REMOVES, action=OldFlag, metavar='--removes',
                    help=argparse.SUPPRESS)
 
 @subcommand('prune', 'score channels and prune a model in one shot')
@@ -444,6 +438,7 @@ def _finetune_args(p):
     p.add_argument('--grad-accum', type=_count('--grad-accum'), default=1)
     p.add_argument('--mixed-precision', choices=['no', 'fp16', 'bf16'], default='no')
     p.add_argument('--fsdp', action='store_true', help="shard over the processes `accelerate launch` starts (FSDP2)")
+    p.add_argument('--gradient-checkpointing', action='store_true', help="recompute activations in backward")
     p.add_argument('--distill', action='store_true', help="distil from the teacher")
     p.add_argument('--alpha', type=_fraction('--alpha'), default=0.5)
     p.add_argument('--teacher', help="teacher for --distill (default: the model the folder was pruned from)")

@@ -294,6 +294,12 @@ def _sharding(acc, fsdp:bool, mixed_precision:str) -> dict:
     offload = getattr(plugin, 'cpu_offload', False)
     return dict(cpu_offload=offload is True or type(offload).__name__ == 'CPUOffloadPolicy')
 
+def _checkpointing(net):
+    "Turn on diffusers' gradient checkpointing of `net`, or say in one line that its class has none."
+    if not getattr(net, '_supports_gradient_checkpointing', False):
+        raise InputError(f"{type(net).__name__} has no gradient checkpointing in diffusers: finetune without it")
+    net.enable_gradient_checkpointing()
+
 def _gathered(model, ema_net, whole) -> tuple:
     "A sharded run's whole raw and EMA models, loaded into `whole` and a copy (on the main process; None elsewhere)."
     raw, ema = full_state_dict(model), full_state_dict(ema_net)  # every process takes part; the main one gets them
@@ -315,6 +321,8 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
              fsdp:bool=False, # shard weights, gradients, optimizer and EMA over the processes (FSDP2; also where
                               # Accelerate's config chooses FSDP); the result's models are whole on the main
                               # process's CPU, None on the others
+             gradient_checkpointing:bool=False, # recompute each block's activations in backward (diffusers'
+                                                # `enable_gradient_checkpointing`): less memory, more time
              timestep_density:str=None, # `sample_timesteps`' density; None: logit-normal for flow models, else uniform
              device=None, # where to train (None: Accelerate's choice, a GPU where there is one); the result comes
                           # back there, or where the caller's model was when it is given as a `(denoiser, scheduler)`
@@ -344,6 +352,7 @@ def finetune(model, # a model folder (pruned or not), 'digits', a hub id, or a `
         check_range(dropout, 0, 1, name='dropout')
         for m in net.modules():
             if isinstance(m, nn.Dropout): m.p = dropout
+    if gradient_checkpointing: _checkpointing(net)
     c, h, w = sample_shape(net)
     ds = (data if isinstance(data, torch.utils.data.Dataset) else
           get_dataset(data, (h, w), c, labels=bool(num_classes(net))))  # a class net trains on labelled images

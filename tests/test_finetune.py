@@ -94,3 +94,20 @@ def test_a_gpu_asked_for_where_there_is_none_is_refused_before_training():
     from diffprune.models import tiny_unet
     with pytest.raises(InputError, match='no GPU'):
         finetune((tiny_unet(), DDPMScheduler(num_train_timesteps=1000)), steps=1, device='cuda', progress=False)
+
+def test_gradient_checkpointing_changes_memory_not_the_result():
+    "diffusers' checkpointing recomputes each block's activations in backward: the same steps, to float rounding."
+    from diffusers import DiTTransformer2DModel, DDPMScheduler
+    from diffprune.finetuning import finetune
+    from diffprune.models import dit_config
+    from diffprune.checks import InputError
+    torch.manual_seed(0)
+    pair = (DiTTransformer2DModel(**dit_config(heads=2, head_dim=8, layers=2)), DDPMScheduler(num_train_timesteps=1000))
+    runs = [finetune(pair, steps=3, batch_size=4, lr=1e-3, device='cpu', progress=False, gradient_checkpointing=g)
+            for g in (False, True)]
+    assert [r.raw.gradient_checkpointing for r in runs] == [False, True]  # it really recomputed
+    a, b = (r.raw.state_dict() for r in runs)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a) and runs[0].history == pytest.approx(runs[1].history)
+    pair[0]._supports_gradient_checkpointing = False  # as a class diffusers gives no checkpointing
+    with pytest.raises(InputError, match='has no gradient checkpointing in diffusers: finetune without it'):
+        finetune(pair, steps=1, batch_size=4, device='cpu', progress=False, gradient_checkpointing=True)
