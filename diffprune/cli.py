@@ -242,7 +242,8 @@ def _finetune_pixel(a, out, ck, teacher, ckpt_every):
     r = finetune(a.model, a.data, a.steps, a.batch_size, a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                  teacher=teacher, alpha=a.alpha if a.distill else 0., checkpoint_dir=ck, checkpoint_every=ckpt_every,
                  resume=a.resume, seed=a.seed, mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout,
-                 fsdp=a.fsdp, gradient_checkpointing=a.gradient_checkpointing)
+                 fsdp=a.fsdp, gradient_checkpointing=a.gradient_checkpointing,
+                 alpha_feature=a.alpha_feature if a.distill else 0.)
     if not PartialState().is_main_process: return
     record = folder_record(a.model)
     meta = dict(source=record.get('source') or str(a.model), **{k: record[k] for k in ('prune',) if k in record})
@@ -265,7 +266,8 @@ def _finetune_latent(a, out, ck, folder, teacher, ckpt_every):
                                     lr=a.lr, grad_accum=a.grad_accum, ema=a.ema, use_ema=not a.raw,
                                     checkpoint_dir=ck, checkpoint_every=ckpt_every, resume=a.resume,
                                     mixed_precision=a.mixed_precision, device=a.device, dropout=a.dropout, fsdp=a.fsdp,
-                                    gradient_checkpointing=a.gradient_checkpointing)
+                                    gradient_checkpointing=a.gradient_checkpointing,
+                                    alpha_feature=a.alpha_feature if a.distill else 0.)
     if tuned is None: return  # not the main process, which saves
     save_pipeline(tuned, out, dict(finetune=r.summary(), source=source or str(a.model)), result=r, merge=True,
                   record=dict(model=str(a.model), pipeline=type(pipe).__name__, data=a.data,
@@ -441,6 +443,8 @@ def _finetune_args(p):
     p.add_argument('--gradient-checkpointing', action='store_true', help="recompute activations in backward")
     p.add_argument('--distill', action='store_true', help="distil from the teacher")
     p.add_argument('--alpha', type=_fraction('--alpha'), default=0.5)
+    p.add_argument('--alpha-feature', type=arg(check_range, low=0, high=100, name='--alpha-feature'), default=0.,
+                   help="with --distill: the weight of feature distillation at the kept blocks (BK-SDM: 1)")
     p.add_argument('--teacher', help="teacher for --distill (default: the model the folder was pruned from)")
     p.add_argument('--checkpoint-every', type=_count('--checkpoint-every'), help="steps between checkpoints [a tenth]")
     p.add_argument('--resume', action='store_true', help="continue from the latest checkpoint in --out")

@@ -379,7 +379,8 @@ def finetune_pipeline(pipe,
     maker = teacher or pipe
     z, cond = pipeline_latents(maker, images, num_latents, prompts, class_labels, calibration_steps, seed)
     r = finetune((denoiser(pipe), pipe.scheduler), LatentData(z, cond),
-                 teacher=(denoiser(maker), maker.scheduler) if alpha else None, alpha=alpha, seed=seed, **kw)
+                 teacher=(denoiser(maker), maker.scheduler) if alpha or kw.get('alpha_feature') else None,
+                 alpha=alpha, seed=seed, **kw)
     if r.denoiser is None or processes()[0]: return None, r, z  # several processes: the main one has the pipeline
     return with_denoiser(pipe, r.denoiser), r, z
 

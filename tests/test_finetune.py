@@ -52,6 +52,7 @@ def test_two_processes_end_identical_and_match_one_process(tmp_path):
 @pytest.mark.parametrize('extra, needle', [
     (['--steps', '0'], '--steps'), (['--steps', '-3'], '--steps'), (['--lr', '0'], '--lr'), (['--lr', '-1e-4'], '--lr'),
     (['--resume'], 'no checkpoint'), (['--distill', '--alpha', '1.5'], '--alpha'),
+    (['--distill', '--alpha-feature', '-1'], '--alpha-feature must be in [0, 100]'),
 ])
 def test_bad_finetune_input_is_one_line_exit_2(cli, pruned, tmp_path, extra, needle):
     r = cli('finetune', '--model', pruned, '--out', tmp_path/'o', *extra)
@@ -111,3 +112,24 @@ def test_gradient_checkpointing_changes_memory_not_the_result():
     pair[0]._supports_gradient_checkpointing = False  # as a class diffusers gives no checkpointing
     with pytest.raises(InputError, match='has no gradient checkpointing in diffusers: finetune without it'):
         finetune(pair, steps=1, batch_size=4, device='cpu', progress=False, gradient_checkpointing=True)
+
+def test_feature_distillation_pairs_kept_blocks_with_their_teacher_blocks_and_refuses_narrowed_ones(pruned):
+    "BK-SDM's feature distillation: each kept block's output against the teacher block it came from (04e, 04b)."
+    from diffprune.finetuning import finetune, feature_pairs
+    from diffprune.importance import score_model
+    from diffprune.prune import prune_model
+    from diffprune.models import load_model
+    from diffprune.checks import InputError
+    teacher = load_model('digits')
+    deep = prune_model(score_model('digits', method='magnitude', progress=False), target_macs=0.95, removes='depth')
+    pairs = feature_pairs(deep.denoiser, teacher[0])
+    assert [n for n, _, _ in pairs] == ['down_blocks.0', 'down_blocks.1', 'down_blocks.2', 'up_blocks.0', 'up_blocks.1',
+                                        'up_blocks.2'] and deep.denoiser.mid_block is None  # the mid-block went
+    runs = [finetune((deep.denoiser, deep.scheduler), steps=3, batch_size=8, teacher='digits', alpha=0.5, progress=False,
+                     device='cpu', alpha_feature=f) for f in (0., 1.)]
+    assert runs[1].history[0] > runs[0].history[0]  # the same first batch: the feature term adds to the loss
+    dit = load_model('digits-dit')
+    kept = prune_model(score_model('digits-dit', method='magnitude', progress=False), keep_blocks=[0, 2, 5])
+    assert [t for _, _, t in feature_pairs(kept.denoiser, dit[0])] == [dit[0].transformer_blocks[i] for i in (0, 2, 5)]
+    with pytest.raises(InputError, match="width pruning narrowed them; distil the output alone"):
+        finetune(pruned, steps=1, batch_size=4, teacher='digits', alpha_feature=1., progress=False, device='cpu')
