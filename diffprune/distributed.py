@@ -7,8 +7,8 @@ __all__ = ['processes', 'process_device', 'share', 'mean_over_processes', 'min_o
            'fully_shard_fn', 'shard_model', 'cpu_copy', 'fsdp_requested', 'is_sharded', 'full_state_dict', 'local',
            'save_shards', 'load_shards']
 
-# %% ../nbs/00d_distributed.ipynb #ad9e4a02
-import copy, os, shutil
+# %% ../nbs/00d_distributed.ipynb #e9acc671
+import atexit, copy, os, shutil
 from pathlib import Path
 import torch, torch.nn as nn
 import torch.distributed as dist
@@ -16,7 +16,7 @@ from safetensors.torch import save_file, load_file
 from .checks import InputError
 from .files import read_json, write_json
 
-# %% ../nbs/00d_distributed.ipynb #8b133dd7
+# %% ../nbs/00d_distributed.ipynb #7af3fc61
 def processes() -> tuple:
     """`(rank, world size)` of this process: the running process group's; under `torchrun` or `accelerate launch`
     (which set `WORLD_SIZE`) the group is started first (gloo, and nccl for CUDA tensors on a GPU machine, which
@@ -24,6 +24,7 @@ def processes() -> tuple:
     if not dist.is_initialized() and int(os.environ.get('WORLD_SIZE', '1')) > 1:
         # from the launcher's environment; on a GPU machine both backends, as collectives meet CPU tensors too
         dist.init_process_group('cuda:nccl,cpu:gloo' if torch.cuda.is_available() else 'gloo')
+        atexit.register(_close)  # a group left open aborts the process as the interpreter ends
         if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -35,6 +36,10 @@ def process_device(device) -> torch.device:
         return torch.device('cuda', int(os.environ['LOCAL_RANK']))
     return d
 
+def _close():
+    "End the process group this module started, if it is still open."
+    if dist.is_initialized(): dist.destroy_process_group()
+
 def share(n:int, # items to divide (the images of a batch)
           what:str='calibration batch', # what they are, for the error
          ) -> slice:
@@ -44,7 +49,7 @@ def share(n:int, # items to divide (the images of a batch)
         raise InputError(f"the {what} of {n} does not divide over {world} processes: make it a multiple of {world}")
     return slice(rank * n // world, (rank + 1) * n // world)
 
-# %% ../nbs/00d_distributed.ipynb #a68d52fb
+# %% ../nbs/00d_distributed.ipynb #68cafaa5
 def mean_over_processes(t:torch.Tensor) -> torch.Tensor:
     "The mean of `t` over the processes (all-reduced, a new tensor); `t` itself alone."
     if processes()[1] == 1: return t
@@ -72,7 +77,7 @@ def sum_over_processes(tensors:dict, # `{name: float tensor}` of this process, s
         dist.all_reduce(t)
     return tensors
 
-# %% ../nbs/00d_distributed.ipynb #e6d11203
+# %% ../nbs/00d_distributed.ipynb #d7ca11b0
 def fully_shard_fn():
     "PyTorch's FSDP2 `fully_shard`, or one line saying which torch has it."
     try: from torch.distributed.fsdp import fully_shard
@@ -117,7 +122,7 @@ def full_state_dict(model:nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-# %% ../nbs/00d_distributed.ipynb #180b1475
+# %% ../nbs/00d_distributed.ipynb #93ca671d
 def local(t:torch.Tensor) -> torch.Tensor:
     "This process's part of `t`: a `DTensor`'s local slice, any other tensor itself."
     return t.to_local() if hasattr(t, 'to_local') else t
