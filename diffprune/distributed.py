@@ -7,7 +7,7 @@ __all__ = ['processes', 'process_device', 'share', 'mean_over_processes', 'min_o
            'fully_shard_fn', 'shard_model', 'cpu_copy', 'fsdp_requested', 'is_sharded', 'full_state_dict', 'local',
            'save_shards', 'load_shards']
 
-# %% ../nbs/00d_distributed.ipynb #e9acc671
+# %% ../nbs/00d_distributed.ipynb #f75de30e
 import atexit, copy, os, shutil
 from pathlib import Path
 import torch, torch.nn as nn
@@ -16,7 +16,7 @@ from safetensors.torch import save_file, load_file
 from .checks import InputError
 from .files import read_json, write_json
 
-# %% ../nbs/00d_distributed.ipynb #7af3fc61
+# %% ../nbs/00d_distributed.ipynb #327cbed8
 def processes() -> tuple:
     """`(rank, world size)` of this process: the running process group's; under `torchrun` or `accelerate launch`
     (which set `WORLD_SIZE`) the group is started first (gloo, and nccl for CUDA tensors on a GPU machine, which
@@ -49,7 +49,7 @@ def share(n:int, # items to divide (the images of a batch)
         raise InputError(f"the {what} of {n} does not divide over {world} processes: make it a multiple of {world}")
     return slice(rank * n // world, (rank + 1) * n // world)
 
-# %% ../nbs/00d_distributed.ipynb #68cafaa5
+# %% ../nbs/00d_distributed.ipynb #1755d88e
 def mean_over_processes(t:torch.Tensor) -> torch.Tensor:
     "The mean of `t` over the processes (all-reduced, a new tensor); `t` itself alone."
     if processes()[1] == 1: return t
@@ -77,7 +77,7 @@ def sum_over_processes(tensors:dict, # `{name: float tensor}` of this process, s
         dist.all_reduce(t)
     return tensors
 
-# %% ../nbs/00d_distributed.ipynb #d7ca11b0
+# %% ../nbs/00d_distributed.ipynb #d62e1cd7
 def fully_shard_fn():
     "PyTorch's FSDP2 `fully_shard`, or one line saying which torch has it."
     try: from torch.distributed.fsdp import fully_shard
@@ -122,7 +122,7 @@ def full_state_dict(model:nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-# %% ../nbs/00d_distributed.ipynb #93ca671d
+# %% ../nbs/00d_distributed.ipynb #a1ebd7ca
 def local(t:torch.Tensor) -> torch.Tensor:
     "This process's part of `t`: a `DTensor`'s local slice, any other tensor itself."
     return t.to_local() if hasattr(t, 'to_local') else t
